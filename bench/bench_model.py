@@ -59,7 +59,6 @@ def measure(cfg: ModelConfig, batch: int, seq: int, steps: int, device: torch.de
             step()
         ms = (time.perf_counter() - t0) * 1e3 / steps
         peak = None
-    del model, opt
     return {"step_ms": ms, "peak_mem_mb": peak}
 
 
@@ -97,8 +96,10 @@ def main(argv=None):
                    "time_overhead": r["step_ms"] / base["step_ms"] - 1,
                    "mem_overhead": (r["peak_mem_mb"] / base["peak_mem_mb"] - 1) if r["peak_mem_mb"] else None}
             rows.append(row)
-            mem = f"{r['peak_mem_mb']:9.0f} MB ({row['mem_overhead']:+.1%})" if r["peak_mem_mb"] else "   (no CUDA memory stats)"
-            print(f"C={C:>5} x {blocks} blocks {arm:>14}: {r['step_ms']:9.2f} ms/step ({row['time_overhead']:+.1%})  {mem}")
+            mem = (f"{r['peak_mem_mb']:9.0f} MB ({row['mem_overhead']:+.1%})" if r["peak_mem_mb"]
+                   else "   (no CUDA memory stats)")
+            print(f"C={C:>5} x {blocks} blocks {arm:>14}: {r['step_ms']:9.2f} ms/step "
+                  f"({row['time_overhead']:+.1%})  {mem}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     RESULTS.mkdir(exist_ok=True)

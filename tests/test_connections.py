@@ -10,7 +10,6 @@ from torch_mhc import (
     Residual,
     expand_streams,
     merge_streams,
-    sinkhorn,
 )
 
 

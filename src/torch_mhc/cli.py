@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 parents=[common])
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", parents=[common], help="train a language model (default: small mHC model on the Python stdlib)")
+    t = sub.add_parser("train", parents=[common],
+                       help="train a language model (default: small mHC model on the Python stdlib)")
     t.add_argument("--config", help="TOML or JSON config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.connection=hc")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
@@ -90,17 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_sample)
 
-    d = sub.add_parser("diagnose", parents=[common], help="gains and coefficient statistics of a run's latest checkpoint")
+    d = sub.add_parser("diagnose", parents=[common],
+                       help="gains and coefficient statistics of a run's latest checkpoint")
     d.add_argument("run_dir")
     d.add_argument("--out", help="directory for the plots (default: RUN_DIR/diagnose)")
     d.set_defaults(func=_cmd_diagnose)
 
-    c = sub.add_parser("compare", parents=[common], help="train several modes on the same data and budget; write a report")
+    c = sub.add_parser("compare", parents=[common],
+                       help="train several modes on the same data and budget; write a report")
     c.add_argument("--config", help="TOML or JSON config file shared by all modes")
     c.add_argument("--modes", default="residual,hc,mhc", help="comma-separated: residual, hc, mhc")
     c.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra run: a name and its overrides, e.g. 'iters5:model.sinkhorn_iters=5' (repeatable)")
-    c.add_argument("--seeds", default="", help="comma-separated seeds: every run once per seed, plus a mean +- std table")
+    c.add_argument("--seeds", default="",
+                   help="comma-separated seeds: every run once per seed, plus a mean +- std table")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--out", default="", help="report directory (default: OUT_DIR/compare-<timestamp>)")
     c.set_defaults(func=_cmd_compare)

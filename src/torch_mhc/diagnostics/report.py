@@ -92,7 +92,10 @@ def write_report(report_dir: Path, names: list[str], command: str, wall: dict[st
             return None
         return rows[name]["val_loss"] - base["val_loss"]
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     lines = [
         "# mhc compare", "",
         f"- command: `{command}`",
@@ -101,25 +104,28 @@ def write_report(report_dir: Path, names: list[str], command: str, wall: dict[st
         f"- versions: python {platform.python_version()}, torch {torch.__version__}",
         f"- wall time: {sum(wall.values()):.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in wall.items()) + ")",
         "",
-        "| run | n | params | train loss | val loss | val bpb | val gap to residual | max composite fwd gain | max composite bwd gain | grad-norm spike (max/median) | tokens/s | peak mem (MB) |",
+        "| run | n | params | train loss | val loss | val bpb | val gap to residual | max composite fwd gain "
+        "| max composite bwd gain | grad-norm spike (max/median) | tokens/s | peak mem (MB) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
             f"| {name} | {r['n']} | {_fmt(r['params'], ',')} | {_fmt(r['train_loss'])} | {_fmt(r['val_loss'])} | "
             f"{_fmt(r['val_bpb'])} | {_fmt(gap(name), '+.4f')} | {_fmt(r['max_composite_fwd_gain'], '.3g')} | "
-            f"{_fmt(r['max_composite_bwd_gain'], '.3g')} | {_fmt(r['grad_spike'], '.2f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
-            f"{_fmt(r['peak_mem_mb'], ',.0f')} |"
+            f"{_fmt(r['max_composite_bwd_gain'], '.3g')} | {_fmt(r['grad_spike'], '.2f')} | "
+            f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['peak_mem_mb'], ',.0f')} |"
         )
     if groups:
         lines += ["", f"Over {len(next(iter(groups.values())))} seeds (mean +- standard deviation):", "",
-                  "| run | val loss | val bpb | val gap to residual | max composite fwd gain |", "|---|---|---|---|---|"]
+                  "| run | val loss | val bpb | val gap to residual | max composite fwd gain |",
+                  "|---|---|---|---|---|"]
         for name, members in groups.items():
-            gains = [rows[m]["max_composite_fwd_gain"] for m in members if rows[m]["max_composite_fwd_gain"] is not None]
+            gains = [g for m in members if (g := rows[m]["max_composite_fwd_gain"]) is not None]
             lines.append(
                 f"| {name} | {_mean_std([rows[m]['val_loss'] for m in members])} | "
                 f"{_mean_std([rows[m]['val_bpb'] for m in members if rows[m]['val_bpb'] is not None])} | "
-                f"{_mean_std([g for m in members if (g := gap(m)) is not None], '+.4f')} | {_fmt(max(gains, default=None), '.3g')} |"
+                f"{_mean_std([g for m in members if (g := gap(m)) is not None], '+.4f')} | "
+                f"{_fmt(max(gains, default=None), '.3g')} |"
             )
     plot_names = [members[0] for members in groups.values()] if groups else names
     plots = plot_runs([str(runs_dir / n) for n in plot_names], report_dir,
@@ -142,7 +148,8 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
     base_cfg = build_config(config_file=config, overrides=overrides)  # validates before anything is written
     report_dir = Path(out) if out else Path(base_cfg.out_dir) / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
     if report_dir.exists() and any(report_dir.iterdir()):
-        raise UserError(f"report directory {report_dir} exists and is not empty; nothing was overwritten. Choose another --out.")
+        raise UserError(f"report directory {report_dir} exists and is not empty; nothing was overwritten. "
+                        "Choose another --out.")
     cfgs = {}
     seeds = list(seeds)
     for seed in seeds or [None]:

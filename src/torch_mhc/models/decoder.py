@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mhc.models.moe import MoE, SwiGLU
-from torch_mhc.nn.recompute import optimal_interval, stream_recompute
 from torch_mhc.nn import HyperConnection, HyperHead, ManifoldHyperConnection, Residual, expand_streams, merge_streams
+from torch_mhc.nn.recompute import optimal_interval, stream_recompute
+from torch_mhc.numerics import BIAS_INITS, MAPPINGS, MERGES, VARIANTS
 
 CONNECTIONS = ("residual", "hc", "mhc")
 
@@ -85,14 +86,11 @@ class ModelConfig:
             errors.append(f"connection must be one of {CONNECTIONS} (got {self.connection!r})")
         if self.stream_dtype not in ("auto", "bfloat16", "float32"):
             errors.append(f"stream_dtype must be auto, bfloat16 or float32 (got {self.stream_dtype!r})")
-        if self.merge not in ("sum", "mean", "head"):
-            errors.append(f"merge must be sum, mean or head (got {self.merge!r})")
-        if self.bias_init not in ("zero", "identity"):
-            errors.append(f"bias_init must be zero or identity (got {self.bias_init!r})")
-        if self.variant not in ("paper", "deepseek-v4"):
-            errors.append(f"variant must be paper or deepseek-v4 (got {self.variant!r})")
-        if set(self.learn) - {"pre", "post", "res"}:
-            errors.append(f"learn may only contain pre, post, res (got {self.learn})")
+        for name, allowed in (("merge", MERGES), ("bias_init", BIAS_INITS), ("variant", VARIANTS)):
+            if getattr(self, name) not in allowed:
+                errors.append(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if not isinstance(self.learn, (list, tuple)) or set(self.learn) - set(MAPPINGS):
+            errors.append(f"learn may only contain {', '.join(MAPPINGS)} (got {self.learn})")
         if self.moe and not 1 <= self.top_k <= self.n_routed_experts:
             errors.append(f"top_k ({self.top_k}) must be between 1 and n_routed_experts ({self.n_routed_experts})")
         if self.mhc_eps < 0 or self.norm_eps < 0:
@@ -223,7 +221,10 @@ class DecoderLM(nn.Module):
         with self._recompute_context():
             for block in self.blocks:
                 h = block(h, self.rope_cos, self.rope_sin)
-        h = self.head_merge(h) if self.head_merge is not None else merge_streams(h, "mean" if self.cfg.merge == "mean" else "sum")
+        if self.head_merge is not None:
+            h = self.head_merge(h)
+        else:
+            h = merge_streams(h, "mean" if self.cfg.merge == "mean" else "sum")
         logits = self.lm_head(self.norm(h))
         loss = None
         if targets is not None:

@@ -22,10 +22,7 @@ from torch import nn
 
 from torch_mhc.nn import functional as Fm
 from torch_mhc.nn import recompute
-from torch_mhc.nn.sinkhorn import compute_dtype
-
-BIAS_INITS = ("zero", "identity")
-MAPPINGS = ("pre", "post", "res")
+from torch_mhc.numerics import BIAS_INITS, MAPPINGS, VARIANTS, compute_dtype
 
 
 @dataclass
@@ -178,8 +175,8 @@ class ManifoldHyperConnection(StreamConnection):
         _check_positive("sinkhorn_iters", sinkhorn_iters)
         if bias_init not in BIAS_INITS:
             raise ValueError(f"bias_init must be one of {BIAS_INITS}, got {bias_init!r}")
-        if variant not in Fm.VARIANTS:
-            raise ValueError(f"variant must be one of {Fm.VARIANTS}, got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         unknown = set(learn) - set(MAPPINGS)
         if unknown:
             raise ValueError(f"learn may only name {MAPPINGS}, got {sorted(unknown)}")

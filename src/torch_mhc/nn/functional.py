@@ -11,13 +11,8 @@ from __future__ import annotations
 import torch
 
 from torch_mhc import ops
-from torch_mhc.nn.sinkhorn import compute_dtype, sinkhorn
-
-VARIANTS = ("paper", "deepseek-v4")
-
-
-def _no_autocast(t: torch.Tensor):
-    return torch.autocast(device_type=t.device.type, enabled=False)
+from torch_mhc.nn.sinkhorn import sinkhorn
+from torch_mhc.numerics import compute_dtype, no_autocast, sinkhorn_start
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -48,10 +43,10 @@ def mhc_coefficients(
     logits, so ``H_res = comb^T`` with V4's softmax-start Sinkhorn.
     """
     if dynamic and ops.should_fuse(x):
-        with _no_autocast(x):
+        with no_autocast(x):
             return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
     n, cdt = x.shape[-2], compute_dtype(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         if dynamic:
             xf = x.flatten(-2).to(cdt)
             inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
@@ -63,11 +58,10 @@ def mhc_coefficients(
         h_pre = torch.sigmoid(h[..., :n])
         h_post = 2.0 * torch.sigmoid(h[..., n : 2 * n])
         res_logits = h[..., 2 * n :].unflatten(-1, (n, n))
-        if variant == "deepseek-v4":
+        if variant == "deepseek-v4":  # V4: eps on H_pre, and its comb is applied transposed
             h_pre = h_pre + eps
-            h_res = sinkhorn(res_logits.transpose(-1, -2), iters=iters, eps=eps, start="softmax")
-        else:
-            h_res = sinkhorn(res_logits, iters=iters, eps=eps, start="exp")
+            res_logits = res_logits.transpose(-1, -2)
+        h_res = sinkhorn(res_logits, iters=iters, eps=eps, start=sinkhorn_start(variant))
     return h_pre, h_post, h_res
 
 
@@ -91,7 +85,7 @@ def hc_coefficients(
     w_pre, w_post ``[C]``; w_res ``[C, n]``; scale ``[3]``.
     """
     lead, cdt = x.shape[:-2], compute_dtype(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         h_pre = static_pre.to(cdt).expand(*lead, -1)
         h_post = static_post.to(cdt).expand(*lead, -1)
         a_res = static_res.to(cdt).expand(*lead, -1, -1)
@@ -111,7 +105,7 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     if ops.should_fuse(x):
         return ops.fused_stream_pre(x, h_pre)
     cdt = compute_dtype(x.dtype)
-    with _no_autocast(x):  # elementwise + sum: a batched matmul of [1, n] x [n, C] per token is slow on CPUs
+    with no_autocast(x):  # elementwise + sum: a batched matmul of [1, n] x [n, C] per token is slow on CPUs
         return (h_pre.to(cdt).unsqueeze(-1) * x.to(cdt)).sum(dim=-2).to(x.dtype)
 
 
@@ -121,7 +115,7 @@ def stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_ou
     if ops.should_fuse(x):
         return ops.fused_stream_post(x, h_post, h_res, f_out)
     cdt = compute_dtype(x.dtype)
-    with _no_autocast(x):
+    with no_autocast(x):
         xc, h_res = x.to(cdt), h_res.to(cdt)
         out = h_post.to(cdt).unsqueeze(-1) * f_out.to(cdt).unsqueeze(-2)
         for j in range(x.shape[-2]):  # sum over input streams j of H_res[:, j] x_j (n <= 8 elementwise ops)

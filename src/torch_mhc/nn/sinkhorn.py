@@ -18,18 +18,11 @@ from __future__ import annotations
 
 import torch
 
-START_MODES = ("exp", "softmax")
-EXP_SAFE_MAX = 60.0
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for every floating dtype but fp64 (kept for float64 references and gradcheck)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
+from torch_mhc.numerics import COL, EXP_SAFE_MAX, ROW, SINKHORN_STARTS, compute_dtype, sinkhorn_steps
 
 # The iterations run on a [n, n, ...] layout (matrix dims first, tokens contiguous last): reductions
 # over a size-n dim then vectorise over tokens, about 10x faster on CPUs than on [..., n, n].
-COL, ROW = 0, 1
+# COL (= 0) and ROW (= 1) are both the normalisation names and the work layout's matrix dims.
 
 
 def _to_work(t: torch.Tensor) -> torch.Tensor:
@@ -38,11 +31,6 @@ def _to_work(t: torch.Tensor) -> torch.Tensor:
 
 def _from_work(t: torch.Tensor) -> torch.Tensor:
     return t.movedim((0, 1), (-2, -1))
-
-
-def _steps(iters: int, start: str) -> list[int]:
-    """The normalisations in order: COL (divide by column sums) or ROW."""
-    return [COL, ROW] * iters if start == "exp" else [ROW] + [COL, ROW] * (iters - 1)
 
 
 def _start(L: torch.Tensor, eps: float, start: str):
@@ -59,7 +47,7 @@ def _start(L: torch.Tensor, eps: float, start: str):
 def sinkhorn_reference(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6, start: str = "exp") -> torch.Tensor:
     """Plain differentiable Sinkhorn-Knopp. logits ``[..., n, n]`` -> ``[..., n, n]`` (fp32 or fp64)."""
     m, _ = _start(_to_work(logits), eps, start)
-    for dim in _steps(iters, start):
+    for dim in sinkhorn_steps(iters, start):
         m = m / (m.sum(dim=dim, keepdim=True) + eps)
     return _from_work(m)
 
@@ -71,7 +59,7 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
     """
     L = _to_work(logits)
     m0, aux = _start(L, eps, start)
-    steps = _steps(iters, start)
+    steps = sinkhorn_steps(iters, start)
     inputs, m = [], m0
     for dim in steps:
         inputs.append(m)
@@ -115,8 +103,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6, start: st
     """
     if logits.dim() < 2 or logits.shape[-1] != logits.shape[-2]:
         raise ValueError(f"sinkhorn expects logits of shape [..., n, n], got {tuple(logits.shape)}")
-    if start not in START_MODES:
-        raise ValueError(f"sinkhorn start must be one of {START_MODES}, got {start!r}")
+    if start not in SINKHORN_STARTS:
+        raise ValueError(f"sinkhorn start must be one of {SINKHORN_STARTS}, got {start!r}")
     if iters < 1:
         raise ValueError(f"sinkhorn needs iters >= 1, got {iters}")
     if eps < 0:

@@ -6,9 +6,7 @@ import torch
 from torch import nn
 
 from torch_mhc.nn.functional import stream_pre
-from torch_mhc.nn.sinkhorn import compute_dtype
-
-MERGES = ("sum", "mean", "head")
+from torch_mhc.numerics import compute_dtype, no_autocast
 
 
 def expand_streams(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -55,7 +53,7 @@ class HyperHead(nn.Module):
                 f"HyperHead expects streams of shape [..., n={self.n}, dim={self.dim}], got {tuple(streams.shape)}"
             )
         cdt = compute_dtype(streams.dtype)
-        with torch.autocast(device_type=streams.device.type, enabled=False):
+        with no_autocast(streams):
             xf = streams.flatten(-2).to(cdt)
             inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps)
             logits = self.scale.to(cdt) * (xf @ self.fn.t().to(cdt)) * inv_rms + self.base.to(cdt)

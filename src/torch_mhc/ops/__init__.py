@@ -55,19 +55,30 @@ def should_fuse(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
-def fused_mhc_coefficients(*args, **kwargs):
+# The kernels import triton; these entry points import them on first use, so ``import torch_mhc``
+# works without triton.
+
+
+def fused_mhc_coefficients(
+    x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int, eps: float, variant: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x ``[..., n, C]``, phi ``[n*C, 2n+n^2]``, bias ``[2n+n^2]``, alpha ``[3]`` -> fp32 (H_pre ``[..., n]``,
+    H_post ``[..., n]``, H_res ``[..., n, n]``); see :mod:`torch_mhc.ops.coefficients`."""
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
-    return impl(*args, **kwargs)
+    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
 
 
-def fused_stream_pre(*args, **kwargs):
+def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``sum_i H_pre[i] x_i`` ``[..., C]`` in x's dtype."""
     from torch_mhc.ops.streams import fused_stream_pre as impl
 
-    return impl(*args, **kwargs)
+    return impl(x, h_pre)
 
 
-def fused_stream_post(*args, **kwargs):
+def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor) -> torch.Tensor:
+    """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f_out ``[..., C]`` -> ``H_res x + H_post^T f``
+    ``[..., n, C]`` in x's dtype."""
     from torch_mhc.ops.streams import fused_stream_post as impl
 
-    return impl(*args, **kwargs)
+    return impl(x, h_post, h_res, f_out)

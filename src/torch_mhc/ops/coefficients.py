@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_mhc.nn.sinkhorn import EXP_SAFE_MAX
+from torch_mhc.numerics import EXP_SAFE_MAX, sinkhorn_steps
 from torch_mhc.ops.blocks import load_vec, mat_offsets, token_block
 
 
@@ -209,7 +209,7 @@ class FusedCoefficients(torch.autograd.Function):
         pre = torch.empty(T, n, device=dev, dtype=torch.float32)
         post = torch.empty(T, n, device=dev, dtype=torch.float32)
         res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
-        nsteps = 2 * iters - 1 if v4 else 2 * iters
+        nsteps = len(sinkhorn_steps(iters, "softmax" if v4 else "exp"))
         _epilogue_fwd[(triton.cdiv(T, BT_EPI),)](
             raw, inv, alpha32, bias32, pre, post, res, T, M, eps,
             N=n, NSTEPS=nsteps, V4=v4, BT=BT_EPI, SAFE_MAX=EXP_SAFE_MAX)

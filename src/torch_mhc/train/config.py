@@ -154,10 +154,13 @@ def read_config_file(path: str | Path) -> dict:
             return tomllib.loads(path.read_text())
         return json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {e}.") from None
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise UserError(f"config file {path} is not valid {kind}: {e}.") from None
 
 
-def build_config(base: dict | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def build_config(
+    base: dict | None = None, config_file: str | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
     """Defaults <- ``base`` dict <- config file <- ``key=value`` overrides; validated."""
     cfg = TrainConfig()
     for layer in (base or {}, read_config_file(config_file) if config_file else {}, _nest(overrides or [])):

@@ -97,11 +97,14 @@ def list_source_files(source: str) -> list[Path]:
         return files
     path = Path(source)
     if not path.exists():
-        raise UserError(f"data source {path} does not exist. Pass a text file, a .gz file, a directory or a .npy token file.")
+        raise UserError(
+            f"data source {path} does not exist. Pass a text file, a .gz file, a directory or a .npy token file."
+        )
     if path.is_dir():
         files = [p for p in sorted(path.rglob("*")) if p.is_file() and (p.suffix in TEXT_SUFFIXES or p.suffix == ".gz")]
         if not files:
-            raise UserError(f"data directory {path} contains no text files ({', '.join(sorted(s for s in TEXT_SUFFIXES if s))}, .gz).")
+            kinds = ", ".join(sorted(s for s in TEXT_SUFFIXES if s))
+            raise UserError(f"data directory {path} contains no text files ({kinds}, .gz).")
         return files
     return [path]
 
@@ -176,8 +179,8 @@ class TokenData:
         if tokens.size - n_val < need or n_val < need:
             raise UserError(
                 f"{what} has {tokens.size} tokens: too short for seq_len={seq_len} with val_fraction={val_fraction} "
-                f"(each split needs at least {need} tokens, i.e. at least {int(need / min(val_fraction, 1 - val_fraction)) + 1} "
-                "in all). Use more data or a smaller seq_len."
+                f"(each split needs at least {need} tokens, i.e. at least "
+                f"{int(need / min(val_fraction, 1 - val_fraction)) + 1} in all). Use more data or a smaller seq_len."
             )
         return cls(tokens[: tokens.size - n_val], tokens[tokens.size - n_val :], seq_len, bytes_per_token)
 

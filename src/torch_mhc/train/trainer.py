@@ -15,7 +15,13 @@ import torch
 
 from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch, grad_norms_by_group
 from torch_mhc.models.decoder import DecoderLM
-from torch_mhc.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state, save_checkpoint, set_rng_state
+from torch_mhc.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from torch_mhc.train.config import TrainConfig, UserError, build_config, config_from_dict
 from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
 
@@ -25,7 +31,8 @@ DYNAMIC_VECTORS = ("w_pre", "w_post")  # HC's dynamic projections are 1-D but de
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, connection_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 connection_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: decayed / not decayed, and the connections' own parameters (phi, bias, alpha of
     mHC; HC's) at ``lr * connection_lr_scale``. Empty groups are dropped."""
     groups = {(d, c): [] for d in (True, False) for c in (False, True)}  # first: the base lr, as logged
@@ -99,8 +106,9 @@ def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, 
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
     what = "the default corpus" if not cfg.data else f"data {cfg.data}"
     data = TokenData.from_tokens(tokens, cfg.seq_len, cfg.val_fraction, bytes_per_token(meta, tokenizer), what=what)
-    log(f"tokens: {tokens.size:,} ({tokenizer.name}; {'read from the cache' if meta['cached'] else 'tokenised and cached'} "
-        f"in {cache_dir}); {data.train.size:,} train / {data.val.size:,} validation")
+    how = "read from the cache" if meta["cached"] else "tokenised and cached"
+    log(f"tokens: {tokens.size:,} ({tokenizer.name}; {how} in {cache_dir}); "
+        f"{data.train.size:,} train / {data.val.size:,} validation")
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                         f"{tokenizer.vocab_size}; set model.vocab_size={tokenizer.vocab_size}.")
@@ -164,8 +172,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     data, _ = load_data(cfg, Path(run_dir).parent / "cache", log)
     torch.manual_seed(cfg.seed)
     model = DecoderLM(cfg.model).to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.lr, cfg.connection_lr_scale), lr=cfg.lr, betas=tuple(cfg.betas),
-                                  eps=cfg.adam_eps, fused=device.type == "cuda")
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                                  fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start_step = 0
     if resume_state is not None:
@@ -180,7 +189,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     diag_file = open(run_dir / "diagnostics.jsonl", "a") if cfg.diag_every else None
     diag_idx = diagnostic_batch(data, cfg.batch_size).to(device) if cfg.diag_every else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
     flops_per_token = model_flops_per_token(model, cfg.seq_len)
     n_params = model.num_params()
     log(f"model: {cfg.model.connection} (n={cfg.model.streams}), {n_params / 1e6:.2f}M parameters, "
@@ -207,7 +217,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
         group_norms = grad_norms_by_group(model) if log_now else {}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -241,9 +252,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                 record.update(diag["summary"])
             metrics.write(record)
             last = record
-            line = f"step {done:>6}/{cfg.steps}  loss {loss_val:.4f}  lr {record['lr']:.2e}  |g| {record['grad_norm']:.2f}  {tok_s:,.0f} tok/s"
+            line = (f"step {done:>6}/{cfg.steps}  loss {loss_val:.4f}  lr {record['lr']:.2e}  "
+                    f"|g| {record['grad_norm']:.2f}  {tok_s:,.0f} tok/s")
             if "val_loss" in record:
-                line += f"  val {record['val_loss']:.4f}" + (f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else "")
+                line += f"  val {record['val_loss']:.4f}"
+                line += f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""
             (bar.write if bar is not None else log)(line)
             t_last, tokens_since = time.perf_counter(), 0
         if done % cfg.ckpt_every == 0 or is_last:
@@ -260,8 +273,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
 def start_run(config_file: str | None, overrides: list[str], log=print) -> tuple[Path, dict]:
     cfg = build_config(config_file=config_file, overrides=overrides)
     run_dir = new_run_dir(cfg)
-    data_note = f"data: {cfg.data}" if cfg.data else "data: the Python standard library source (default corpus; --set data=PATH to use yours)"
-    log(data_note)
+    if cfg.data:
+        log(f"data: {cfg.data}")
+    else:
+        log("data: the Python standard library source (default corpus; --set data=PATH to use yours)")
     log(f"run directory: {run_dir}")
     return run_dir, train(cfg, run_dir, log=log)
 
