@@ -11,7 +11,7 @@ from torch_mhc.cli import main
 from torch_mhc.train import checkpoint as ckpt
 from torch_mhc.train.config import TrainConfig, UserError, build_config
 from torch_mhc.train.data import TokenData
-from torch_mhc.train.trainer import lr_factor, param_groups
+from torch_mhc.train.trainer import lr_factor
 
 
 def read_metrics(run_dir):
@@ -41,20 +41,35 @@ def test_schedule():
     assert lr_factor(55, cfg) == pytest.approx(0.55)
 
 
-def test_param_groups():
+@pytest.mark.parametrize("connection,variant", [("mhc", "paper"), ("mhc", "deepseek-v4"), ("hc", "paper"),
+                                                ("residual", "paper")])
+def test_param_groups(connection, variant):
     from torch_mhc.models import DecoderLM, ModelConfig
+    from torch_mhc.nn import HyperHead, StreamConnection
 
-    model = DecoderLM(ModelConfig(dim=32, n_layers=1, n_heads=2, max_seq_len=8))
+    model = DecoderLM(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=8, connection=connection,
+                                  variant=variant, merge="head", moe=True, first_dense_layers=1))
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = param_groups(model, 0.1, lr=1e-3, connection_lr_scale=0.1)
-    by_leaf = {}
-    for g in groups:
-        for p in g["params"]:
-            by_leaf.setdefault(names[id(p)].rsplit(".", 1)[-1], set()).add((g["weight_decay"], round(g["lr"], 9)))
-    assert by_leaf["phi"] == {(0.1, 1e-4)}  # dynamic projection: decayed, at the connection lr
-    assert by_leaf["alpha"] == {(0.0, 1e-4)} and by_leaf["bias"] == {(0.0, 1e-4)}
-    assert by_leaf["weight"] == {(0.0, 1e-3), (0.1, 1e-3)}  # norms (not decayed) and matrices
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    groups = model.param_groups(0.1, lr=1e-3, connection_lr_scale=0.1)
+    placed = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(names.values())  # every parameter in exactly one group
+    assert groups[0]["lr"] == 1e-3  # the first group runs at the base lr (the one logged)
+    setting = {names[id(p)]: (g["weight_decay"], round(g["lr"], 9)) for g in groups for p in g["params"]}
+    # the connection lr reaches every parameter owned by a connection or the head merge, and nothing else
+    owned = {f"{m}.{n}" for m, mod in model.named_modules() if isinstance(mod, (StreamConnection, HyperHead))
+             for n, _ in mod.named_parameters(recurse=False)}
+    assert owned == {n for n, (_, lr) in setting.items() if lr == 1e-4}
+    if connection != "residual":
+        assert any(n.startswith("head_merge.") for n in owned)
+    decayed = {n.rsplit(".", 1)[-1] for n, (wd, _) in setting.items() if wd and n in owned}
+    assert decayed == {"mhc": {"phi"} if variant == "paper" else {"fn"}, "hc": {"w_pre", "w_post", "w_res", "fn"},
+                       "residual": set()}[connection] | ({"fn"} if connection != "residual" else set())
+    trunk = {n: wd for n, (wd, _) in setting.items() if n not in owned}
+    assert all(wd == 0.0 for n, wd in trunk.items() if "norm" in n)  # norm gains are not decayed
+    assert all(wd == 0.1 for n, wd in trunk.items() if n.endswith(("qkv.weight", ".w1", "w2.weight", "embed.weight")))
+    roles = model.parameter_roles()
+    assert {r for r, _ in roles.values()} == {"embed", "attn", "ffn", "head"} | (
+        {"connection"} if connection != "residual" else set())
 
 
 def test_cli_end_to_end(tmp_path, small_text, capsys):

@@ -46,18 +46,12 @@ def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
 
 
 def grad_norms_by_group(model) -> dict[str, float]:
-    """L2 norm of the gradients of: embedding, attention sublayers, FFN sublayers, connections, head."""
+    """L2 norm of the gradients per parameter role (``model.parameter_roles()``: embed, attn, ffn,
+    connection, head) as ``grad_norm_<role>``."""
+    roles = model.parameter_roles()
     groups: dict[str, float] = {}
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
-        if name.startswith("embed"):
-            g = "embed"
-        elif ".sublayer." in name:
-            g = "attn" if ".attn." in name else "ffn"
-        elif name.startswith("blocks."):
-            g = "connections"
-        else:
-            g = "head"
-        groups[g] = groups.get(g, 0.0) + p.grad.detach().float().square().sum().item()
+        if p.grad is not None:
+            role = roles[name][0]
+            groups[role] = groups.get(role, 0.0) + p.grad.detach().float().square().sum().item()
     return {f"grad_norm_{k}": v ** 0.5 for k, v in groups.items()}

@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_mhc.models.moe import MoE, SwiGLU
-from torch_mhc.nn import HyperConnection, HyperHead, ManifoldHyperConnection, Residual, expand_streams, merge_streams
+from torch_mhc.nn import (
+    HyperConnection,
+    HyperHead,
+    ManifoldHyperConnection,
+    Residual,
+    StreamConnection,
+    expand_streams,
+    merge_streams,
+)
 from torch_mhc.nn.recompute import optimal_interval, stream_recompute
 from torch_mhc.numerics import BIAS_INITS, MAPPINGS, MERGES, VARIANTS
 
@@ -242,6 +250,42 @@ class DecoderLM(nn.Module):
     def connections(self) -> list[nn.Module]:
         """The wrapped sublayers' connections, in depth order (attention, FFN, attention, ...)."""
         return [c for b in self.blocks for c in (b.attn, b.ffn)]
+
+    def parameter_roles(self) -> dict[str, tuple[str, bool]]:
+        """Every parameter's name -> (role, decayed), decided by the type of the module that owns it.
+
+        Roles: ``embed``; ``attn`` and ``ffn`` (the sublayers); ``connection`` (each connection's own
+        parameters and the head merge's: the maps that read, write and mix the streams); ``head``
+        (final norm and LM head). Connections name their decayed parameters in ``DECAYED`` (the dynamic
+        projections); elsewhere matrices are decayed and vectors (norm gains) are not.
+        """
+        roles: dict[str, tuple[str, bool]] = {}
+
+        def visit(module: nn.Module, prefix: str, role: str) -> None:
+            if isinstance(module, (StreamConnection, HyperHead)):
+                for name, p in module.named_parameters(recurse=False):
+                    roles[prefix + name] = ("connection", name in module.DECAYED)
+            else:
+                for name, p in module.named_parameters(recurse=False):
+                    roles[prefix + name] = (role, p.dim() >= 2)
+            for name, child in module.named_children():
+                kind = {Attention: "attn", FeedForward: "ffn", nn.Embedding: "embed"}.get(type(child), role)
+                visit(child, f"{prefix}{name}.", kind)
+
+        visit(self, "", "head")
+        # tied weights are listed once, under their first name (as named_parameters does)
+        return {name: roles[name] for name, _ in self.named_parameters()}
+
+    def param_groups(self, weight_decay: float, lr: float, connection_lr_scale: float = 1.0) -> list[dict]:
+        """AdamW parameter groups: decayed or not, and the connection parameters at
+        ``lr * connection_lr_scale``. The first group runs at the base lr; empty groups are dropped."""
+        params = dict(self.named_parameters())
+        groups: dict[tuple[bool, bool], list] = {(d, c): [] for d in (True, False) for c in (False, True)}
+        for name, (role, decayed) in self.parameter_roles().items():
+            groups[(decayed, role == "connection")].append(params[name])
+        return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
+                 "lr": lr * (connection_lr_scale if conn else 1.0)}
+                for (decay, conn), ps in groups.items() if ps]
 
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

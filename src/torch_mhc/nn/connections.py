@@ -49,7 +49,13 @@ def fixed_coefficients(streams: torch.Tensor, dtype: torch.dtype):
 
 
 class StreamConnection(nn.Module):
-    """Base class: subclasses define ``coefficients(streams) -> (H_pre, H_post, H_res)``."""
+    """Base class: subclasses define ``coefficients(streams) -> (H_pre, H_post, H_res)``.
+
+    ``DECAYED`` names the connection's own parameters that take weight decay (its dynamic projections);
+    the others (biases, gains, static mappings) do not.
+    """
+
+    DECAYED: tuple[str, ...] = ()
 
     def __init__(self, dim: int, n: int, sublayer: nn.Module | None = None):
         super().__init__()
@@ -156,6 +162,8 @@ class ManifoldHyperConnection(StreamConnection):
     pre-normed sublayer changes nothing: the stack starts as the Pre-Norm residual network.
     """
 
+    DECAYED = ("phi", "fn")
+
     def __init__(
         self,
         dim: int,
@@ -238,6 +246,8 @@ class HyperConnection(StreamConnection):
     ``H_res = static_res^T`` plus dynamics), ``w_pre [dim]``, ``w_post [dim]``, ``w_res [dim, n]``,
     ``scale [3]``.
     """
+
+    DECAYED = ("w_pre", "w_post", "w_res")
 
     def __init__(
         self,

@@ -37,6 +37,8 @@ class HyperHead(nn.Module):
     ``base [n]`` (zero init: w = 1/2), ``scale [1]`` (0.01).
     """
 
+    DECAYED = ("fn",)
+
     def __init__(self, dim: int, n: int = 4, eps: float = 1e-6, scale_init: float = 0.01):
         super().__init__()
         if n < 1 or dim < 1:

@@ -1,5 +1,8 @@
 """The training loop: AdamW, warmup + step decay or cosine, clipping, accumulation, bf16 autocast on
-GPU, periodic evaluation, diagnostics, JSONL/TensorBoard logs and atomic checkpoints."""
+GPU, periodic evaluation, diagnostics, JSONL/TensorBoard logs and atomic checkpoints.
+
+:func:`setup` builds a :class:`Training` (data, model, optimizer, schedule), :func:`train_step` runs
+one optimizer step (the part pipeline parallelism replaces), :func:`train` is setup, loop, teardown."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import math
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -25,25 +29,7 @@ from torch_mhc.train.checkpoint import (
 from torch_mhc.train.config import TrainConfig, UserError, build_config, config_from_dict
 from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
 
-# parameters that are not decayed: norms and biases (all 1-D) and the static mHC/HC parameters
-NO_DECAY = ("bias", "alpha", "base", "scale", "static_pre", "static_post", "static_res")
-DYNAMIC_VECTORS = ("w_pre", "w_post")  # HC's dynamic projections are 1-D but decayed
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
-                 connection_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: decayed / not decayed, and the connections' own parameters (phi, bias, alpha of
-    mHC; HC's) at ``lr * connection_lr_scale``. Empty groups are dropped."""
-    groups = {(d, c): [] for d in (True, False) for c in (False, True)}  # first: the base lr, as logged
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        static = leaf in NO_DECAY or (p.dim() < 2 and leaf not in DYNAMIC_VECTORS)
-        connection = name.startswith("blocks.") and ".sublayer." not in name
-        groups[(not static, connection)].append(p)
-    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0,
-             "lr": lr * (connection_lr_scale if conn else 1.0)}
-            for (decay, conn), ps in groups.items() if ps]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -163,8 +149,23 @@ class MetricsWriter:
             self.tb.close()
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> dict:
-    """Train ``cfg`` into ``run_dir``; returns the last metrics record."""
+@dataclass
+class Training:
+    """Everything one training run holds between steps (built by :func:`setup`)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    data: TokenData
+    model: DecoderLM
+    step_model: torch.nn.Module  # the model as called in the step (compiled or not)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    start_step: int = 0
+
+
+def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> Training:
+    """Data, model, optimizer and schedule for ``cfg``; restored from ``resume_state`` when given."""
     device = resolve_device(cfg.device)
     autocast_dtype = None
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
@@ -172,7 +173,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     data, _ = load_data(cfg, Path(run_dir).parent / "cache", log)
     torch.manual_seed(cfg.seed)
     model = DecoderLM(cfg.model).to(device)
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
+    groups = model.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -184,6 +185,42 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
     step_model = torch.compile(model) if cfg.compile else model
+    model.train()
+    return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step)
+
+
+def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
+    """One micro-batch ``x, y [B, T]`` of ``accum``: forward, backward of ``loss / accum``; returns the loss."""
+    with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
+        _, loss = t.step_model(x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True))
+    (loss / accum).backward()
+    return loss.item()
+
+
+def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
+    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, clipping, AdamW, schedule and
+    MoE balancing. Returns ``loss`` (mean over micro-batches), ``grad_norm`` (before clipping) and,
+    when asked, the per-role gradient norms (``grad_norm_<role>``)."""
+    cfg = t.cfg
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = t.data.train_batch(step, cfg.batch_size, cfg.seed, micro)
+        loss_sum += forward_backward(t, x, y, cfg.grad_accum)
+    norms = grad_norms_by_group(t.model) if group_norms else {}
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
+    t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scheduler.step()
+    for moe in t.model.moe_layers():
+        moe.update_bias()
+    return {"loss": loss_sum / cfg.grad_accum, "grad_norm": float(grad_norm), **norms}
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> dict:
+    """Train ``cfg`` into ``run_dir``; returns the last metrics record."""
+    t = setup(cfg, run_dir, resume_state, log)
+    model, data, device = t.model, t.data, t.device
     (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     metrics = MetricsWriter(run_dir)
     diag_file = open(run_dir / "diagnostics.jsonl", "a") if cfg.diag_every else None
@@ -193,39 +230,24 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
     flops_per_token = model_flops_per_token(model, cfg.seq_len)
     n_params = model.num_params()
-    log(f"model: {cfg.model.connection} (n={cfg.model.streams}), {n_params / 1e6:.2f}M parameters, "
-        f"device {device}{', bf16 autocast' if autocast_dtype else ''}; {cfg.steps} steps of {tokens_per_step} tokens")
+    log(f"model: {cfg.model.connection} (n={cfg.model.streams}), {n_params / 1e6:.2f}M parameters, device {device}"
+        f"{', bf16 autocast' if t.autocast_dtype else ''}; {cfg.steps} steps of {tokens_per_step} tokens")
 
     bar = None
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=t.start_step, desc="train", unit="step", dynamic_ncols=True)
     last: dict = {}
     t_last, tokens_since = time.perf_counter(), 0
-    model.train()
-    for step in range(start_step, cfg.steps):
+    for step in range(t.start_step, cfg.steps):
         done = step + 1
         is_last = done == cfg.steps
         diag_now = bool(cfg.diag_every) and (done % cfg.diag_every == 0 or is_last)
         log_now = done % cfg.log_every == 0 or done % cfg.eval_every == 0 or diag_now or is_last
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            x, y = data.train_batch(step, cfg.batch_size, cfg.seed, micro)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item()
-        group_norms = grad_norms_by_group(model) if log_now else {}
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        for moe in model.moe_layers():
-            moe.update_bias()
+        result = train_step(t, step, group_norms=log_now)
         tokens_since += tokens_per_step
-        loss_val = loss_sum / cfg.grad_accum
+        loss_val = result["loss"]
         if not math.isfinite(loss_val):
             raise UserError(f"training diverged at step {done}: loss is {loss_val}. Lower lr or enable grad_clip.")
         if bar is not None:
@@ -235,16 +257,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             now = time.perf_counter()
             tok_s = tokens_since / max(now - t_last, 1e-9)
             record = {"step": done, "tokens": done * tokens_per_step, "loss": loss_val,
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "tokens_per_s": tok_s,
+                      "lr": t.scheduler.get_last_lr()[0], "grad_norm": result["grad_norm"], "tokens_per_s": tok_s,
                       "peak_mem_mb": peak_memory_mb(device),
-                      "params": n_params, **group_norms}
+                      "params": n_params, **{k: v for k, v in result.items() if k.startswith("grad_norm_")}}
             if data.bytes_per_token:
                 record["bpb"] = loss_val / math.log(2) / data.bytes_per_token
             if peak_flops:
                 record["mfu"] = tok_s * flops_per_token / peak_flops
             if done % cfg.eval_every == 0 or is_last:
                 record.update(evaluate(model, data.val_batches(cfg.batch_size, cfg.eval_batches), device,
-                                       autocast_dtype, data.bytes_per_token))
+                                       t.autocast_dtype, data.bytes_per_token))
             if diag_now:
                 diag = collect_diagnostics(model, diag_idx, step=done)
                 diag_file.write(json.dumps(diag) + "\n")
@@ -260,7 +282,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             (bar.write if bar is not None else log)(line)
             t_last, tokens_since = time.perf_counter(), 0
         if done % cfg.ckpt_every == 0 or is_last:
-            save_checkpoint(run_dir, done, model, optimizer, scheduler, cfg.to_dict(),
+            save_checkpoint(run_dir, done, model, t.optimizer, t.scheduler, cfg.to_dict(),
                             {"bytes_per_token": data.bytes_per_token}, cfg.keep_ckpts)
     if bar is not None:
         bar.close()
