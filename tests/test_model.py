@@ -141,3 +141,91 @@ def test_training_breaks_stream_symmetry():
     model(idx)
     spread = (streams[0] - streams[0].mean(-2, keepdim=True)).abs().max() / streams[0].abs().max()
     assert spread > 1e-3  # the streams are no longer copies of each other
+
+
+INIT_CASES = [dict(), dict(variant="deepseek-v4", merge="head"), dict(connection="hc"), dict(moe=True, merge="head"),
+              dict(connection="hc", moe=True), dict(connection="residual", tie_embeddings=True)]
+
+
+@pytest.mark.parametrize("kw", INIT_CASES)
+def test_meta_init_equals_eager(kw):
+    """Built on meta, materialised with to_empty() and reset: the eager model, parameter for parameter and
+    buffer for buffer (RoPE tables, MoE balancing state), hence the same logits."""
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=64, **kw)
+    torch.manual_seed(7)
+    eager = DecoderLM(cfg)
+    torch.manual_seed(7)
+    with torch.device("meta"):
+        meta = DecoderLM(cfg)
+    assert all(p.is_meta for p in meta.parameters())
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    for (name, a), (_, b) in zip(eager.named_parameters(), meta.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), (_, b) in zip(eager.named_buffers(), meta.named_buffers(), strict=True):
+        assert torch.equal(a, b), name
+    idx = torch.randint(0, 64, (2, 16))
+    assert torch.equal(eager(idx)[0], meta(idx)[0])
+
+
+@pytest.mark.parametrize("kw", INIT_CASES)
+def test_reset_parameters_restores_construction(kw):
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=64, **kw)
+    torch.manual_seed(3)
+    model = DecoderLM(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-5, 5)
+    for moe in model.moe_layers():
+        moe.bias.fill_(1.0)
+    torch.manual_seed(3)
+    model.reset_parameters()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_connection_reset_parameters_matches_construction():
+    from torch_mhc.nn import HyperConnection, HyperHead, ManifoldHyperConnection
+
+    for make in (lambda: ManifoldHyperConnection(16, 4, layer_index=5),
+                 lambda: ManifoldHyperConnection(16, 2, variant="deepseek-v4", bias_init="zero", alpha_init=0.3),
+                 lambda: HyperConnection(16, 4, layer_index=2), lambda: HyperConnection(16, 3, dynamic=False),
+                 lambda: HyperHead(16, 4, scale_init=0.2)):
+        torch.manual_seed(11)
+        conn = make()
+        built = {k: v.clone() for k, v in conn.state_dict().items()}
+        with torch.no_grad():
+            for p in conn.parameters():
+                p.normal_()
+        torch.manual_seed(11)
+        conn.reset_parameters()
+        for k, v in conn.state_dict().items():
+            assert torch.equal(v, built[k]), (type(conn).__name__, k)
+
+
+def test_paired_seeds_same_trunk_for_every_connection():
+    """One seed gives every arm the same trunk (embedding, attention, FFN, norms, head): the connections draw
+    from their own generator, after the trunk."""
+    trunks, rng_after = [], _rng_after_init(5)
+    for kw in (dict(connection="residual"), dict(connection="hc"), dict(), dict(n_streams=1),
+               dict(variant="deepseek-v4", merge="head"), dict(learn=["pre", "post"])):
+        torch.manual_seed(5)
+        model = DecoderLM(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=64, **kw))
+        roles = model.parameter_roles()
+        trunks.append({k: v for k, v in model.named_parameters() if roles[k][0] != "connection"})
+        assert torch.equal(torch.get_rng_state(), rng_after)  # and what follows draws the same numbers
+    for other in trunks[1:]:
+        assert other.keys() == trunks[0].keys()
+        for k in other:
+            assert torch.equal(other[k], trunks[0][k]), k
+    torch.manual_seed(6)
+    different = DecoderLM(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=64))
+    assert not torch.equal(different.embed.weight, trunks[0]["embed.weight"])
+
+
+def _rng_after_init(seed):
+    """The global generator's state after building any model of the trunk shape above from ``seed``."""
+    torch.manual_seed(seed)
+    DecoderLM(ModelConfig(dim=32, n_layers=2, n_heads=2, max_seq_len=16, vocab_size=64, connection="residual"))
+    return torch.get_rng_state()

@@ -190,26 +190,39 @@ class DecoderLM(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.head_merge = HyperHead(cfg.dim, cfg.streams) if cfg.merge == "head" and cfg.streams > 1 else None
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        # The submodules' own initialisation is discarded: reset_parameters() sets every parameter, and the
+        # random draws of construction are kept off the global generator, so an eagerly built model and one
+        # built on the meta device, materialised with to_empty() and reset, are the same for one seed.
+        with torch.random.fork_rng(devices=[]):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+            self.head_merge = HyperHead(cfg.dim, cfg.streams) if cfg.merge == "head" and cfg.streams > 1 else None
+            self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+            self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        half = (cfg.dim // cfg.n_heads) // 2
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
+        if not self.embed.weight.is_meta:  # on meta: to_empty(device=...), then reset_parameters()
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) for matrices, output projections scaled by 1/sqrt(2 * n_layers);
-        norms at 1; connections keep their own (Pre-Norm-equivalent) initialisation."""
+        """Initialise every parameter and buffer (also after ``to_empty()`` of a meta-built model).
+
+        The trunk (embedding, sublayers, final norm, head; ``parameter_roles`` != connection) draws from the
+        global generator in a fixed order that does not depend on the connection type: Normal(0, init_std)
+        for matrices, output projections at ``init_std / sqrt(2 * n_layers)``, norm gains at 1. So one seed
+        gives residual, HC and mHC models the same trunk. Then one number drawn from the global generator
+        seeds a generator of the connections' own, from which each connection (depth order) and the head
+        merge reset their parameters. RoPE tables are recomputed and MoE balancing state cleared.
+        """
+        if self.cfg.tie_embeddings:  # (again: to_empty() unties shared parameters)
+            self.lm_head.weight = self.embed.weight
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        roles = self.parameter_roles()
         for name, p in self.named_parameters():
-            if ".sublayer." not in name and not name.startswith(("embed", "lm_head")):
+            if roles[name][0] == "connection":
                 continue
             if name.endswith(("proj.weight", "w2.weight", ".w2")):
                 nn.init.normal_(p, std=out_std)
@@ -217,6 +230,17 @@ class DecoderLM(nn.Module):
                 nn.init.normal_(p, std=std)
             else:
                 nn.init.ones_(p)
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), device="cpu")))
+        for conn in self.connections():
+            conn.reset_parameters(generator)
+        if self.head_merge is not None:
+            self.head_merge.reset_parameters(generator)
+        with torch.device("cpu"):
+            cos, sin = rope_tables(self.cfg.max_seq_len, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        for moe in self.moe_layers():
+            moe.reset_balance()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         B, T = idx.shape

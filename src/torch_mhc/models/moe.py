@@ -72,6 +72,12 @@ class MoE(nn.Module):
         return out.reshape(shape)
 
     @torch.no_grad()
+    def reset_balance(self) -> None:
+        """Clear the balancing state (routing bias and counted loads), as at construction."""
+        self.bias.zero_()
+        self.load.zero_()
+
+    @torch.no_grad()
     def update_bias(self) -> None:
         """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded."""
         if self.load.sum() > 0:

@@ -79,6 +79,9 @@ class StreamConnection(nn.Module):
     def coefficients(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Set the connection's own parameters as construction does (not the sublayer's)."""
+
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, ConnectionState]:
         """streams ``[..., n, dim]`` -> (sublayer input ``[..., dim]``, state for ``post``)."""
         self.check_streams(streams)
@@ -190,26 +193,41 @@ class ManifoldHyperConnection(StreamConnection):
             raise ValueError(f"learn may only name {MAPPINGS}, got {sorted(unknown)}")
         self.sinkhorn_iters, self.eps, self.variant = sinkhorn_iters, eps, variant
         self.dynamic, self.learn = dynamic, tuple(m for m in MAPPINGS if m in learn)
+        self.layer_index, self.alpha_init, self.bias_init = layer_index, alpha_init, bias_init
         width = 2 * n + n * n
-        bias = torch.zeros(width)
-        if bias_init == "identity":
-            bias[:n] = -3.0
-            bias[layer_index % n] = 3.0
-            eye = torch.eye(n)  # symmetric, so the same for paper and V4 orientation
-            bias[2 * n :] = (6.0 * eye - 3.0).flatten()
-        # phi ~ N(0, 1/(n*dim)) on the pre and res columns, so x_hat phi has unit scale and breaks the
-        # symmetry between copied streams; zero on the post columns, so H_post = 2 sigmoid(b_post) = 1
-        # exactly at step 0 and the network starts as the Pre-Norm residual network.
-        phi = torch.randn(n * dim, width) / math.sqrt(n * dim)
-        phi[:, n : 2 * n] = 0.0
         if variant == "paper":
-            self.phi = nn.Parameter(phi)
-            self.bias = nn.Parameter(bias)
-            self.alpha = nn.Parameter(torch.full((3,), float(alpha_init)))
+            self.phi = nn.Parameter(torch.empty(n * dim, width))
+            self.bias = nn.Parameter(torch.empty(width))
+            self.alpha = nn.Parameter(torch.empty(3))
         else:
-            self.fn = nn.Parameter(phi.t().contiguous())
-            self.base = nn.Parameter(bias)
-            self.scale = nn.Parameter(torch.full((3,), float(alpha_init)))
+            self.fn = nn.Parameter(torch.empty(width, n * dim))
+            self.base = nn.Parameter(torch.empty(width))
+            self.scale = nn.Parameter(torch.empty(3))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Set phi, bias and alpha as construction does, drawing phi from ``generator`` (CPU; default:
+        the global one). Works on parameters of any device, meta-built and materialised ones included.
+
+        phi ~ N(0, 1/(n*dim)) on the pre and res columns, so x_hat phi has unit scale and breaks the
+        symmetry between copied streams; zero on the post columns, so H_post = 2 sigmoid(b_post) = 1
+        exactly at step 0 and the network starts as the Pre-Norm residual network.
+        """
+        n, dim = self.n, self.dim
+        width = 2 * n + n * n
+        bias = torch.zeros(width, device="cpu")
+        if self.bias_init == "identity":
+            bias[:n] = -3.0
+            bias[self.layer_index % n] = 3.0
+            eye = torch.eye(n, device="cpu")  # symmetric, so the same for paper and V4 orientation
+            bias[2 * n :] = (6.0 * eye - 3.0).flatten()
+        phi = torch.randn(n * dim, width, generator=generator, device="cpu") / math.sqrt(n * dim)
+        phi[:, n : 2 * n] = 0.0
+        proj, b, alpha = self.projection()  # proj is a view of fn for V4: writing it writes fn
+        proj.copy_(phi)
+        b.copy_(bias)
+        alpha.fill_(float(self.alpha_init))
 
     def extra_repr(self) -> str:
         return (
@@ -262,16 +280,30 @@ class HyperConnection(StreamConnection):
     ):
         super().__init__(dim, n, sublayer)
         self.dynamic, self.eps = dynamic, eps
-        self.static_pre = nn.Parameter(torch.nn.functional.one_hot(torch.tensor(layer_index % n), n).float())
-        self.static_post = nn.Parameter(torch.ones(n))
-        self.static_res = nn.Parameter(torch.eye(n))
+        self.layer_index, self.scale_init = layer_index, scale_init
+        self.static_pre = nn.Parameter(torch.empty(n))
+        self.static_post = nn.Parameter(torch.empty(n))
+        self.static_res = nn.Parameter(torch.empty(n, n))
         if dynamic:
-            self.w_pre = nn.Parameter(torch.zeros(dim))
-            self.w_post = nn.Parameter(torch.zeros(dim))
-            self.w_res = nn.Parameter(torch.zeros(dim, n))
-            self.scale = nn.Parameter(torch.full((3,), float(scale_init)))
+            self.w_pre = nn.Parameter(torch.empty(dim))
+            self.w_post = nn.Parameter(torch.empty(dim))
+            self.w_res = nn.Parameter(torch.empty(dim, n))
+            self.scale = nn.Parameter(torch.empty(3))
         else:
             self.w_pre = self.w_post = self.w_res = self.scale = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Pre-Norm init (nothing random; ``generator`` is accepted for a uniform interface)."""
+        self.static_pre.zero_()
+        self.static_pre[self.layer_index % self.n] = 1.0
+        self.static_post.fill_(1.0)
+        self.static_res.copy_(torch.eye(self.n, device="cpu"))
+        if self.dynamic:
+            for w in (self.w_pre, self.w_post, self.w_res):
+                w.zero_()
+            self.scale.fill_(float(self.scale_init))
 
     def coefficients(self, streams):
         """streams ``[..., n, dim]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""

@@ -43,10 +43,18 @@ class HyperHead(nn.Module):
         super().__init__()
         if n < 1 or dim < 1:
             raise ValueError(f"HyperHead needs n >= 1 and dim >= 1, got n={n}, dim={dim}")
-        self.dim, self.n, self.eps = dim, n, eps
-        self.fn = nn.Parameter(torch.zeros(n, n * dim))
-        self.base = nn.Parameter(torch.zeros(n))
-        self.scale = nn.Parameter(torch.full((1,), float(scale_init)))
+        self.dim, self.n, self.eps, self.scale_init = dim, n, eps, scale_init
+        self.fn = nn.Parameter(torch.empty(n, n * dim))
+        self.base = nn.Parameter(torch.empty(n))
+        self.scale = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """fn = 0, base = 0 (w = 1/2 + eps), scale = scale_init; nothing random."""
+        self.fn.zero_()
+        self.base.zero_()
+        self.scale.fill_(float(self.scale_init))
 
     def weights(self, streams: torch.Tensor) -> torch.Tensor:
         """Merge weights ``[..., n]`` (fp32; fp64 for fp64 streams)."""
