@@ -30,7 +30,7 @@ def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -
     autocast = torch.bfloat16 if device.type == "cuda" else None
     cache = Path(run_dir).parent / "cache"
     if data:
-        tokenizer = get_tokenizer(cfg.tokenizer)
+        tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction)
         tokens, meta = load_tokens(data, tokenizer, cache)
         if tokens.size < cfg.seq_len + 1:
             raise UserError(f"data {data} has {tokens.size} tokens, fewer than one window of {cfg.seq_len + 1}.")
@@ -49,7 +49,7 @@ def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature
     if temperature < 0:
         raise UserError("--temperature must be >= 0 (0 is greedy).")
     model, cfg, _ = load_run(run_dir)
-    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, Path(run_dir).parent / "cache", cfg.val_fraction)
     ids = tokenizer.encode(prompt or "\n")
     if ids.size == 0:
         raise UserError("the prompt encodes to no tokens.")

@@ -88,7 +88,7 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 
 
 def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, object]:
-    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache_dir, cfg.val_fraction)
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
     what = "the default corpus" if not cfg.data else f"data {cfg.data}"
     data = TokenData.from_tokens(tokens, cfg.seq_len, cfg.val_fraction, bytes_per_token(meta, tokenizer), what=what)
