@@ -1,4 +1,4 @@
-"""The ``mhc`` command: train, eval, sample, diagnose, compare, plot."""
+"""The ``mhc`` command: train, eval, sample, diagnose, compare, plot, export."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def _cmd_plot(args) -> None:
         print(path)
 
 
+def _cmd_export(args) -> None:
+    from torch_mhc.integrations.export import export_run
+
+    export_run(args.run_dir, args.out_dir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -113,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="plots")
     pl.set_defaults(func=_cmd_plot)
+
+    ex = sub.add_parser("export", parents=[common], help="a run's latest checkpoint as a transformers model directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir", help="new or empty directory")
+    ex.set_defaults(func=_cmd_export)
     return p
 
 
