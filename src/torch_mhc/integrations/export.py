@@ -123,6 +123,12 @@ def export_tokenizer(cfg, run_dir: Path, out_dir: Path) -> str:
     return f"tokenizer: {tok.name} ({tok.vocab_size} tokens)"
 
 
+def check_new_dir(out_dir: Path) -> None:
+    """UserError unless ``out_dir`` is new or an empty directory (nothing is ever overwritten)."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"output directory {out_dir} exists and is not empty; nothing was overwritten. Choose another.")
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     """Write the transformers directory of ``run_dir``'s latest checkpoint into ``out_dir`` (new or empty)."""
     from torch_mhc.integrations import require_transformers
@@ -132,9 +138,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     from torch_mhc.train.evaluate import load_run
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"output directory {out_dir} exists and is not empty; nothing was overwritten. Choose another.")
+    check_new_dir(out_dir)
     model, cfg, state = load_run(run_dir, device="cpu")
+    if cfg.init_from:  # a converted transformers model: saved as such, with its config's conversion record
+        from torch_mhc.integrations.convert import save_converted
+
+        save_converted(model.hf, out_dir)
+        note = export_tokenizer(cfg, run_dir, out_dir)
+        log(f"exported {run_dir} (step {state['step']}, from {cfg.init_from}) to {out_dir}; {note}")
+        return out_dir
     hf = TorchMhcForCausalLM(TorchMhcConfig(mhc=cfg.model.to_dict()))
     hf.model.load_state_dict(model.state_dict())
     hf.config.auto_map = dict(AUTO_MAP)

@@ -11,7 +11,7 @@ from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from torch_mhc.train.config import TrainConfig, UserError, config_from_dict
 from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
-from torch_mhc.train.trainer import evaluate, load_data, resolve_device
+from torch_mhc.train.trainer import build_model, evaluate, load_data, resolve_device
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, TrainConfig, dict]:
@@ -19,7 +19,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, Trai
     path = latest_checkpoint(run_dir)
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
-    model = DecoderLM(cfg.model)
+    model = build_model(cfg)
     load_model_state(model, state["model"], path)
     return model.to(resolve_device(device)).eval(), cfg, state
 
