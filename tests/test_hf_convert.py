@@ -24,6 +24,8 @@ from torch_mhc.nn import ManifoldHyperConnection  # noqa: E402
 
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
 }
 
@@ -61,7 +63,7 @@ def test_logits_equal_at_step_zero(arch):
         assert (converted(ids).logits - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_one_step_moves_connections_and_lowers_loss(arch):
     model = convert_to_mhc(tiny(arch, dtype=torch.float32), n=4)
     ids = batch()

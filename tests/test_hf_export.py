@@ -100,7 +100,7 @@ REMOTE = textwrap.dedent("""
         with torch.no_grad():
             logits = model(batch).logits
         gen = model.generate(batch[:1, :6], max_new_tokens=new_tokens, do_sample=False)
-        tok = AutoTokenizer.from_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
         results[name] = {"logits": logits, "gen": gen, "module": type(model).__module__,
                          "ids": tok.encode("def f(x):", add_special_tokens=False)}
     assert not any(m.startswith("torch_mhc") for m in sys.modules if sys.modules[m] is not None)

@@ -14,8 +14,10 @@ shrink the residual by about ``eps`` per sublayer):
   ``index % n``, which differs between sublayers and so separates the streams' gradients), and
   the dynamic ``phi`` columns of pre and post are zero, so the sublayer input is the residual stream.
 
-The converted model trains with the transformers ``Trainer`` or any loop (its ``phi``, ``bias`` and
-``alpha`` get gradients; the exact Sinkhorn backward and, on CUDA, the fused kernels are used).
+The converted model is still the transformers model (same class, ``generate`` with its KV cache,
+``save_pretrained``); the connections' ``phi``, ``bias`` and ``alpha`` are ordinary parameters that
+any training loop updates (the tests use a plain optimizer step; the transformers ``Trainer``,
+which needs ``accelerate``, is not exercised here).
 ``save_converted``/``load_converted`` store it as a transformers directory whose ``config.json``
 records the conversion (``mhc_conversion``); ``mhc convert HF_DIR OUT_DIR`` does both, and
 ``mhc train --init-from DIR`` continues pretraining through :class:`ConvertedLM`.
