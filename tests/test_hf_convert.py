@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers", minversion="5.10",
 pytest.importorskip("tokenizers", reason="the tokenizers package is not installed (pip install 'torch-mhc[hf]')")
 
 from conftest import TINY  # noqa: E402
-
 from torch_mhc.cli import main  # noqa: E402
 from torch_mhc.integrations.convert import (  # noqa: E402
     convert_to_mhc,
@@ -147,6 +146,8 @@ def test_cli_convert_train_init_from_and_export(tmp_path, small_text, capsys):
     run = tmp_path / "runs" / "ft"
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["init_from"] == str(tmp_path / "mhc") and cfg["model"]["n_streams"] == 2 and cfg["model"]["dim"] == 32
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"grad_norm_connection", "grad_norm_attn", "grad_norm_ffn", "grad_norm_embed"} <= record.keys()
     assert main(["eval", str(run), "--max-batches", "1"]) == 0
     assert main(["sample", str(run), "--prompt", "def ", "--max-new-tokens", "3"]) == 0
     assert main(["export", str(run), str(tmp_path / "exported")]) == 0

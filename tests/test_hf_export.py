@@ -15,10 +15,10 @@ pytest.importorskip("transformers", minversion="5.10",
                     reason="transformers >= 5.10 is not installed (pip install 'torch-mhc[hf]')")
 pytest.importorskip("tokenizers", reason="the tokenizers package is not installed (pip install 'torch-mhc[hf]')")
 
-from conftest import REPO, TINY  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import torch_mhc.integrations  # noqa: E402,F401 - registers the auto classes
+from conftest import REPO, TINY  # noqa: E402
 from torch_mhc.cli import main  # noqa: E402
 from torch_mhc.integrations.hf_model import TorchMhcForCausalLM  # noqa: E402
 from torch_mhc.train.data import get_tokenizer  # noqa: E402

@@ -175,6 +175,24 @@ class ConvertedLM(nn.Module):
     def connections(self) -> list[ManifoldHyperConnection]:
         return mhc_connections(self.hf)
 
+    def parameter_roles(self) -> dict[str, tuple[str, bool]]:
+        """Every parameter's name -> (role, decayed), with DecoderLM's roles: ``connection`` (the
+        connections' own, ``phi`` decayed), ``embed``, ``attn``, ``ffn``, ``head`` (the rest);
+        elsewhere matrices are decayed and vectors are not."""
+        roles = {}
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}"
+                if isinstance(module, ManifoldHyperConnection):
+                    roles[full] = ("connection", name in module.DECAYED)
+                    continue
+                role = ("embed" if p is self.hf.get_input_embeddings().weight else "attn" if ".self_attn." in full
+                        else "ffn" if ".mlp." in full else "head")
+                roles[full] = (role, p.dim() >= 2)
+        return {name: roles[name] for name, _ in self.named_parameters()}
+
+    param_groups = DecoderLM.param_groups
+
     def moe_layers(self) -> list:
         return []
 

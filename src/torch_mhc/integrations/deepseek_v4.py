@@ -30,13 +30,14 @@ class DeepseekV4HyperHead(HyperHead):
     """:class:`HyperHead` on transformers' ``DeepseekV4HyperHead`` parameters, under their names
     (``hc_fn [n, n*dim]``, ``hc_base [n]``, ``hc_scale [1]``)."""
 
+    DECAYED = ("hc_fn",)
     fn = property(lambda self: self.hc_fn)
     base = property(lambda self: self.hc_base)
     scale = property(lambda self: self.hc_scale)
 
     def __init__(self, head: nn.Module):
         nn.Module.__init__(self)
-        self.n, self.eps = head.hc_mult, head.eps
+        self.n, self.eps, self.scale_init = head.hc_mult, head.eps, 1.0
         self.dim = head.hc_fn.shape[1] // head.hc_mult
         self.hc_fn, self.hc_base, self.hc_scale = head.hc_fn, head.hc_base, head.hc_scale
 

@@ -27,6 +27,7 @@ VENDORED = {
     "torch_mhc.nn.recompute": "mhc_recompute",
     "torch_mhc.nn.sinkhorn": "mhc_sinkhorn",
     "torch_mhc.nn.streams": "mhc_streams",
+    "torch_mhc.numerics": "mhc_numerics",
 }
 OPS_STANDIN = '''"""Stand-in for ``torch_mhc.ops`` in exported model code: always the PyTorch reference path
 (the fused Triton kernels ship with the torch_mhc package)."""
