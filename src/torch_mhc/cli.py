@@ -1,4 +1,4 @@
-"""The ``mhc`` command: train, eval, sample, diagnose, compare, plot."""
+"""The ``mhc`` command: train, eval, sample, diagnose, compare, plot, export, convert."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ def _cmd_train(args) -> None:
 
     if args.resume and args.config:
         raise UserError("--resume continues a run with its own config; do not pass --config with it (use --set).")
+    if args.init_from:
+        if args.resume:
+            raise UserError("--init-from starts a new run; a resumed run keeps the model it started from.")
+        args.set = [f"init_from={args.init_from}", *args.set]
     run_dir, last = resume_run(args.resume, args.set) if args.resume else start_run(args.config, args.set)
     from torch_mhc.train.checkpoint import latest_checkpoint
 
@@ -62,6 +66,18 @@ def _cmd_plot(args) -> None:
         print(path)
 
 
+def _cmd_export(args) -> None:
+    from torch_mhc.integrations.export import export_run
+
+    export_run(args.run_dir, args.out_dir)
+
+
+def _cmd_convert(args) -> None:
+    from torch_mhc.integrations.convert import convert_dir
+
+    convert_dir(args.hf_dir, args.out_dir, args.streams)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -74,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML or JSON config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.connection=hc")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--init-from", metavar="HF_DIR", help="continue pretraining a transformers model ('mhc convert' "
+                   "output, or a Llama/Mistral/Qwen2/Qwen3 directory, converted with model.n_streams)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], help="validation loss / bits per byte of a run's latest checkpoint")
@@ -113,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="plots")
     pl.set_defaults(func=_cmd_plot)
+
+    ex = sub.add_parser("export", parents=[common], help="a run's latest checkpoint as a transformers model directory")
+    ex.add_argument("run_dir")
+    ex.add_argument("out_dir", help="new or empty directory")
+    ex.set_defaults(func=_cmd_export)
+
+    cv = sub.add_parser("convert", parents=[common],
+                        help="a pretrained Llama/Mistral/Qwen2/Qwen3 directory as an mHC model")
+    cv.add_argument("hf_dir")
+    cv.add_argument("out_dir", help="new or empty directory")
+    cv.add_argument("--streams", type=int, default=4, help="number of residual streams n (default 4)")
+    cv.set_defaults(func=_cmd_convert)
     return p
 
 

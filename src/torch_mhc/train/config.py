@@ -21,9 +21,12 @@ class UserError(Exception):
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=128, n_layers=3, n_heads=4, max_seq_len=128))
+    # start from a transformers model directory ('mhc convert' output, or a Llama/Qwen/Mistral one, converted with
+    # model.n_streams); its dimensions then replace the model section. Needs the [hf] extra.
+    init_from: str = ""
     # data
     data: str = ""  # file, .gz file, directory or prepared .npy tokens; empty: the Python standard library
-    tokenizer: str = "byte"  # byte | gpt2
+    tokenizer: str = "byte"  # byte | gpt2 | bpe:VOCAB (trained on the data, cached) | PATH to tokenizer.json
     val_fraction: float = 0.02
     # batch
     seq_len: int = 128
@@ -72,11 +75,12 @@ class TrainConfig:
             errors.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
         if self.schedule not in ("step", "cosine", "constant"):
             errors.append(f"schedule must be step, cosine or constant (got {self.schedule!r})")
-        if self.tokenizer not in ("byte", "gpt2"):
-            errors.append(f"tokenizer must be byte or gpt2 (got {self.tokenizer!r})")
+        if not self.tokenizer or (self.tokenizer.startswith("bpe:") and not self.tokenizer[4:].isdigit()):
+            errors.append(f"tokenizer must be byte, gpt2, bpe:VOCAB or the path of a tokenizer.json "
+                          f"(got {self.tokenizer!r})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             errors.append(f"dtype must be auto, float32 or bfloat16 (got {self.dtype!r})")
-        if self.seq_len > self.model.max_seq_len:
+        if self.seq_len > self.model.max_seq_len and not self.init_from:
             errors.append(f"seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
         try:
             self.model.validate()

@@ -4,8 +4,13 @@ Sources: a text file, a ``.gz`` text file, a directory of text files (recursivel
 prepared ``.npy`` token file. With no source, the default corpus is the ``.py`` source of the
 running interpreter's standard library (tests excluded): no download needed.
 
-Tokens are cached once as ``.npy`` (uint8 for bytes, uint16 for GPT-2 BPE) in ``cache_dir``, keyed
-by the sources' paths, sizes and modification times and the tokenizer; the next run reuses it. The
+Tokenizers: ``byte`` (UTF-8 bytes), ``gpt2`` (tiktoken, cached encoding), ``bpe:VOCAB`` (a byte-level
+BPE trained offline with the ``tokenizers`` library on the training part of the text, cached beside
+the tokens) and ``PATH`` (any Hugging Face ``tokenizer.json``, or a directory holding one).
+
+Tokens are cached once as ``.npy`` (uint8 for bytes, uint16/uint32 otherwise) in ``cache_dir``, keyed
+by the sources' paths, sizes and modification times and the tokenizer (its content for BPE and
+``PATH`` tokenizers); the next run reuses it. The
 last ``val_fraction`` of the tokens is the validation split. Training windows are random and
 contiguous, drawn from a generator seeded by ``(seed, step)``, so the batch of step s is the same
 whether or not the run was resumed. Validation uses a fixed, evenly spaced set of windows.
@@ -65,6 +70,110 @@ class GPT2Tokenizer:
         return self._enc.decode([int(t) for t in tokens])
 
 
+HF_HINT = "install the optional extra: pip install 'torch-mhc[hf]'"
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError:
+        raise UserError(f"this tokenizer setting needs the 'tokenizers' package; {HF_HINT}.") from None
+    return tokenizers
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` (no special tokens added when encoding).
+
+    ``name`` is the setting it came from (``bpe:4096`` or a path); ``cache_key`` adds a hash of
+    its ``tokenizer.json``, so a changed tokenizer never reuses another one's token cache.
+    """
+
+    def __init__(self, tokenizer, name: str, path: Path | None = None):
+        self._tok, self.name, self.path = tokenizer, name, path
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.dtype = np.uint16 if self.vocab_size <= 2**16 else np.uint32
+        self.cache_key = f"{name}@{hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]}"
+
+    @classmethod
+    def from_file(cls, path: str | Path, name: str | None = None) -> "HFTokenizer":
+        """Load ``tokenizer.json`` (or a directory holding one)."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UserError(
+                f"tokenizer {path} does not exist{' (no tokenizer.json in that directory)' if path.is_dir() else ''}. "
+                "Use tokenizer=byte, gpt2, bpe:VOCAB, or the path of a Hugging Face tokenizer.json "
+                "(or of a directory holding one)."
+            )
+        tokenizers = _import_tokenizers()
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+            raise UserError(f"tokenizer file {file} cannot be read as a Hugging Face tokenizer.json: {e}.") from None
+        return cls(tok, name or str(path), file)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=self.dtype)
+
+    def decode(self, tokens) -> str:
+        return self._tok.decode([int(t) for t in tokens], skip_special_tokens=False)
+
+    def save(self, path: str | Path) -> None:
+        self._tok.save(str(path))
+
+
+def _source_texts(files: list[Path]):
+    """The texts that :func:`load_tokens` tokenises, in order (a newline after each of several files)."""
+    for p in files:
+        yield read_text(p) + ("\n" if len(files) > 1 else "")
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on ``texts`` (deterministic for equal input)."""
+    tokenizers = _import_tokenizers()
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def bpe_tokenizer(spec: str, source: str, cache_dir: str | Path | None, val_fraction: float) -> HFTokenizer:
+    """``bpe:VOCAB``: train a byte-level BPE on the text before the validation split, or reuse the one
+    cached in ``cache_dir/bpe-KEY/tokenizer.json`` (KEY: sources, their sizes and mtimes, VOCAB, val_fraction)."""
+    try:
+        vocab_size = int(spec.split(":", 1)[1])
+    except ValueError:
+        vocab_size = 0
+    if vocab_size < 257:
+        raise UserError(f"tokenizer={spec!r}: give the vocabulary size as bpe:VOCAB with VOCAB >= 257 (e.g. bpe:4096).")
+    if source.endswith(".npy"):
+        raise UserError(f"tokenizer={spec} trains on text, but data={source} is a prepared token file.")
+    files = list_source_files(source)
+    key = _fingerprint(files, f"{spec}|{val_fraction}")
+    path = Path(cache_dir or ".") / f"bpe-{key}" / "tokenizer.json"
+    if path.is_file():
+        return HFTokenizer.from_file(path, name=spec)
+    texts = list(_source_texts(files))
+    keep = int(sum(len(t) for t in texts) * (1 - val_fraction))  # characters of the training part
+    train_texts = []
+    for t in texts:
+        train_texts.append(t[: max(0, keep)])
+        keep -= len(t)
+    tok = HFTokenizer(train_bpe([t for t in train_texts if t], vocab_size), spec)
+    if cache_dir is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tok.save(tmp)
+        os.replace(tmp, path)
+        tok.path = path
+    return tok
+
+
 def bytes_per_token(meta: dict, tokenizer) -> float | None:
     """Source bytes per token (for bits per byte): from the tokenised text, 1 for byte tokens of a
     prepared file, unknown otherwise."""
@@ -73,12 +182,16 @@ def bytes_per_token(meta: dict, tokenizer) -> float | None:
     return 1.0 if tokenizer.name == "byte" else None
 
 
-def get_tokenizer(name: str):
+def get_tokenizer(name: str, source: str = "", cache_dir: str | Path | None = None, val_fraction: float = 0.02):
+    """``byte``, ``gpt2``, ``bpe:VOCAB`` (trained on ``source``'s training part, cached in ``cache_dir``)
+    or the path of a ``tokenizer.json`` (or of a directory holding one)."""
     if name == "byte":
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
-    raise UserError(f"unknown tokenizer {name!r}; use byte or gpt2.")
+    if name.startswith("bpe:"):
+        return bpe_tokenizer(name, source, cache_dir, val_fraction)
+    return HFTokenizer.from_file(name)
 
 
 def default_corpus_dir() -> Path:
@@ -139,17 +252,16 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
             raise UserError(f"token file {path} must hold a 1-D integer array, got {tokens.dtype} {tokens.shape}.")
         return tokens, {"source": str(path), "files": 1, "cached": True, "bytes": None}
     files = list_source_files(source)
-    key = _fingerprint(files, tokenizer.name)
+    key = _fingerprint(files, getattr(tokenizer, "cache_key", tokenizer.name))
     cache_dir = Path(cache_dir)
     cache, meta_path = cache_dir / f"tokens-{key}.npy", cache_dir / f"tokens-{key}.json"
     if cache.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         return np.load(cache, mmap_mode="r"), {**meta, "cached": True}
     pieces, n_bytes = [], 0
-    for p in files:
-        text = read_text(p)
-        n_bytes += len(text.encode("utf-8"))
-        pieces.append(tokenizer.encode(text + ("\n" if len(files) > 1 else "")))
+    for text in _source_texts(files):
+        n_bytes += len(text.encode("utf-8"))  # the bytes of exactly the text that is tokenised
+        pieces.append(tokenizer.encode(text))
     tokens = np.concatenate(pieces).astype(tokenizer.dtype) if pieces else np.zeros(0, tokenizer.dtype)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")

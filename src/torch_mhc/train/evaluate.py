@@ -11,7 +11,7 @@ from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from torch_mhc.train.config import TrainConfig, UserError, config_from_dict
 from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
-from torch_mhc.train.trainer import evaluate, load_data, resolve_device
+from torch_mhc.train.trainer import build_model, evaluate, load_data, resolve_device
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, TrainConfig, dict]:
@@ -19,7 +19,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, Trai
     path = latest_checkpoint(run_dir)
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
-    model = DecoderLM(cfg.model)
+    model = build_model(cfg)
     load_model_state(model, state["model"], path)
     return model.to(resolve_device(device)).eval(), cfg, state
 
@@ -30,7 +30,7 @@ def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -
     autocast = torch.bfloat16 if device.type == "cuda" else None
     cache = Path(run_dir).parent / "cache"
     if data:
-        tokenizer = get_tokenizer(cfg.tokenizer)
+        tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction)
         tokens, meta = load_tokens(data, tokenizer, cache)
         if tokens.size < cfg.seq_len + 1:
             raise UserError(f"data {data} has {tokens.size} tokens, fewer than one window of {cfg.seq_len + 1}.")
@@ -49,7 +49,7 @@ def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature
     if temperature < 0:
         raise UserError("--temperature must be >= 0 (0 is greedy).")
     model, cfg, _ = load_run(run_dir)
-    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, Path(run_dir).parent / "cache", cfg.val_fraction)
     ids = tokenizer.encode(prompt or "\n")
     if ids.size == 0:
         raise UserError("the prompt encodes to no tokens.")

@@ -87,8 +87,20 @@ def new_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """``DecoderLM(cfg.model)``; with ``init_from`` the converted transformers model of that directory
+    (``torch_mhc.integrations.convert``), whose description then replaces ``cfg.model``."""
+    if not cfg.init_from:
+        return DecoderLM(cfg.model)
+    from torch_mhc.integrations.convert import load_for_training  # optional [hf] extra
+
+    model = load_for_training(cfg.init_from, cfg.model.n_streams)
+    cfg.model = model.cfg
+    return model
+
+
 def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, object]:
-    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache_dir, cfg.val_fraction)
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
     what = "the default corpus" if not cfg.data else f"data {cfg.data}"
     data = TokenData.from_tokens(tokens, cfg.seq_len, cfg.val_fraction, bytes_per_token(meta, tokenizer), what=what)
@@ -170,9 +182,9 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     autocast_dtype = None
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         autocast_dtype = torch.bfloat16
-    data, _ = load_data(cfg, Path(run_dir).parent / "cache", log)
     torch.manual_seed(cfg.seed)
-    model = DecoderLM(cfg.model).to(device)
+    model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
+    data, _ = load_data(cfg, Path(run_dir).parent / "cache", log)
     groups = model.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                   fused=device.type == "cuda")

@@ -1,0 +1,255 @@
+"""Turning a pretrained Llama-, Mistral-, Qwen2- or Qwen3-style transformers model into an mHC model.
+
+``convert_to_mhc(model, n=4)`` works in place: the residual stream becomes ``n`` streams (copied
+after the embedding, on entry to the first decoder layer), every attention and MLP sublayer gets
+its own :class:`~torch_mhc.nn.ManifoldHyperConnection` (``layers.i.attn_mhc``, ``layers.i.mlp_mhc``,
+fp32 parameters; fp64 in a float64 model), and the streams are merged by their mean on exit from the last decoder layer,
+before the final norm. The initialisation makes the converted model compute what the original
+computed (the logits agree at step 0 up to the Sinkhorn eps, whose row sums ``s / (s + eps)``
+shrink the residual by about ``eps`` per sublayer):
+
+- ``H_post = 2 sigmoid(0) = 1`` for every stream and ``H_res`` doubly stochastic, so copied
+  streams stay copies of the original residual stream and their mean is that stream;
+- ``H_pre`` sums to 1 (``1/(2n)`` on each stream, the rest on the sublayer's "home" stream
+  ``index % n``, which differs between sublayers and so separates the streams' gradients), and
+  the dynamic ``phi`` columns of pre and post are zero, so the sublayer input is the residual stream.
+
+The converted model is still the transformers model (same class, ``generate`` with its KV cache,
+``save_pretrained``); the connections' ``phi``, ``bias`` and ``alpha`` are ordinary parameters that
+any training loop updates (the tests use a plain optimizer step; the transformers ``Trainer``,
+which needs ``accelerate``, is not exercised here).
+``save_converted``/``load_converted`` store it as a transformers directory whose ``config.json``
+records the conversion (``mhc_conversion``); ``mhc convert HF_DIR OUT_DIR`` does both, and
+``mhc train --init-from DIR`` continues pretraining through :class:`ConvertedLM`.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torch_mhc.models.decoder import DecoderLM, ModelConfig
+from torch_mhc.nn import ManifoldHyperConnection, expand_streams, merge_streams
+from torch_mhc.train.config import UserError
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+CONVERSION_KEY = "mhc_conversion"
+
+
+@torch.no_grad()
+def residual_init_(conn: ManifoldHyperConnection, home: int) -> ManifoldHyperConnection:
+    """Make ``conn`` act as the residual ``x + F(x)`` on copied streams (see the module docstring)."""
+    n = conn.n
+    phi, bias, _ = conn.projection()
+    share = 1.0 / (2 * n)
+    bias[:n] = math.log(share / (1 - share))
+    home_share = 1.0 - (n - 1) * share
+    bias[home % n] = math.log(home_share / (1 - home_share))
+    bias[n : 2 * n] = 0.0
+    bias[2 * n :] = (6.0 * torch.eye(n) - 3.0).flatten()
+    phi[:, : 2 * n] = 0.0
+    return conn
+
+
+def _mhc_layer_forward(self, hidden_states, *args, **kwargs):
+    """A Llama-style decoder layer on streams ``[B, S, n, D]`` (``[B, S, D]`` in for the first layer,
+    out of the last)."""
+    if self.mhc_expand:
+        hidden_states = expand_streams(hidden_states, self.attn_mhc.n)
+    x, state = self.attn_mhc.pre(hidden_states)
+    attn_output, _ = self.self_attn(self.input_layernorm(x), *args, **kwargs)
+    hidden_states = self.attn_mhc.post(state, attn_output)
+    x, state = self.mlp_mhc.pre(hidden_states)
+    hidden_states = self.mlp_mhc.post(state, self.mlp(self.post_attention_layernorm(x)))
+    return merge_streams(hidden_states, "mean") if self.mhc_merge else hidden_states
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a supported transformers causal LM (or its base model)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"convert_to_mhc supports transformers models of type {', '.join(SUPPORTED)}; "
+                         f"got {model_type or type(model).__name__}")
+    base = model.model if hasattr(model, "model") else model
+    return base.layers[: model.config.num_hidden_layers]
+
+
+def convert_to_mhc(model: nn.Module, n: int = 4, *, sinkhorn_iters: int = 20, eps: float = 1e-6,
+                   alpha_init: float = 0.01) -> nn.Module:
+    """Convert a Llama/Mistral/Qwen2/Qwen3 transformers model to mHC in place; returns it.
+
+    ``n`` >= 2 streams; ``sinkhorn_iters``, ``eps``, ``alpha_init`` as in ManifoldHyperConnection.
+    """
+    layers = decoder_layers(model)
+    if getattr(model.config, CONVERSION_KEY, None) or any(hasattr(layer, "attn_mhc") for layer in layers):
+        raise ValueError("this model is already converted to mHC")
+    if not isinstance(n, int) or n < 2:
+        raise ValueError(f"convert_to_mhc needs n >= 2 streams, got {n!r}")
+    first = next(model.parameters())
+    dim, device = model.config.hidden_size, first.device
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    for i, layer in enumerate(layers):
+        for site, index in (("attn_mhc", 2 * i), ("mlp_mhc", 2 * i + 1)):
+            conn = ManifoldHyperConnection(dim, n, layer_index=index, sinkhorn_iters=sinkhorn_iters, eps=eps,
+                                           alpha_init=alpha_init)
+            setattr(layer, site, residual_init_(conn.to(device=device, dtype=dtype), index))
+        layer.mhc_expand, layer.mhc_merge = i == 0, i == len(layers) - 1
+        layer.forward = types.MethodType(_mhc_layer_forward, layer)
+    setattr(model.config, CONVERSION_KEY, {"n": n, "sinkhorn_iters": sinkhorn_iters, "eps": eps,
+                                           "alpha_init": alpha_init})
+    return model
+
+
+def mhc_connections(model: nn.Module) -> list[ManifoldHyperConnection]:
+    """The converted model's connections in depth order (attention, MLP, attention, ...)."""
+    return [c for layer in decoder_layers(model) for c in (layer.attn_mhc, layer.mlp_mhc)]
+
+
+def save_converted(model: nn.Module, out_dir: str | Path) -> Path:
+    """``save_pretrained`` (the config records the conversion; the connections are in the weights)."""
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def load_converted(path: str | Path, n: int = 4, **kwargs) -> nn.Module:
+    """A causal LM from a transformers directory: converted again and its connections loaded when
+    it was saved converted, converted fresh with ``n`` streams when it was not."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging
+
+    path = Path(path)
+    conversion = getattr(AutoConfig.from_pretrained(path, local_files_only=True), CONVERSION_KEY, None)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the base class reports the connections' weights as unexpected: loaded below
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+    finally:
+        logging.set_verbosity(verbosity)
+    if not conversion:
+        return convert_to_mhc(model, n)
+    delattr(model.config, CONVERSION_KEY)
+    convert_to_mhc(model, **conversion)
+    wanted = {k: v for k, v in model.state_dict().items() if "_mhc." in k}
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise UserError(f"{path} records an mHC conversion but its weights lack {len(missing)} connection "
+                        f"parameters (first: {missing[0]}).")
+    with torch.no_grad():
+        for k, v in found.items():
+            wanted[k].copy_(v)
+    return model
+
+
+class ConvertedLM(nn.Module):
+    """A converted transformers causal LM behind ``DecoderLM``'s interface, for ``mhc train --init-from``:
+    ``forward(idx [B, T], targets=None) -> (logits [B, T, vocab], loss | None)``, ``connections()``,
+    ``cfg`` (a ModelConfig describing it), ``generate``."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+        c, conv = hf_model.config, getattr(hf_model.config, CONVERSION_KEY)
+        self.cfg = ModelConfig(vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
+                               n_heads=c.num_attention_heads, max_seq_len=c.max_position_embeddings,
+                               norm_eps=c.rms_norm_eps, tie_embeddings=bool(c.tie_word_embeddings), connection="mhc",
+                               n_streams=conv["n"], merge="mean", sinkhorn_iters=conv["sinkhorn_iters"],
+                               mhc_eps=conv["eps"], alpha_init=conv["alpha_init"])
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        logits = self.hf(input_ids=idx, use_cache=False).logits
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1))
+        return logits, loss
+
+    def connections(self) -> list[ManifoldHyperConnection]:
+        return mhc_connections(self.hf)
+
+    def parameter_roles(self) -> dict[str, tuple[str, bool]]:
+        """Every parameter's name -> (role, decayed), with DecoderLM's roles: ``connection`` (the
+        connections' own, ``phi`` decayed), ``embed``, ``attn``, ``ffn``, ``head`` (the rest);
+        elsewhere matrices are decayed and vectors are not."""
+        roles = {}
+        for module_name, module in self.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                full = f"{module_name}.{name}"
+                if isinstance(module, ManifoldHyperConnection):
+                    roles[full] = ("connection", name in module.DECAYED)
+                    continue
+                role = ("embed" if p is self.hf.get_input_embeddings().weight else "attn" if ".self_attn." in full
+                        else "ffn" if ".mlp." in full else "head")
+                roles[full] = (role, p.dim() >= 2)
+        return {name: roles[name] for name, _ in self.named_parameters()}
+
+    param_groups = DecoderLM.param_groups
+
+    def moe_layers(self) -> list:
+        return []
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.hf.get_input_embeddings().weight.numel() if exclude_embedding else n
+
+    generate = DecoderLM.generate
+
+
+def load_for_training(path: str | Path, n: int = 4) -> ConvertedLM:
+    """``mhc train --init-from``: a converted (or, with ``n`` streams, freshly converted) model from
+    a transformers directory; UserError when it cannot be read."""
+    from torch_mhc.integrations import require_transformers
+
+    require_transformers()
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"init_from={path}: no transformers model there (no config.json). "
+                        "Pass a directory written by 'mhc convert' or save_pretrained.")
+    try:
+        model = load_converted(path, n)
+    except ValueError as e:
+        raise UserError(f"init_from={path}: {e}.") from None
+    return ConvertedLM(model)
+
+
+def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) -> Path:
+    """``mhc convert``: load a Llama/Mistral/Qwen2/Qwen3 directory, convert it, save it (with its tokenizer)."""
+    from torch_mhc.integrations import require_transformers
+    from torch_mhc.integrations.export import check_new_dir
+
+    require_transformers()
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} is not a transformers model directory (no config.json).")
+    check_new_dir(out_dir)
+    if n < 2:
+        raise UserError(f"--streams must be >= 2 (got {n}).")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
+    if config.model_type not in SUPPORTED:
+        raise UserError(f"{hf_dir} holds a {config.model_type!r} model; mhc convert supports {', '.join(SUPPORTED)}.")
+    if getattr(config, CONVERSION_KEY, None):
+        raise UserError(f"{hf_dir} is already converted to mHC.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the model in {hf_dir}: {e}") from None
+    save_converted(convert_to_mhc(model, n), out_dir)
+    note = "no tokenizer found"
+    try:
+        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).save_pretrained(out_dir)
+        note = "tokenizer copied"
+    except (OSError, ValueError):
+        pass
+    log(f"converted {hf_dir} ({config.model_type}, {config.num_hidden_layers} layers) to mHC with n={n} "
+        f"streams in {out_dir}; {note}")
+    return out_dir
