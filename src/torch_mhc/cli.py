@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -40,6 +41,10 @@ def _cmd_sample(args) -> None:
 
 def _cmd_diagnose(args) -> None:
     from torch_mhc.diagnostics.report import diagnose_run
+    from torch_mhc.train.rundir import ensure_dir
+
+    if args.out:
+        ensure_dir(args.out, "--out")
 
     print(diagnose_run(args.run_dir, args.out))
 
@@ -124,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"mhc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if getattr(args, "debug", False) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"mhc {args.command}: error: the disk is full{where} ({e.strerror}). Finished checkpoints are intact; "
+              "free some space and continue with --resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mhc {args.command}: interrupted; the last checkpoint is intact.", file=sys.stderr)
