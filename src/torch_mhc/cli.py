@@ -16,7 +16,12 @@ def _cmd_train(args) -> None:
 
     if args.resume and args.config:
         raise UserError("--resume continues a run with its own config; do not pass --config with it (use --set).")
-    run_dir, last = resume_run(args.resume, args.set) if args.resume else start_run(args.config, args.set)
+    if args.allow_data_change and not args.resume:
+        raise UserError("--allow-data-change only applies with --resume.")
+    if args.resume:
+        run_dir, last = resume_run(args.resume, args.set, allow_data_change=args.allow_data_change)
+    else:
+        run_dir, last = start_run(args.config, args.set)
     from torch_mhc.train.checkpoint import latest_checkpoint
 
     print(f"done. run directory: {run_dir}")
@@ -79,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML or JSON config file")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.connection=hc")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even though the training data differs from the run's (recorded)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], help="validation loss / bits per byte of a run's latest checkpoint")

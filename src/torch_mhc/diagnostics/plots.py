@@ -150,8 +150,9 @@ def last_diagnostics(run_dir: Path) -> dict | None:
 def plot_runs(run_dirs: list[str], out: Path, baseline: str | None = None) -> list[Path]:
     """All plots for the given runs into ``out``; the baseline for the gap plot defaults to a run
     named like 'residual', else the first run."""
-    from torch_mhc.train.rundir import ensure_dir
+    from torch_mhc.train.rundir import check_dir_path, ensure_dir
 
+    check_dir_path(out, "--out")
     dirs = [Path(d) for d in run_dirs]
     labels = run_labels(dirs)
     runs = {label: read_jsonl(d / "metrics.jsonl") for label, d in zip(labels, dirs)}

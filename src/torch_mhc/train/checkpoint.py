@@ -225,8 +225,9 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, config: dic
 
 
 def prune_checkpoints(run_dir, keep: int) -> list[Path]:
-    """Delete checkpoints older than the newest ``keep`` that verify; a checkpoint that does not verify
-    is never counted (so a bad newer file never costs a good older one) and never deleted here."""
+    """Delete checkpoints older than the newest ``keep`` that verify. A checkpoint that does not verify
+    is never counted, so a bad newer file never costs a good older one; one without a checksum file
+    (not written by this code) is never deleted."""
     kept, removed = 0, []
     for p in reversed(list_checkpoints(run_dir)):
         if kept < keep:

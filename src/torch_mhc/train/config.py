@@ -153,7 +153,7 @@ def _number_errors(obj, prefix: str = "") -> list[str]:
 
 def _type_name(typ) -> str:
     if typing.get_origin(typ) is list:
-        return f"a list of {_type_name(typing.get_args(typ)[0])}"
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(typing.get_args(typ)[0], "values")
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
 
 

@@ -229,6 +229,7 @@ class TokenData:
     val: np.ndarray
     seq_len: int
     bytes_per_token: float | None
+    fingerprint: dict | None = None  # what identifies the tokens (resume checks it); see resume.data_fingerprint
 
     @classmethod
     def from_tokens(cls, tokens: np.ndarray, seq_len: int, val_fraction: float, bytes_per_token=None, what="data"):

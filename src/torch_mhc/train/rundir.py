@@ -28,14 +28,24 @@ LOCK_NAME = ".lock"
 LOGS = ("metrics.jsonl", "diagnostics.jsonl")
 
 
+def check_dir_path(path: str | Path, key: str) -> Path:
+    """UserError naming ``key`` when ``path`` or one of its parents exists and is not a directory
+    (checked before any work, so a bad output path fails fast and creates nothing)."""
+    path = Path(path)
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{key}={path} cannot be a directory: {blocker} is a file. Choose another {key}.")
+    return path
+
+
 def ensure_dir(path: str | Path, key: str) -> Path:
     """Create directory ``path`` (and parents); UserError naming ``key`` when it, or a parent, is a file."""
-    path = Path(path)
+    path = check_dir_path(path, key)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), path)
-        raise UserError(f"{key}={path} cannot be a directory: {blocker} is a file. Choose another {key}.") from None
+        check_dir_path(path, key)
+        raise
     except PermissionError as e:
         raise UserError(f"{key}={path}: cannot create the directory ({e.strerror}).") from None
     except OSError as e:
