@@ -208,7 +208,7 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, config: dic
     """Write ``checkpoints/step_XXXXXXX.pt`` atomically with its checksum and keep the newest ``keep``
     verified checkpoints. Refuses (DivergedError) to save non-finite weights."""
     if not is_finite_state(model):
-        raise DivergedError(step, "the model weights", "not finite (NaN or Inf)", config, "no checkpoint was written")
+        raise DivergedError(step, "the model weights are not finite", config, "no checkpoint was written")
     path = checkpoint_dir(run_dir) / f"step_{step:07d}.pt"
     state = {
         "step": step,

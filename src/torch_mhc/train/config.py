@@ -24,7 +24,7 @@ class DivergedError(UserError):
     """Training produced a non-finite loss, gradient norm or weights at ``step``. Nothing non-finite
     was saved: the run's newest checkpoint (if any) holds the last finite weights."""
 
-    def __init__(self, step: int, what: str, value, config, note: str = ""):
+    def __init__(self, step: int, problem: str, config, note: str = ""):
         self.step = step
         cfg = config if isinstance(config, dict) else config.to_dict()
         lr, clip = cfg.get("lr"), cfg.get("grad_clip")
@@ -36,8 +36,8 @@ class DivergedError(UserError):
         model = cfg.get("model", {})
         kind = model.get("connection", "this")
         super().__init__(
-            f"training diverged at step {step}: {what} is {value} ({kind} model). "
-            f"{note + '; ' if note else ''}non-finite weights are never saved, so the newest checkpoint holds the "
+            f"training diverged at step {step}: {problem} ({kind} model){'; ' + note if note else ''}. "
+            "Non-finite weights are never saved, so the newest checkpoint holds the "
             f"last finite ones. To continue, {' or '.join(hints) or 'change the settings'} and resume "
             "(`mhc train --resume RUN_DIR --set lr=...`), or start a new run."
         )

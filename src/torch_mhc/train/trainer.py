@@ -197,7 +197,7 @@ def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) 
     except ValueError as e:  # HC / mHC check their coefficients (nn.functional.check_finite)
         if not str(e).startswith("non-finite values"):
             raise
-        raise DivergedError(t.scheduler.last_epoch + 1, "the connection coefficients", "not finite", t.cfg) from None
+        raise DivergedError(t.scheduler.last_epoch + 1, "the connection coefficients are not finite", t.cfg) from None
     (loss / accum).backward()
     return loss.item()
 
@@ -216,8 +216,8 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm))
     loss = loss_sum / cfg.grad_accum
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
-        what, value = ("the loss", loss) if not math.isfinite(loss) else ("the gradient norm", grad_norm)
-        raise DivergedError(step + 1, what, value, cfg)
+        problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        raise DivergedError(step + 1, problem, cfg)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
