@@ -117,6 +117,12 @@ def test_token_cache_is_verified_and_rebuilt(small_text, tmp_path, capsys):
     assert not m3["cached"] and np.array_equal(np.asarray(t3), expected)
     _, m4 = load_tokens(str(small_text), tok, tmp_path / "cache")
     assert m4["cached"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "cache" / f".tokens-0123.npy.tmp{int(dead.stdout)}"  # a killed tokenisation's leftover
+    stale.write_bytes(b"half")
+    small_text.write_text(small_text.read_text() + "x")
+    load_tokens(str(small_text), tok, tmp_path / "cache")
+    assert not stale.exists()
 
 
 # ------------------------------------------------------------------ 2. divergence (checkpoint side)
@@ -244,6 +250,7 @@ def test_output_paths_that_are_files(tmp_path, small_text, capsys):
     expect_error(capsys, ["train", *sets(tmp_path, small_text, f"out_dir={tmp_path / 'afile' / 'runs'}")],
                  f"out_dir={tmp_path / 'afile' / 'runs'} cannot be a directory: {tmp_path / 'afile'} is a file")
     expect_error(capsys, ["plot", str(tmp_path), "--out", str(tmp_path / "afile")], "is a file")
+    expect_error(capsys, ["compare", "--out", str(tmp_path / "afile" / "report")], "is a file")
     assert (tmp_path / "afile").read_text() == "x"
 
 

@@ -61,6 +61,10 @@ def _cmd_compare(args) -> None:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
     except ValueError:
         raise UserError(f"--seeds expects comma-separated integers, got {args.seeds!r}.") from None
+    if args.out:
+        from torch_mhc.train.rundir import check_dir_path
+
+        check_dir_path(args.out, "--out")
     report = compare(args.config, args.modes.split(","), args.set, args.out, variants=args.variant, seeds=seeds)
     print(f"report: {report}")
 

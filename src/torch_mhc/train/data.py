@@ -166,6 +166,20 @@ def _read_cache(cache: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
     return None
 
 
+def _remove_dead_temps(cache_dir: Path) -> None:
+    """Delete temporary cache files left by processes that no longer run (a killed tokenisation)."""
+    for p in cache_dir.glob(".tokens-*.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -213,6 +227,7 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
     from torch_mhc.train.rundir import ensure_dir
 
     ensure_dir(cache_dir, "the token cache directory")
+    _remove_dead_temps(cache_dir)
     meta = {"source": source or f"python-stdlib:{default_corpus_dir()}", "files": len(files), "bytes": n_bytes,
             "tokens": int(tokens.size), "tokenizer": tokenizer.name, "sha256": tokens_sha256(tokens)}
     meta_path.unlink(missing_ok=True)  # no metadata vouches for the cache while it is replaced
