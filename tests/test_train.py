@@ -140,7 +140,7 @@ def test_checkpoint_crash_between_write_and_rename(tmp_path, monkeypatch):
         ckpt.save_checkpoint(tmp_path, 2, model, opt, sched, {"a": 1}, {}, keep=3)
     monkeypatch.undo()
     files = sorted(p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir())
-    assert files == ["step_0000001.pt"]  # no partial file, no leftover temporary
+    assert files == ["step_0000001.pt", "step_0000001.pt.sha256"]  # no partial file, no leftover temporary
     assert ckpt.list_checkpoints(tmp_path)[-1].read_bytes() == good
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))["step"] == 1
 
@@ -203,13 +203,14 @@ def test_bad_checkpoints(tmp_path, small_text):
     state["config"]["model"]["dim"] = 64
     state["config"]["steps"] = 12
     torch.save(state, latest)
+    ckpt.write_hash_file(latest, ckpt.file_sha256(latest))  # a valid checkpoint, of another shape
     r = _cli(["train", "--resume", str(run_dir)], tmp_path)
     assert r.returncode == 2 and "does not fit this model" in r.stderr, r.stderr
     # a truncated file
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
     r = _cli(["train", "--resume", str(run_dir)], tmp_path)
-    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "is corrupt" in r.stderr and "Traceback" not in r.stderr
     assert latest.read_bytes() == data[: len(data) // 2]  # nothing rewritten
     assert all(p.read_bytes() == content for p, content in others.items())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -19,7 +20,12 @@ def _cmd_train(args) -> None:
         if args.resume:
             raise UserError("--init-from starts a new run; a resumed run keeps the model it started from.")
         args.set = [f"init_from={args.init_from}", *args.set]
-    run_dir, last = resume_run(args.resume, args.set) if args.resume else start_run(args.config, args.set)
+    if args.allow_data_change and not args.resume:
+        raise UserError("--allow-data-change only applies with --resume.")
+    if args.resume:
+        run_dir, last = resume_run(args.resume, args.set, allow_data_change=args.allow_data_change)
+    else:
+        run_dir, last = start_run(args.config, args.set)
     from torch_mhc.train.checkpoint import latest_checkpoint
 
     print(f"done. run directory: {run_dir}")
@@ -44,6 +50,10 @@ def _cmd_sample(args) -> None:
 
 def _cmd_diagnose(args) -> None:
     from torch_mhc.diagnostics.report import diagnose_run
+    from torch_mhc.train.rundir import ensure_dir
+
+    if args.out:
+        ensure_dir(args.out, "--out")
 
     print(diagnose_run(args.run_dir, args.out))
 
@@ -55,6 +65,10 @@ def _cmd_compare(args) -> None:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
     except ValueError:
         raise UserError(f"--seeds expects comma-separated integers, got {args.seeds!r}.") from None
+    if args.out:
+        from torch_mhc.train.rundir import check_dir_path
+
+        check_dir_path(args.out, "--out")
     report = compare(args.config, args.modes.split(","), args.set, args.out, variants=args.variant, seeds=seeds)
     print(f"report: {report}")
 
@@ -92,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     t.add_argument("--init-from", metavar="HF_DIR", help="continue pretraining a transformers model ('mhc convert' "
                    "output, or a Llama/Mistral/Qwen2/Qwen3 directory, converted with model.n_streams)")
+    t.add_argument("--allow-data-change", action="store_true",
+                   help="with --resume: continue even though the training data differs from the run's (recorded)")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", parents=[common], help="validation loss / bits per byte of a run's latest checkpoint")
@@ -154,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "debug", False):
             raise
         print(f"mhc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if getattr(args, "debug", False) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" while writing {e.filename}" if e.filename else ""
+        print(f"mhc {args.command}: error: the disk is full{where} ({e.strerror}). Finished checkpoints are intact; "
+              "free some space and continue with --resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mhc {args.command}: interrupted; the last checkpoint is intact.", file=sys.stderr)

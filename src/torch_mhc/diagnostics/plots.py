@@ -4,6 +4,7 @@ figures 3 and 7 at small scale), H_res heatmaps."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,19 +16,36 @@ from torch_mhc.train.config import UserError  # noqa: E402
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSONL log, the last one kept per step (resumed runs may re-log steps)."""
+    """Records of a JSONL log, the last one kept per step (resumed runs may re-log steps). A line that
+    is not a complete record (what a kill or a full disk leaves at the end) is skipped with a warning."""
     if not path.is_file():
         raise UserError(f"{path} not found: is {path.parent} a run directory of `mhc train`?")
     by_step = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             r = json.loads(line)
             by_step[r["step"]] = r
+        except (json.JSONDecodeError, TypeError, KeyError):
+            print(f"warning: {path}:{number} is not a complete record (an interrupted write?); skipped.",
+                  file=sys.stderr)
     return [by_step[k] for k in sorted(by_step)]
 
 
-def run_label(run_dir: Path) -> str:
-    return run_dir.name
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """A label per run: its directory name, or as many trailing path parts as make it unique (runs of
+    several comparisons share names). The same directory twice is a UserError."""
+    resolved = [d.resolve() for d in run_dirs]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise UserError(f"run directory {run_dirs[i]} is given twice.")
+    depth = 1
+    while True:
+        labels = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
 
 
 def _series(records, key):
@@ -132,13 +150,17 @@ def last_diagnostics(run_dir: Path) -> dict | None:
 def plot_runs(run_dirs: list[str], out: Path, baseline: str | None = None) -> list[Path]:
     """All plots for the given runs into ``out``; the baseline for the gap plot defaults to a run
     named like 'residual', else the first run."""
+    from torch_mhc.train.rundir import check_dir_path, ensure_dir
+
+    check_dir_path(out, "--out")
     dirs = [Path(d) for d in run_dirs]
-    runs = {run_label(d): read_jsonl(d / "metrics.jsonl") for d in dirs}
+    labels = run_labels(dirs)
+    runs = {label: read_jsonl(d / "metrics.jsonl") for label, d in zip(labels, dirs)}
     if baseline is None:
         baseline = next((k for k in runs if "residual" in k), next(iter(runs)))
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "--out")
     paths = plot_losses(runs, out, baseline) + [plot_grad_norm(runs, out)]
-    diags = {run_label(d): diag for d in dirs if (diag := last_diagnostics(d)) is not None}
+    diags = {label: diag for label, d in zip(labels, dirs) if (diag := last_diagnostics(d)) is not None}
     if diags:
         paths += [plot_gains(diags, out), plot_heatmaps(diags, out)]
     return paths

@@ -1,11 +1,20 @@
-"""Atomic checkpoints: written to a temporary file in the same directory, flushed to disk, then
-renamed over the final name, so a crash mid-write leaves the last good checkpoint intact.
+"""Atomic, verified checkpoints.
 
-A checkpoint holds the model, optimizer, scheduler, step, RNG states and the run's config.
+``checkpoints/step_XXXXXXX.pt`` is written to a temporary file in the same directory and flushed to
+disk; its SHA-256 goes to ``step_XXXXXXX.pt.sha256`` (``sha256sum`` format, written atomically
+first), then the temporary file is renamed over the final name. So every finished checkpoint has a
+checksum, a crash mid-write leaves the previous checkpoints intact, and a later bit flip is caught:
+``load_checkpoint`` verifies the checksum before it unpickles anything. A checkpoint without a valid
+checksum is never loaded, and pruning never counts it as one of the ``keep`` newest.
+
+A checkpoint holds the model, optimizer, scheduler, step, RNG states and the run's config. Only
+finite weights are saved (``save_checkpoint`` raises ``DivergedError`` otherwise), so the newest
+checkpoint of a diverged run is the last good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -14,9 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch_mhc.train.config import UserError
+from torch_mhc.train.config import DivergedError, UserError
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\.(step_\d+\.pt(\.sha256)?)\.tmp\d+$")
+HASH_SUFFIX = ".sha256"
+_CHUNK = 1 << 22
+
+# (path, size, mtime_ns) -> True for files this process hashed and found valid: a checkpoint is read
+# in full at most once per process (when it is written, or on its first load).
+_verified: set[tuple[str, int, int]] = set()
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -24,7 +40,7 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first (temporary files are ignored)."""
+    """Finished checkpoints of a run, oldest first (temporary and checksum files are ignored)."""
     d = checkpoint_dir(run_dir)
     if not d.is_dir():
         return []
@@ -32,19 +48,139 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_path(path: Path) -> Path:
+    return path.with_name(path.name + HASH_SUFFIX)
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_via_temp(path: Path, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path`` and fsync it; returns the temporary
+    path (the caller renames it). Removes the temporary file on any failure; a full disk is a
+    UserError naming the path."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        raise_if_disk_full(e, path)
+        raise
+    return tmp
+
+
+def raise_if_disk_full(error: BaseException, path: str | Path) -> None:
+    """Turn a full disk or exhausted quota while writing ``path`` into a UserError."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(
+            f"the disk is full (or the quota exhausted) while writing {path}: {error.strerror}. "
+            "Nothing finished was lost: the previous checkpoints are intact and a partly written log line is "
+            "dropped on resume. Free some space and continue with --resume."
+        ) from None
+
+
+def atomic_save(obj, path: Path) -> str:
+    """torch.save to ``path`` through a temporary file, a checksum file and an atomic rename;
+    returns the SHA-256 of the bytes written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _write_via_temp(path, lambda f: torch.save(obj, f))
+    try:
+        digest = file_sha256(tmp)
+        write_hash_file(path, digest)
+        try:
+            os.replace(tmp, path)
+        except BaseException as e:
+            if not path.exists():
+                hash_path(path).unlink(missing_ok=True)
+            raise_if_disk_full(e, path)
+            raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    _verified.add(_stat_key(path))
+    return digest
+
+
+def write_hash_file(path: Path, digest: str) -> None:
+    """``path.sha256`` in ``sha256sum`` format (``sha256sum -c`` checks it), written atomically."""
+    target = hash_path(path)
+    tmp = _write_via_temp(target, lambda f: f.write(f"{digest}  {path.name}\n".encode()))
+    try:
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise UserError unless ``path`` exists and matches its ``.sha256`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist.")
+    if _stat_key(path) in _verified:
+        return
+    sidecar = hash_path(path)
+    if not sidecar.is_file():
+        raise UserError(
+            f"checkpoint {path} has no checksum file {sidecar.name}, so it cannot be trusted (an interrupted save, a "
+            f"copied file or an older torch-mhc).{_older_hint(path)} If you know the file is good, record its "
+            f"checksum with `sha256sum {path.name} > {sidecar.name}` in {path.parent}."
+        )
+    expected = sidecar.read_text().split()[:1]
+    actual = file_sha256(path)
+    if expected != [actual]:
+        raise UserError(
+            f"checkpoint {path} is corrupt: its SHA-256 ({actual[:16]}...) does not match {sidecar.name} "
+            f"({(expected or ['nothing'])[0][:16]}...); it was not loaded.{_older_hint(path)}"
+        )
+    _verified.add(_stat_key(path))
+
+
+def is_verified(path: Path) -> bool:
+    try:
+        verify_checkpoint(path)
+    except UserError:
+        return False
+    return True
+
+
+def _older_hint(path: Path) -> str:
+    """Name the newest older checkpoint of the same run that verifies (what a resume could use)."""
+    if not CKPT_RE.match(path.name):
+        return ""
+    older = [p for p in list_checkpoints(path.parent.parent) if p.name < path.name]
+    good = next((p for p in reversed(older) if is_verified(p)), None)
+    if good is None:
+        return " No older checkpoint of this run verifies."
+    return (f" The newest older checkpoint that verifies is {good}; to continue from it, move the bad file "
+            f"aside (e.g. `mv {path} {path}.bad`) and run the command again.")
 
 
 def rng_state() -> dict:
@@ -62,8 +198,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_finite_state(module: torch.nn.Module) -> bool:
+    """Whether every floating-point parameter and buffer of ``module`` is finite (one device sync)."""
+    flags = [torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, config: dict, extra: dict, keep: int) -> Path:
-    """Write ``checkpoints/step_XXXXXXX.pt`` atomically and keep only the newest ``keep``."""
+    """Write ``checkpoints/step_XXXXXXX.pt`` atomically with its checksum and keep the newest ``keep``
+    verified checkpoints. Refuses (DivergedError) to save non-finite weights."""
+    if not is_finite_state(model):
+        raise DivergedError(step, "the model weights are not finite", config, "no checkpoint was written")
     path = checkpoint_dir(run_dir) / f"step_{step:07d}.pt"
     state = {
         "step": step,
@@ -75,15 +220,48 @@ def save_checkpoint(run_dir, step: int, model, optimizer, scheduler, config: dic
         **extra,
     }
     atomic_save(state, path)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink()
+    prune_checkpoints(run_dir, keep)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file; UserError with what to do when it is missing or unreadable."""
+def prune_checkpoints(run_dir, keep: int) -> list[Path]:
+    """Delete checkpoints older than the newest ``keep`` that verify. A checkpoint that does not verify
+    is never counted, so a bad newer file never costs a good older one; one without a checksum file
+    (not written by this code) is never deleted."""
+    kept, removed = 0, []
+    for p in reversed(list_checkpoints(run_dir)):
+        if kept < keep:
+            kept += is_verified(p)
+            continue
+        if hash_path(p).is_file():  # checksummed: ours; an unchecked file is left for the user to judge
+            p.unlink()
+            hash_path(p).unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def clean_stale_files(run_dir) -> list[Path]:
+    """Remove what a killed save leaves in ``checkpoints/``: temporary files and checksum files whose
+    checkpoint was never renamed into place. Call only while holding the run directory."""
+    d = checkpoint_dir(run_dir)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in d.iterdir():
+        orphan_hash = p.name.endswith(HASH_SUFFIX) and not p.with_name(p.name[: -len(HASH_SUFFIX)]).exists()
+        if TEMP_RE.match(p.name) or orphan_hash:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """Load a checkpoint file after checking its checksum; UserError with what to do when it is
+    missing, unverified or unreadable."""
     path = Path(path)
-    if not path.is_file():
+    if verify:
+        verify_checkpoint(path)
+    elif not path.is_file():
         raise UserError(f"checkpoint {path} does not exist.")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field
@@ -16,6 +18,29 @@ from torch_mhc.models.decoder import ModelConfig
 class UserError(Exception):
     """A problem with the user's input (config, data, run directory, checkpoint): reported in one
     paragraph, exit code 2, no traceback."""
+
+
+class DivergedError(UserError):
+    """Training produced a non-finite loss, gradient norm or weights at ``step``. Nothing non-finite
+    was saved: the run's newest checkpoint (if any) holds the last finite weights."""
+
+    def __init__(self, step: int, problem: str, config, note: str = ""):
+        self.step = step
+        cfg = config if isinstance(config, dict) else config.to_dict()
+        lr, clip = cfg.get("lr"), cfg.get("grad_clip")
+        hints = [f"lower lr (it is {lr:g}; e.g. lr={lr / 4:g})"] if isinstance(lr, (int, float)) else []
+        if clip == 0:
+            hints.append("turn gradient clipping on (grad_clip=1.0)")
+        elif cfg.get("warmup") == 0:
+            hints.append("add a warmup (e.g. warmup=100)")
+        model = cfg.get("model", {})
+        kind = model.get("connection", "this")
+        super().__init__(
+            f"training diverged at step {step}: {problem} ({kind} model){'; ' + note if note else ''}. "
+            "Non-finite weights are never saved, so the newest checkpoint holds the "
+            f"last finite ones. To continue, {' or '.join(hints) or 'change the settings'} and resume "
+            "(`mhc train --resume RUN_DIR --set lr=...`), or start a new run."
+        )
 
 
 @dataclass
@@ -67,8 +92,18 @@ class TrainConfig:
             errors.append(f"lr must be > 0 (got {self.lr})")
         if self.connection_lr_scale <= 0:
             errors.append(f"connection_lr_scale must be > 0 (got {self.connection_lr_scale})")
-        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup < 0 or self.diag_every < 0:
-            errors.append("weight_decay, grad_clip, warmup and diag_every must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            errors.append(f"min_lr_ratio must be in [0, 1] (got {self.min_lr_ratio})")
+        if self.model.rope_theta <= 0:
+            errors.append(f"model.rope_theta must be > 0 (got {self.model.rope_theta})")
+        if self.model.moe and self.model.n_routed_experts < 1:
+            errors.append(f"model.n_routed_experts must be >= 1 with model.moe (got {self.model.n_routed_experts})")
+        if not DEVICE_RE.match(self.device):
+            errors.append(f"device must be auto, cpu, mps, cuda or cuda:N (got {self.device!r})")
+        if not self.out_dir:
+            errors.append("out_dir must not be empty")
+        if "/" in self.run_name or self.run_name in (".", ".."):
+            errors.append(f"run_name must be a plain directory name, not a path (got {self.run_name!r})")
         if not 0 < self.val_fraction < 1:
             errors.append(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -86,11 +121,64 @@ class TrainConfig:
             self.model.validate()
         except ValueError as e:
             errors.append(str(e))
+        for problem in [*_number_errors(self), *_number_errors(self.model, "model.")]:
+            name = problem.split(" must", 1)[0]
+            if not any(f"{name} must" in e or f"{name.removeprefix('model.')} must" in e for e in errors):
+                errors.append(problem)
         if errors:
             raise UserError("invalid config: " + "; ".join(errors) + ".")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# integer settings that may be negative; every other integer setting must be >= 0
+SIGNED_INTS = {"seed"}
+# float settings that may be negative; every other float setting must be >= 0 (and all must be finite)
+SIGNED_FLOATS = {"alpha_init"}
+
+
+def _number_errors(obj, prefix: str = "") -> list[str]:
+    """Every number of a config section: finite, and >= 0 unless listed as signed."""
+    errors = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        values = v if isinstance(v, list) else [v]
+        for x in values:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if not math.isfinite(x):
+                errors.append(f"{prefix}{f.name} must be a finite number (got {v})")
+            elif x < 0 and f.name not in SIGNED_INTS | SIGNED_FLOATS:
+                errors.append(f"{prefix}{f.name} must be >= 0 (got {v})")
+    return errors
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(typing.get_args(typ)[0], "values")
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def _typed(value, typ, key: str):
+    """``value`` (a string from --set, or a TOML/JSON value) as the field's type; UserError naming the key."""
+    if isinstance(value, str) and typ is not str:
+        value = _convert(value, typ, key)
+    origin = typing.get_origin(typ)
+    if origin is list and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(typ)
+        return [_typed(v, item, key) for v in value]
+    ok = (typ is bool and isinstance(value, bool)) or (typ is str and isinstance(value, str)) or (
+        typ is int and isinstance(value, int) and not isinstance(value, bool)) or (
+        typ is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        raise UserError(f"config key '{key}' must be {_type_name(typ)}, got {type(value).__name__} {value!r}.")
+    if typ is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"config key '{key}' must be a finite number, got {value}.")
+    return value
 
 
 def _convert(value: str, typ, key: str):
@@ -129,10 +217,11 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise UserError(f"config key '{prefix}{key}' is a section; give its keys as {prefix}{key}.NAME.")
             _apply(current, value, f"{prefix}{key}.")
-        elif isinstance(value, str) and hints[key] is not str:
-            setattr(obj, key, _convert(value, hints[key], prefix + key))
+        elif isinstance(value, dict):
+            inner = ", ".join(f"'{prefix}{key}.{k}'" for k in value)
+            raise UserError(f"config key '{prefix}{key}' is a single value, not a section: {inner} does not exist.")
         else:
-            setattr(obj, key, value)
+            setattr(obj, key, _typed(value, hints[key], prefix + key))
 
 
 def _nest(overrides: list[str]) -> dict:
@@ -143,8 +232,13 @@ def _nest(overrides: list[str]) -> dict:
         key, value = item.split("=", 1)
         node = nested
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r} conflicts with --set {'.'.join(parents[: depth + 1])}=...: "
+                                "a key cannot be both a value and a section.")
+        if isinstance(node.get(leaf), dict):
+            raise UserError(f"--set {item!r} conflicts with another --set of {key.strip()}.NAME.")
         node[leaf] = value
     return nested
 
@@ -154,12 +248,13 @@ def read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist.")
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(path.read_text())
-        return json.loads(path.read_text())
+        values = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         kind = "TOML" if path.suffix == ".toml" else "JSON"
         raise UserError(f"config file {path} is not valid {kind}: {e}.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a table of settings, got {type(values).__name__}.")
+    return values
 
 
 def build_config(
@@ -178,3 +273,40 @@ def config_from_dict(values: dict) -> TrainConfig:
     cfg = TrainConfig()
     _apply(cfg, values)
     return cfg
+
+
+# Settings a resumed run may change: they are applied (the optimizer's param groups and the schedule
+# follow lr, weight_decay, connection_lr_scale, schedule, warmup, min_lr_ratio and steps) and recorded.
+# Everything else (model shape, data, tokenizer, batch, seed, betas, ...) defines the run: changing it
+# on resume is refused; start a new run instead.
+RESUME_MAY_CHANGE = (
+    "steps", "lr", "weight_decay", "grad_clip", "connection_lr_scale", "schedule", "warmup", "min_lr_ratio",
+    "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_ckpts", "diag_every", "device", "dtype", "compile",
+)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    """``{"model": {"dim": 3}}`` -> ``{"model.dim": 3}``."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def resume_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list]:
+    """``{key: [old, new]}`` for every setting that differs; UserError naming the keys a resumed run
+    may not change (``out_dir`` and ``run_name`` name the run and are ignored)."""
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    changes = {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
+               if a.get(k) != b.get(k) and k not in ("out_dir", "run_name")}
+    refused = [k for k in changes if k not in RESUME_MAY_CHANGE]
+    if refused:
+        detail = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused)
+        raise UserError(
+            f"a resumed run cannot change {detail}: these define the run. Start a new run for them. "
+            f"On resume you may change: {', '.join(RESUME_MAY_CHANGE)}."
+        )
+    return changes

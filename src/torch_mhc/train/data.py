@@ -10,7 +10,8 @@ the tokens) and ``PATH`` (any Hugging Face ``tokenizer.json``, or a directory ho
 
 Tokens are cached once as ``.npy`` (uint8 for bytes, uint16/uint32 otherwise) in ``cache_dir``, keyed
 by the sources' paths, sizes and modification times and the tokenizer (its content for BPE and
-``PATH`` tokenizers); the next run reuses it. The
+``PATH`` tokenizers); the next run reuses it after checking the tokens against the SHA-256 in the
+cache's metadata (a corrupt cache is rebuilt). The
 last ``val_fraction`` of the tokens is the validation split. Training windows are random and
 contiguous, drawn from a generator seeded by ``(seed, step)``, so the batch of step s is the same
 whether or not the run was resumed. Validation uses a fixed, evenly spaced set of windows.
@@ -22,7 +23,9 @@ import gzip
 import hashlib
 import json
 import os
+import sys
 import sysconfig
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -225,8 +228,9 @@ def list_source_files(source: str) -> list[Path]:
 def read_text(path: Path) -> str:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read data file {path}: {e}.") from None
+    except (OSError, EOFError, zlib.error) as e:
+        kind = "a corrupt or truncated gzip stream" if path.suffix == ".gz" else "unreadable"
+        raise UserError(f"cannot read data file {path} ({kind}): {e}.") from None
     return raw.decode("utf-8", errors="replace")
 
 
@@ -238,38 +242,109 @@ def _fingerprint(files: list[Path], tokenizer: str) -> str:
     return h.hexdigest()[:16]
 
 
+def tokens_sha256(tokens: np.ndarray, chunk: int = 1 << 24) -> str:
+    """SHA-256 of a token array's values (in its dtype), read in chunks from a memory map."""
+    h = hashlib.sha256(f"{tokens.dtype.str}|{tokens.size}|".encode())
+    for i in range(0, tokens.size, chunk):
+        h.update(np.ascontiguousarray(tokens[i : i + chunk]).tobytes())
+    return h.hexdigest()
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    """UserError unless every token id is in ``[0, vocab_size)``."""
+    if tokens.size == 0:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise UserError(f"{what} holds token id {bad}, outside [0, {vocab_size}) (model.vocab_size={vocab_size}).")
+
+
+def _read_cache(cache: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
+    """The cached tokens and metadata when both are readable and the tokens match the recorded
+    SHA-256; None (with a warning) for a corrupt cache, which the caller rebuilds."""
+    if not (cache.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        tokens = np.load(cache, mmap_mode="r")
+        ok = tokens.ndim == 1 and tokens.size == meta["tokens"] and tokens_sha256(tokens) == meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "its tokens do not match the SHA-256 in its metadata"
+    if ok:
+        return tokens, meta
+    print(f"warning: token cache {cache} is corrupt ({why}); rebuilding it from the source.", file=sys.stderr)
+    return None
+
+
+def _remove_dead_temps(cache_dir: Path) -> None:
+    """Delete temporary cache files left by processes that no longer run (a killed tokenisation)."""
+    for p in cache_dir.glob(".tokens-*.tmp*"):
+        pid = p.name.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        from torch_mhc.train.checkpoint import raise_if_disk_full
+
+        raise_if_disk_full(e, path)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarray, dict]:
-    """Token array (memory-mapped) and a description of where it came from."""
+    """Token array (memory-mapped) and a description of where it came from, with ``sha256``: a
+    fingerprint of the token values."""
     if source.endswith(".npy"):
         path = Path(source)
         if not path.is_file():
             raise UserError(f"token file {path} does not exist.")
         try:
             tokens = np.load(path, mmap_mode="r")
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise UserError(f"token file {path} is not a readable .npy array: {e}.") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
             raise UserError(f"token file {path} must hold a 1-D integer array, got {tokens.dtype} {tokens.shape}.")
-        return tokens, {"source": str(path), "files": 1, "cached": True, "bytes": None}
+        if tokens.size and int(tokens.min()) < 0:
+            raise UserError(f"token file {path} holds negative token id {int(tokens.min())}; token ids are >= 0.")
+        return tokens, {"source": str(path), "files": 1, "cached": True, "bytes": None, "tokens": int(tokens.size),
+                        "sha256": tokens_sha256(tokens)}
     files = list_source_files(source)
     key = _fingerprint(files, getattr(tokenizer, "cache_key", tokenizer.name))
     cache_dir = Path(cache_dir)
     cache, meta_path = cache_dir / f"tokens-{key}.npy", cache_dir / f"tokens-{key}.json"
-    if cache.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        return np.load(cache, mmap_mode="r"), {**meta, "cached": True}
+    if (found := _read_cache(cache, meta_path)) is not None:
+        return found[0], {**found[1], "cached": True}
     pieces, n_bytes = [], 0
     for text in _source_texts(files):
         n_bytes += len(text.encode("utf-8"))  # the bytes of exactly the text that is tokenised
         pieces.append(tokenizer.encode(text))
     tokens = np.concatenate(pieces).astype(tokenizer.dtype) if pieces else np.zeros(0, tokenizer.dtype)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, tokens)
-    os.replace(tmp, cache)
+    from torch_mhc.train.rundir import ensure_dir
+
+    ensure_dir(cache_dir, "the token cache directory")
+    _remove_dead_temps(cache_dir)
     meta = {"source": source or f"python-stdlib:{default_corpus_dir()}", "files": len(files), "bytes": n_bytes,
-            "tokens": int(tokens.size), "tokenizer": tokenizer.name}
-    meta_path.write_text(json.dumps(meta))
+            "tokens": int(tokens.size), "tokenizer": tokenizer.name, "sha256": tokens_sha256(tokens)}
+    meta_path.unlink(missing_ok=True)  # no metadata vouches for the cache while it is replaced
+    _write_atomic(cache, lambda f: np.save(f, tokens))
+    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
     return np.load(cache, mmap_mode="r"), {**meta, "cached": False}
 
 
@@ -281,6 +356,7 @@ class TokenData:
     val: np.ndarray
     seq_len: int
     bytes_per_token: float | None
+    fingerprint: dict | None = None  # what identifies the tokens (resume checks it); see resume.data_fingerprint
 
     @classmethod
     def from_tokens(cls, tokens: np.ndarray, seq_len: int, val_fraction: float, bytes_per_token=None, what="data"):

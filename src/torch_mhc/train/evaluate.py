@@ -10,7 +10,7 @@ import torch
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
 from torch_mhc.train.config import TrainConfig, UserError, config_from_dict
-from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
+from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, get_tokenizer, load_tokens
 from torch_mhc.train.trainer import build_model, evaluate, load_data, resolve_device
 
 
@@ -25,6 +25,8 @@ def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, Trai
 
 
 def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -> dict:
+    if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1:
+        raise UserError(f"max_batches (--max-batches) must be an integer >= 1 (got {max_batches!r}).")
     model, cfg, state = load_run(run_dir)
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -32,6 +34,7 @@ def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -
     if data:
         tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction)
         tokens, meta = load_tokens(data, tokenizer, cache)
+        check_token_range(tokens, cfg.model.vocab_size, f"data {data}")
         if tokens.size < cfg.seq_len + 1:
             raise UserError(f"data {data} has {tokens.size} tokens, fewer than one window of {cfg.seq_len + 1}.")
         split = TokenData(tokens[:0], tokens, cfg.seq_len, bytes_per_token(meta, tokenizer))
@@ -42,17 +45,33 @@ def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -
             "val_ppl": math.exp(min(result["val_loss"], 50))}
 
 
+def check_sample_args(prompt: str, max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    """UserError naming the argument for any value ``sample_run`` cannot use."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UserError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1 (got {max_new_tokens!r}).")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"temperature (--temperature) must be finite and >= 0, 0 being greedy (got {temperature}).")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"top_k (--top-k) must be an integer >= 1, or left out for no limit (got {top_k!r}).")
+    try:
+        (prompt or "").encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"the prompt (--prompt) is not valid text: {e}. Pass UTF-8 text.") from None
+
+
 def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.0,
                top_k: int | None = None, seed: int = 0) -> str:
-    if max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be >= 1.")
-    if temperature < 0:
-        raise UserError("--temperature must be >= 0 (0 is greedy).")
+    check_sample_args(prompt, max_new_tokens, temperature, top_k)
     model, cfg, _ = load_run(run_dir)
     tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, Path(run_dir).parent / "cache", cfg.val_fraction)
-    ids = tokenizer.encode(prompt or "\n")
+    try:
+        ids = tokenizer.encode(prompt or "\n")
+    except Exception as e:  # noqa: BLE001 - tokenizers raise many types for text they cannot encode
+        raise UserError(f"the {tokenizer.name} tokenizer cannot encode the prompt (--prompt): {e}.") from None
     if ids.size == 0:
         raise UserError("the prompt encodes to no tokens.")
+    if int(ids.max()) >= cfg.model.vocab_size:
+        raise UserError(f"the prompt encodes to token id {int(ids.max())} >= model.vocab_size={cfg.model.vocab_size}.")
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     idx = torch.as_tensor(ids.astype("int64"), device=device)[None]

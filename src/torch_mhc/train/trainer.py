@@ -12,7 +12,6 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -23,11 +22,21 @@ from torch_mhc.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_state,
+    raise_if_disk_full,
     save_checkpoint,
     set_rng_state,
 )
-from torch_mhc.train.config import TrainConfig, UserError, build_config, config_from_dict
-from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens
+from torch_mhc.train.config import (
+    DivergedError,
+    TrainConfig,
+    UserError,
+    build_config,
+    config_from_dict,
+    resume_changes,
+)
+from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, get_tokenizer, load_tokens
+from torch_mhc.train.resume import SCHEDULE_KEYS, apply_optimizer_settings, check_data, data_fingerprint, record_resume
+from torch_mhc.train.rundir import append_jsonl, atomic_write_text, claim_new_run_dir, claim_run_dir
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
@@ -67,26 +76,6 @@ def model_flops_per_token(model: DecoderLM, seq_len: int) -> float:
     return 6 * model.num_params(exclude_embedding=True) + 12 * cfg.n_layers * seq_len * cfg.dim
 
 
-def new_run_dir(cfg: TrainConfig) -> Path:
-    """A fresh run directory; never reuses one that holds files."""
-    out = Path(cfg.out_dir)
-    if cfg.run_name:
-        run_dir = out / cfg.run_name
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UserError(
-                f"run directory {run_dir} already exists and is not empty; nothing was overwritten. "
-                f"Continue it with --resume {run_dir}, or choose another run_name."
-            )
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir, k = out / f"{cfg.model.connection}-{stamp}", 1
-        while run_dir.exists():
-            k += 1
-            run_dir = out / f"{cfg.model.connection}-{stamp}-{k}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
     """``DecoderLM(cfg.model)``; with ``init_from`` the converted transformers model of that directory
     (``torch_mhc.integrations.convert``), whose description then replaces ``cfg.model``."""
@@ -104,15 +93,14 @@ def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, 
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
     what = "the default corpus" if not cfg.data else f"data {cfg.data}"
     data = TokenData.from_tokens(tokens, cfg.seq_len, cfg.val_fraction, bytes_per_token(meta, tokenizer), what=what)
+    data.fingerprint = data_fingerprint(meta, cfg.data)
     how = "read from the cache" if meta["cached"] else "tokenised and cached"
     log(f"tokens: {tokens.size:,} ({tokenizer.name}; {how} in {cache_dir}); "
         f"{data.train.size:,} train / {data.val.size:,} validation")
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {tokenizer.name} tokenizer's "
                         f"{tokenizer.vocab_size}; set model.vocab_size={tokenizer.vocab_size}.")
-    top = int(tokens.max())
-    if top >= cfg.model.vocab_size:
-        raise UserError(f"{what} holds token id {top} >= model.vocab_size={cfg.model.vocab_size}.")
+    check_token_range(tokens, cfg.model.vocab_size, what)
     return data, tokenizer
 
 
@@ -148,8 +136,12 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise_if_disk_full(e, self.file.name)
+            raise
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
@@ -196,6 +188,14 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
+        changes = resume_state.get("changes", {})
+        if set(changes) & set(SCHEDULE_KEYS):  # a loaded optimizer keeps its old lr and weight decay otherwise
+            apply_optimizer_settings(optimizer, scheduler, model.param_groups(cfg.weight_decay, cfg.lr,
+                                                                              cfg.connection_lr_scale),
+                                     lr_factor(start_step, cfg))
+        data_note = check_data(resume_state.get("data"), data.fingerprint, resume_state.get("allow_data_change", False))
+        if "path" in resume_state:
+            record_resume(run_dir, start_step, resume_state["path"], changes, data_note)
     step_model = torch.compile(model) if cfg.compile else model
     model.train()
     return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step)
@@ -203,8 +203,13 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
 
 def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
     """One micro-batch ``x, y [B, T]`` of ``accum``: forward, backward of ``loss / accum``; returns the loss."""
-    with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
-        _, loss = t.step_model(x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True))
+    try:
+        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
+            _, loss = t.step_model(x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True))
+    except ValueError as e:  # HC / mHC check their coefficients (nn.functional.check_finite)
+        if not str(e).startswith("non-finite values"):
+            raise
+        raise DivergedError(t.scheduler.last_epoch + 1, "the connection coefficients are not finite", t.cfg) from None
     (loss / accum).backward()
     return loss.item()
 
@@ -220,22 +225,25 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
         loss_sum += forward_backward(t, x, y, cfg.grad_accum)
     norms = grad_norms_by_group(t.model) if group_norms else {}
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm))
+    loss = loss_sum / cfg.grad_accum
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
+        problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        raise DivergedError(step + 1, problem, cfg)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
     for moe in t.model.moe_layers():
         moe.update_bias()
-    return {"loss": loss_sum / cfg.grad_accum, "grad_norm": float(grad_norm), **norms}
+    return {"loss": loss, "grad_norm": grad_norm, **norms}
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> dict:
     """Train ``cfg`` into ``run_dir``; returns the last metrics record."""
     t = setup(cfg, run_dir, resume_state, log)
     model, data, device = t.model, t.data, t.device
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
     metrics = MetricsWriter(run_dir)
-    diag_file = open(run_dir / "diagnostics.jsonl", "a") if cfg.diag_every else None
     diag_idx = diagnostic_batch(data, cfg.batch_size).to(device) if cfg.diag_every else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -260,8 +268,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         result = train_step(t, step, group_norms=log_now)
         tokens_since += tokens_per_step
         loss_val = result["loss"]
-        if not math.isfinite(loss_val):
-            raise UserError(f"training diverged at step {done}: loss is {loss_val}. Lower lr or enable grad_clip.")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")
@@ -281,8 +287,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                                        t.autocast_dtype, data.bytes_per_token))
             if diag_now:
                 diag = collect_diagnostics(model, diag_idx, step=done)
-                diag_file.write(json.dumps(diag) + "\n")
-                diag_file.flush()
+                append_jsonl(run_dir / "diagnostics.jsonl", diag)
                 record.update(diag["summary"])
             metrics.write(record)
             last = record
@@ -295,36 +300,36 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             t_last, tokens_since = time.perf_counter(), 0
         if done % cfg.ckpt_every == 0 or is_last:
             save_checkpoint(run_dir, done, model, t.optimizer, t.scheduler, cfg.to_dict(),
-                            {"bytes_per_token": data.bytes_per_token}, cfg.keep_ckpts)
+                            {"bytes_per_token": data.bytes_per_token, "data": data.fingerprint}, cfg.keep_ckpts)
     if bar is not None:
         bar.close()
     metrics.close()
-    if diag_file is not None:
-        diag_file.close()
     return last
 
 
 def start_run(config_file: str | None, overrides: list[str], log=print) -> tuple[Path, dict]:
+    """A new run in a freshly claimed directory (held for the run's life; removed if the start fails)."""
     cfg = build_config(config_file=config_file, overrides=overrides)
-    run_dir = new_run_dir(cfg)
-    if cfg.data:
-        log(f"data: {cfg.data}")
-    else:
-        log("data: the Python standard library source (default corpus; --set data=PATH to use yours)")
-    log(f"run directory: {run_dir}")
-    return run_dir, train(cfg, run_dir, log=log)
+    with claim_new_run_dir(cfg.out_dir, cfg.run_name, cfg.model.connection) as claim:
+        if cfg.data:
+            log(f"data: {cfg.data}")
+        else:
+            log("data: the Python standard library source (default corpus; --set data=PATH to use yours)")
+        log(f"run directory: {claim.path}")
+        return claim.path, train(cfg, claim.path, log=log)
 
 
-def resume_run(run_dir: str, overrides: list[str], log=print) -> tuple[Path, dict]:
-    run_dir = Path(run_dir)
-    ckpt_path = latest_checkpoint(run_dir)
-    state = load_checkpoint(ckpt_path)
-    cfg = config_from_dict(state["config"])
-    if overrides:
-        cfg = build_config(base=cfg.to_dict(), overrides=overrides)
-    cfg.validate()
-    if state["step"] >= cfg.steps:
-        raise UserError(f"run {run_dir} already finished its {cfg.steps} steps (checkpoint at step {state['step']}); "
-                        "pass --set steps=N with a larger N to train further.")
-    log(f"resuming {run_dir} from {ckpt_path.name} (step {state['step']})")
-    return run_dir, train(cfg, run_dir, resume_state=state, log=log)
+def resume_run(run_dir: str, overrides: list[str], log=print, allow_data_change: bool = False) -> tuple[Path, dict]:
+    """Continue ``run_dir`` from its newest checkpoint (which must verify) with ``overrides`` of the
+    settings a resume may change (``config.RESUME_MAY_CHANGE``), applied and recorded."""
+    with claim_run_dir(run_dir) as claim:
+        ckpt_path = latest_checkpoint(claim.path)
+        state = load_checkpoint(ckpt_path)
+        old = config_from_dict(state["config"])
+        cfg = build_config(base=old.to_dict(), overrides=overrides)
+        state.update(changes=resume_changes(old, cfg), allow_data_change=allow_data_change, path=ckpt_path)
+        if state["step"] >= cfg.steps:
+            raise UserError(f"run {run_dir} already finished its {cfg.steps} steps (checkpoint at step "
+                            f"{state['step']}); pass --set steps=N with a larger N to train further.")
+        log(f"resuming {claim.path} from {ckpt_path.name} (step {state['step']})")
+        return claim.path, train(cfg, claim.path, resume_state=state, log=log)
