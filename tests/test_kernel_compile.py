@@ -34,7 +34,8 @@ with aot.LaunchRecorder() as rec:
         x = torch.randn(3, 4, C, dtype=torch.bfloat16)
         ops.fused_stream_pre(x, torch.rand(3, 4))
 for launch in rec.launches.values():
-    print(launch.name, launch.signature["x_ptr"], launch.signature["C"], sorted(launch.fn.arg_names[k[0]] for k in launch.attrs))
+    aligned = sorted(launch.fn.arg_names[k[0]] for k in launch.attrs)
+    print(launch.name, launch.signature["x_ptr"], launch.signature["C"], aligned)
 """
     proc = _run(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -51,3 +52,26 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80():
         + [proc.stdout.splitlines()[-1] if proc.stdout else "", proc.stderr[-3000:]])
     summary = proc.stdout.splitlines()[-1]
     assert "0 failing" in summary and " 0 configurations" not in summary
+
+
+def test_sublayer_launch_and_op_budget():
+    """One sublayer forward+backward: 4 kernels each way, no host sync, no PyTorch pass over the state
+    but autograd's sum of the three dx contributions (post, pre, coefficient GEMM): 2 adds."""
+    code = """
+import json, torch
+from torch_mhc.ops import aot
+for n in (1, 4):
+    print(json.dumps(aot.count_sublayer_ops(n=n, C=40, T=24, dtype=torch.bfloat16, variant="deepseek-v4")))
+"""
+    proc = _run(code, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    for line in proc.stdout.strip().splitlines()[-2:]:
+        counts = json.loads(line)
+        fwd, bwd = counts["fwd"], counts["bwd"]
+        assert fwd["launches"] == ["_gemm_fwd", "_epilogue_fwd", "_pre_fwd", "_post_fwd"]
+        assert bwd["launches"] == ["_post_bwd", "_pre_bwd", "_epilogue_bwd", "_gemm_bwd"]
+        assert fwd["state_ops"] == [] and bwd["state_ops"] == ["add", "add"]
+        assert fwd["syncs"] == bwd["syncs"] == []
+        assert fwd["other_ops"] == [] and bwd["other_ops"] == ["sum", "sum", "sum"]  # dphi, dbias, dalpha partials

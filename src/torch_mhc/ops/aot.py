@@ -17,7 +17,6 @@ dtypes and the launch code's block choices matter here.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import subprocess
@@ -61,8 +60,9 @@ class Launch:
         return self.fn.__name__
 
     def key(self) -> tuple:
-        return (self.name, tuple(self.signature.items()), tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
-                tuple(sorted((k, str(v)) for k, v in self.attrs.items())), tuple(sorted(self.options.items())))
+        consts = tuple(sorted((k, str(v)) for k, v in self.constexprs.items()))
+        attrs = tuple(sorted((k, str(v)) for k, v in self.attrs.items()))
+        return self.name, tuple(self.signature.items()), consts, attrs, tuple(sorted(self.options.items()))
 
     def describe(self) -> str:
         names = self.fn.arg_names
@@ -83,6 +83,7 @@ class LaunchRecorder:
     def __init__(self, target: GPUTarget = TARGETS["sm90"]):
         self.backend = make_backend(target)
         self.launches: dict[tuple, Launch] = {}
+        self.calls: list[str] = []  # kernel names in launch order
         self.case = None
         self._binders = {}
 
@@ -95,6 +96,7 @@ class LaunchRecorder:
         options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}  # num_warps, num_stages
         launch = Launch(fn, signature, constexprs, attrs, options)
         launch = self.launches.setdefault(launch.key(), launch)
+        self.calls.append(fn.__name__)
         if self.case not in launch.cases:
             launch.cases.append(self.case)
 
@@ -127,6 +129,58 @@ def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters
     y = ops.fused_stream_pre(x, h_pre)
     out = ops.fused_stream_post(x, h_post, h_res, y)
     out.backward(torch.ones_like(out))
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
+             "unsqueeze", "squeeze", "permute", "slice", "select", "split", "unbind", "empty_like", "empty", "new_empty",
+             "empty_strided", "new_empty_strided"}
+
+
+def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
+                       iters: int = 20) -> dict:
+    """Kernel launches and ATen ops of one sublayer (``run_sublayer``), forward and backward separately:
+    ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
+    ops that read or write a ``[T, n, C]``-sized tensor (views and allocations excluded): full passes over
+    the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a value to the host or a Python list to the
+    device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from torch_mhc import ops
+
+    state = T * n * C
+
+    class Count(TorchDispatchMode):
+        def __init__(self, phase):
+            super().__init__()
+            self.phase = phase
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "item"):
+                self.phase["syncs"].append(name)
+            elif name not in _VIEW_OPS and any(t.numel() == state for t in tensors):
+                self.phase["state_ops"].append(name)
+            elif name not in _VIEW_OPS:
+                self.phase["other_ops"].append(name)
+            return out
+
+    M = 2 * n + n * n
+    result = {p: {"launches": [], "state_ops": [], "other_ops": [], "syncs": []} for p in ("fwd", "bwd")}
+    x = torch.randn(T, n, C, dtype=dtype, requires_grad=True)
+    params = [torch.randn(n * C, M, requires_grad=True), torch.randn(M, requires_grad=True),
+              torch.rand(3, requires_grad=True)]
+    grad = torch.ones(T, n, C, dtype=dtype)
+    with LaunchRecorder() as rec:
+        with Count(result["fwd"]):
+            h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, *params, iters=iters, eps=1e-6, variant=variant)
+            out = ops.fused_stream_post(x, h_post, h_res, ops.fused_stream_pre(x, h_pre))
+        result["fwd"]["launches"] = rec.calls[:]
+        with Count(result["bwd"]):
+            out.backward(grad)
+        result["bwd"]["launches"] = rec.calls[len(result["fwd"]["launches"]):]
+    return result
 
 
 # What the gate covers: every n, C small/large and 16-aligned or not (C and n*C specialise the
