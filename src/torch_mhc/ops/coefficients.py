@@ -251,8 +251,12 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, T, K, M, str
 
 
 # Block sizes per n, checked by the compile gate (tests/test_kernel_compile.py, `python -m torch_mhc.ops.aot`):
-# (tokens, K per step, warps) of the coefficient GEMMs; tokens per program of the epilogues.
-GEMM_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
+# (tokens, K per step, warps) of the coefficient GEMMs; tokens per program of the epilogues. The forward
+# GEMM takes 64 tokens per program: every program reads all of phi (from L2), so per token half the
+# phi traffic of 32; the backward holds a [K, M] slice of phi and of dphi per program, so n = 8 (M = 80,
+# padded to 128) takes K slices of 32 to stay clear of spills.
+GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4)}
+GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
 EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8}
 PREC = "tf32"  # the interpreter ignores it (exact fp32): the same launch on the CPU and on the GPU
 
@@ -281,7 +285,9 @@ class FusedCoefficients(torch.autograd.Function):
         dev = x2d.device
         raw = torch.empty(T, M, device=dev, dtype=torch.float32)
         inv = torch.empty(T, device=dev, dtype=torch.float32)
-        bt, bk, warps = GEMM_BLOCKS[n]
+        bt, bk, warps = GEMM_FWD_BLOCKS[n]
+        if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
+            bt = 32
         _gemm_fwd[(triton.cdiv(T, bt),)](
             x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
             BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
@@ -318,7 +324,7 @@ class FusedCoefficients(torch.autograd.Function):
             raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
             eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
         dx = torch.empty_like(x2d)
-        bt, bk, warps = GEMM_BLOCKS[n]
+        bt, bk, warps = GEMM_BWD_BLOCKS[n]
         n_k = triton.cdiv(K, bk)
         n_tblocks = triton.cdiv(T, bt)
         split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100

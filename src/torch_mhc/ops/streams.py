@@ -145,13 +145,15 @@ def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, d
     _store_coefs(dhr_ptr, dhr, rows64, rmask, N * N)
 
 
-# Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. A tile holds TILE elements per
-# stream (8 per thread at 4 warps: 16-byte bf16 loads); n = 8 halves it, and small C packs more tokens
-# per program up to a cap per n (the post backward keeps n^2 + n per-token sums per row). Chosen from
-# the compiled register counts (`python -m torch_mhc.ops.aot`): see docs/design.md.
-def _blocks(n: int, C: int) -> tuple[int, int, int]:
-    tile = 1024 if n <= 4 else 512
-    bc = min(triton.next_power_of_2(C), 256 if n <= 4 else 128)
+# Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. A tile holds `tile` elements per
+# stream: 1024 (8 per thread at 4 warps: 16-byte bf16 loads) for pre and post forward and pre backward,
+# half that for n = 8 and for the post backward (it holds the n gradient tiles, n^2 + n per-token
+# sums, and with C not a multiple of 16 a 64-bit address per element); small C packs more tokens per
+# program up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
+# budget in torch_mhc.ops.aot): see docs/design.md.
+def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
+    tile = (1024 if n <= 4 else 512) // (2 if post_bwd else 1)
+    bc = min(triton.next_power_of_2(C), tile // 4)
     bt = max(1, min(16 if n <= 2 else 8 if n == 4 else 4, tile // bc))
     return bt, bc, 4
 
@@ -200,7 +202,7 @@ class FusedStreamPost(torch.autograd.Function):
         dx, df = torch.empty_like(x), torch.empty_like(f)
         dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
         dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
-        bt, bc, warps = _blocks(n, C)
+        bt, bc, warps = _blocks(n, C, post_bwd=True)
         _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
                                          N=n, BT=bt, BC=bc, num_warps=warps)
         return dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df
