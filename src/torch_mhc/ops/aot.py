@@ -116,36 +116,40 @@ class LaunchRecorder:
         JITFunction.run = self._saved
 
 
-def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int) -> None:
-    """One mHC sublayer (F = identity) through the fused ops, forward and backward, on CPU tensors."""
+def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Fresh CPU leaves of one mHC sublayer: x [T, n, C], phi [n*C, 2n+n^2], bias [2n+n^2], alpha [3]."""
+    M = 2 * n + n * n
+    return [torch.randn(T, n, C, dtype=dtype, requires_grad=True), torch.randn(n * C, M, requires_grad=True),
+            torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
+
+
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int) -> torch.Tensor:
+    """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]."""
     from torch_mhc import ops
 
-    M = 2 * n + n * n
-    x = torch.randn(T, n, C, dtype=dtype, requires_grad=True)
-    phi = torch.randn(n * C, M, requires_grad=True)
-    bias = torch.randn(M, requires_grad=True)
-    alpha = torch.rand(3, requires_grad=True)
     h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-    y = ops.fused_stream_pre(x, h_pre)
-    out = ops.fused_stream_post(x, h_post, h_res, y)
+    return ops.fused_stream_post(x, h_post, h_res, ops.fused_stream_pre(x, h_pre))
+
+
+def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int) -> None:
+    """Forward and backward of :func:`sublayer_forward` on fresh inputs."""
+    out = sublayer_forward(*sublayer_inputs(n, C, T, dtype), variant, iters)
     out.backward(torch.ones_like(out))
 
 
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
-             "unsqueeze", "squeeze", "permute", "slice", "select", "split", "unbind", "empty_like", "empty", "new_empty",
-             "empty_strided", "new_empty_strided"}
+             "unsqueeze", "squeeze", "permute", "slice", "select", "split", "unbind", "empty_like", "empty",
+             "new_empty", "empty_strided", "new_empty_strided"}
 
 
 def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
                        iters: int = 20) -> dict:
-    """Kernel launches and ATen ops of one sublayer (``run_sublayer``), forward and backward separately:
+    """Kernel launches and ATen ops of one sublayer (:func:`run_sublayer`), forward and backward separately:
     ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
     ops that read or write a ``[T, n, C]``-sized tensor (views and allocations excluded): full passes over
-    the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a value to the host or a Python list to the
-    device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
+    the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a
+    value to the host or a Python list to the device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from torch_mhc import ops
 
     state = T * n * C
 
@@ -166,16 +170,11 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
                 self.phase["other_ops"].append(name)
             return out
 
-    M = 2 * n + n * n
     result = {p: {"launches": [], "state_ops": [], "other_ops": [], "syncs": []} for p in ("fwd", "bwd")}
-    x = torch.randn(T, n, C, dtype=dtype, requires_grad=True)
-    params = [torch.randn(n * C, M, requires_grad=True), torch.randn(M, requires_grad=True),
-              torch.rand(3, requires_grad=True)]
-    grad = torch.ones(T, n, C, dtype=dtype)
+    inputs, grad = sublayer_inputs(n, C, T, dtype), torch.ones(T, n, C, dtype=dtype)
     with LaunchRecorder() as rec:
         with Count(result["fwd"]):
-            h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, *params, iters=iters, eps=1e-6, variant=variant)
-            out = ops.fused_stream_post(x, h_post, h_res, ops.fused_stream_pre(x, h_pre))
+            out = sublayer_forward(*inputs, variant, iters)
         result["fwd"]["launches"] = rec.calls[:]
         with Count(result["bwd"]):
             out.backward(grad)
