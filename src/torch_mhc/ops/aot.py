@@ -146,7 +146,7 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
                        iters: int = 20) -> dict:
     """Kernel launches and ATen ops of one sublayer (:func:`run_sublayer`), forward and backward separately:
     ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
-    ops that read or write a ``[T, n, C]``-sized tensor (views and allocations excluded): full passes over
+    ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full passes over
     the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a
     value to the host or a Python list to the device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -164,7 +164,7 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
             tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
             if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "item"):
                 self.phase["syncs"].append(name)
-            elif name not in _VIEW_OPS and any(t.numel() == state for t in tensors):
+            elif name not in _VIEW_OPS and any(t.numel() == state and t.shape[-1] in (C, n * C) for t in tensors):
                 self.phase["state_ops"].append(name)
             elif name not in _VIEW_OPS:
                 self.phase["other_ops"].append(name)

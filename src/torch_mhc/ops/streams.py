@@ -5,7 +5,8 @@
 Backwards are single passes too; the per-token reductions over C (dH_pre, dH_post, dH_res) are
 accumulated in registers because each program owns whole tokens.
 Tiles are 2-D (tokens x channels of one stream) with static loops over the n streams (tuples of
-tiles and of per-token coefficients), no [BT, n, n, BC] broadcasts.
+tiles and of per-token coefficients); the post backward uses [tokens, n, channels] tiles with a static
+loop over output streams. No [BT, n, n, BC] broadcasts.
 Same math as :func:`torch_mhc.nn.functional.stream_pre` / ``stream_post``; tested against them.
 """
 
@@ -113,49 +114,49 @@ def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T, C, N: tl.constexpr, BT: 
 @triton.jit(do_not_specialize=["T"])
 def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, dhr_ptr, T, C,
               N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """3-D tiles [BT, N, BC] of x and dout (all streams of a chunk), a static loop over output streams i:
+    dH_res accumulates in one [BT, N, N] tensor (a row per i) instead of n^2 separate per-token sums,
+    which is what kept the 2-D version at 160-250 registers for n = 8."""
     rows64, rmask = _token_block(T, BT)
-    hp = _coefs(hp_ptr, rows64, rmask, N)
-    dhp = _zeros(BT, N)
-    dhr = _zeros(BT, N * N)
+    s1 = tl.arange(0, N)
+    r3, m3r, s3 = rows64[:, None, None], rmask[:, None, None], s1[None, :, None]
+    hp = tl.load(hp_ptr + rows64[:, None] * N + s1[None, :], mask=rmask[:, None], other=0.0)  # [BT, N]
+    dhp = tl.zeros((BT, N), dtype=tl.float32)
+    dhr = tl.zeros((BT, N, N), dtype=tl.float32)  # [BT, i, j]
     for c0 in range(0, C, BC):
-        offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
-        g = _load_streams(dout_ptr, offs, mask, C, N)  # g[i]: gradient of output stream i
-        f = tl.load(f_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
-        df = tl.zeros((BT, BC), dtype=tl.float32)
-        new_dhp = ()
+        cs = c0 + tl.arange(0, BC)
+        cs3 = cs[None, None, :]
+        m1 = m3r & (cs3 < C)  # [BT, 1, BC]
+        m3 = m1 & (s3 < N)
+        offs3 = r3 * (N * C) + s3 * C + cs3  # [BT, N, BC]: stream s, channel c
+        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)  # [BT, j, BC]
+        g = tl.load(dout_ptr + offs3, mask=m3, other=0.0).to(tl.float32)  # [BT, i, BC]
+        f = tl.load(f_ptr + r3 * C + cs3, mask=m1, other=0.0).to(tl.float32)  # [BT, 1, BC]
+        df = tl.sum(hp[:, :, None] * g, axis=1)  # [BT, BC]
+        tl.store(df_ptr + rows64[:, None] * C + cs[None, :], df.to(df_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cs < C)[None, :])
+        dhp += tl.sum(g * f, axis=2)
+        dx = tl.zeros((BT, N, BC), dtype=tl.float32)  # [BT, j, BC]
         for i in tl.static_range(N):
-            df += hp[i][:, None] * g[i]
-            new_dhp = new_dhp + (dhp[i] + tl.sum(g[i] * f, axis=1),)
-        dhp = new_dhp
-        tl.store(df_ptr + offs_row, df.to(df_ptr.dtype.element_ty), mask=mask)
-        new_dhr = ()
-        for j in tl.static_range(N):
-            x = tl.load(x_ptr + offs + j * C, mask=mask, other=0.0).to(tl.float32)
-            dx = tl.zeros((BT, BC), dtype=tl.float32)
-            for i in tl.static_range(N):
-                dx += _coef(hr_ptr, rows64, rmask, N * N, i * N + j)[:, None] * g[i]
-            tl.store(dx_ptr + offs + j * C, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            for i in tl.static_range(N):
-                new_dhr = new_dhr + (tl.sum(g[i] * x, axis=1),)  # ordered (j, i)
-        dhr2 = ()
-        for k in tl.static_range(N * N):
-            dhr2 = dhr2 + (dhr[k] + new_dhr[(k % N) * N + k // N],)  # dhr[i * N + j] += new_dhr[j * N + i]
-        dhr = dhr2
-    _store_coefs(dhp_ptr, dhp, rows64, rmask, N)
-    _store_coefs(dhr_ptr, dhr, rows64, rmask, N * N)
+            g_i = tl.load(dout_ptr + r3 * (N * C) + i * C + cs3, mask=m1, other=0.0).to(tl.float32)  # L1 hit
+            h_i = tl.load(hr_ptr + r3 * (N * N) + i * N + s3, mask=m3r, other=0.0)  # [BT, j, 1]: row i of H_res
+            dx += h_i * g_i
+            dhr += tl.where(s3 == i, tl.sum(g_i * x, axis=2)[:, None, :], 0.0)
+        tl.store(dx_ptr + offs3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
+    tl.store(dhp_ptr + rows64[:, None] * N + s1[None, :], dhp, mask=rmask[:, None])
+    tl.store(dhr_ptr + r3 * (N * N) + s3 * N + s1[None, None, :], dhr, mask=m3r)
 
 
-# Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. A tile holds `tile` elements per
-# stream: 1024 (8 per thread at 4 warps: 16-byte bf16 loads) for pre and post forward and pre backward,
-# half that for n = 8 and for the post backward (it holds the n gradient tiles, n^2 + n per-token
-# sums, and with C not a multiple of 16 a 64-bit address per element); small C packs more tokens per
-# program up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
+# Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. Pre and post forward and pre
+# backward: 1024 elements per stream (n = 8: 512), 8 per thread at 4 warps (16-byte bf16 loads). Post
+# backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
+# program, up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
 # budget in torch_mhc.ops.aot): see docs/design.md.
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
-    tile = (1024 if n <= 4 else 512) // (2 if post_bwd else 1)
-    bc = min(triton.next_power_of_2(C), tile // 4)
-    bt = max(1, min(16 if n <= 2 else 8 if n == 4 else 4, tile // bc))
-    return bt, bc, 4
+    tile = 256 if post_bwd else 1024 if n <= 4 else 512
+    bc = min(triton.next_power_of_2(C), 256 if post_bwd else tile // 4)
+    cap = min(8, 16 // n) if post_bwd else 16 if n <= 2 else 8 if n == 4 else 4
+    return max(1, min(cap, tile // bc)), bc, 4
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
