@@ -124,10 +124,10 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
 
 def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]."""
-    from torch_mhc import ops
+    from torch_mhc.ops import fused_mhc_coefficients, fused_stream_post, fused_stream_pre
 
-    h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-    return ops.fused_stream_post(x, h_post, h_res, ops.fused_stream_pre(x, h_pre))
+    h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+    return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
 
 
 def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int) -> None:
