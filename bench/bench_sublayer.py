@@ -33,6 +33,42 @@ from torch_mhc import ManifoldHyperConnection, ops
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def bytes_model(n: int, C: int, elt: int) -> dict:
+    """DRAM bytes per token of each launch of the fused path for one sublayer (F = identity), from what
+    each kernel reads and writes: state and f in the streams' dtype (``elt`` bytes), coefficients fp32.
+    ``floor`` is the spec's (3n+2)C forward and (6n+5)C forward+backward elements. The coefficient GEMMs
+    also re-read phi from L2 (every 32-token program reads all of it): listed apart, not DRAM."""
+    M = 2 * n + n * n
+    state, row, coefs = n * C * elt, C * elt, M * 4
+    fwd = {
+        "_gemm_fwd": state + coefs + 4,  # x in; raw [M] and inv_rms out
+        "_epilogue_fwd": coefs + 4 + (2 * n + n * n) * 4,  # raw, inv in; H_pre, H_post, H_res out
+        "_pre_fwd": state + n * 4 + row,  # x, H_pre in; y out
+        "_post_fwd": state + row + (n + n * n) * 4 + state,  # x, f, H_post, H_res in; new state out
+    }
+    bwd = {
+        "_post_bwd": 2 * state + row + (n + n * n) * 4 + state + row + (n + n * n) * 4,  # x, dout, f in; dx, df out
+        "_pre_bwd": state + row + n * 4 + state + n * 4,  # x, dy in; dx, dH_pre out
+        "_epilogue_bwd": coefs + 4 + M * 4 + coefs + 4 + 2 * (2 * n + n * n) * 4,  # raw, inv, dH in; draw, coef out
+        "_gemm_bwd": state + coefs + 4 + state,  # x, draw, coef in; dx out
+        "autograd dx adds (2)": 2 * 3 * state,  # sum of the three dx contributions: read 2, write 1, twice
+    }
+    return {"fwd": fwd, "bwd": bwd, "floor_fwd": (3 * n + 2) * C * elt, "floor_fwd_bwd": (6 * n + 5) * C * elt,
+            "phi_l2_per_token": {"_gemm_fwd": n * C * M * 4 / 32, "_gemm_bwd": 0}}
+
+
+def print_bytes_model(n: int, C: int, elt: int) -> dict:
+    model = bytes_model(n, C, elt)
+    fwd, bwd = sum(model["fwd"].values()), sum(model["bwd"].values())
+    print(f"bytes per token, n={n}, C={C} (model of what each launch reads and writes; GPU measurements pending):")
+    for phase in ("fwd", "bwd"):
+        for name, b in model[phase].items():
+            print(f"  {phase} {name:<22} {b:>9.0f} B  ({b / (C * elt):5.2f} C elements)")
+    print(f"  forward {fwd:.0f} B = {fwd / model['floor_fwd']:.2f}x its floor (3n+2)C; forward+backward "
+          f"{fwd + bwd:.0f} B = {(fwd + bwd) / model['floor_fwd_bwd']:.2f}x its floor (6n+5)C")
+    return model
+
+
 def timer(fn, device: torch.device, reps: int) -> float:
     """Median milliseconds of ``fn()``."""
     if device.type == "cuda":
@@ -132,8 +168,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw / 1e9:.0f} GB/s; n={args.n}, "
           f"T={args.tokens}, {args.dtype}; liger: {'yes' if have_liger else 'not installed'}")
-    rows = []
+    rows, models = [], {}
     for C in args.dims:
+        models[C] = print_bytes_model(args.n, C, elt)
         floor_f = (3 * args.n + 2) * C * args.tokens * elt
         floor_fb = (6 * args.n + 5) * C * args.tokens * elt
         cases = make_cases(args.n, C, args.tokens, dtype, device, have_liger, not args.no_compile)
@@ -157,7 +194,7 @@ def main(argv=None):
     out.write_text(json.dumps({
         "command": "python " + " ".join(sys.argv), "device": name, "torch": torch.__version__,
         "triton": _version("triton"), "python": platform.python_version(), "copy_bandwidth_gbps": bw / 1e9,
-        "n": args.n, "tokens": args.tokens, "dtype": args.dtype, "rows": rows}, indent=2))
+        "n": args.n, "tokens": args.tokens, "dtype": args.dtype, "rows": rows, "bytes_model": models}, indent=2))
     print(f"saved {out}")
 
 

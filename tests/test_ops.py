@@ -136,3 +136,42 @@ def test_backend_switch():
         assert not ops.should_fuse(torch.zeros(1, device=DEVICE))
     with ops.use_backend("triton"):
         assert ops.should_fuse(torch.zeros(1)) and not ops.should_fuse(torch.zeros(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
+@pytest.mark.parametrize("iters", [1, 2])
+@pytest.mark.parametrize("large_logits", [False, True])
+def test_coefficients_sinkhorn_edges(variant, iters, large_logits):
+    """Few Sinkhorn iterations (V4 with 1: the leading row step only), and res logits above the exp
+    clamp (the paper's shifted exp, whose shift sends the gradient to the largest logit)."""
+    n, T, C = 4, 6, 16
+    x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=iters + 10 * large_logits)
+    if large_logits:
+        with torch.no_grad():
+            bias[2 * n :] += 70.0 + 3 * torch.arange(n * n, dtype=torch.float32, device=DEVICE)
+    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+    ref = Fm.mhc_coefficients(x.double(), phi.double(), bias.double(), alpha.double(), iters=iters, eps=1e-6,
+                              variant=variant)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < COEFF_TOL
+    gen = torch.Generator().manual_seed(iters)
+    grads = [torch.randn(r.shape, generator=gen, dtype=r.dtype).to(DEVICE) for r in ref]
+    g_got = torch.autograd.grad(got, (x, phi, bias, alpha), [g.float() for g in grads])
+    g_ref = torch.autograd.grad(ref, (x, phi, bias, alpha), grads)
+    for name, a, b in zip(("x", "phi", "bias", "alpha"), g_got, g_ref):
+        assert rel_err(a, b) < COEFF_TOL, name
+
+
+@pytest.mark.parametrize("n", [2, 8])
+def test_fused_sublayer_is_deterministic(n):
+    """Same inputs, bit-identical outputs and gradients (no atomics; partial sums reduced in fixed order)."""
+    T, C = 19, 24
+    runs = []
+    for _ in range(2):
+        x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.bfloat16, seed=5)
+        h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=3, eps=1e-6, variant="paper")
+        out = ops.fused_stream_post(x, h_post, h_res, ops.fused_stream_pre(x, h_pre))
+        grads = torch.autograd.grad(out, (x, phi, bias, alpha), torch.ones_like(out))
+        runs.append((out, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -6,10 +6,13 @@ Forward, two kernels:
   2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and Sinkhorn-Knopp
      on each token's n x n block in registers.
 Backward, two kernels:
-  1. ``_epilogue_bwd``: sigmoid derivatives and the Sinkhorn backward, recomputing the iterations
-     on-chip (nothing per iteration is stored: step k is recomputed from the logits);
+  1. ``_epilogue_bwd``: sigmoid derivatives and the Sinkhorn backward in O(iters): the forward is
+     recomputed once, keeping each step's n-vector of column/row sums (the only thing a step needs to
+     be undone: its input is its output times those sums), then swept back; it also applies the
+     alpha/inv_rms chain rule (``draw``, the per-token RMS coefficient) and writes per-program partial
+     sums for the bias and alpha gradients (reduced in a fixed order: deterministic, no atomics);
   2. ``_gemm_bwd``: one pass over x gives both ``dx = draw @ phi^T + c * x`` and partial ``dphi = x^T draw``.
-The small per-token ``[T, 2n + n^2]`` algebra between them (bias/alpha gradients) runs in PyTorch.
+No host syncs: every size is a Python int known from the shapes.
 Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it.
 """
 
@@ -19,11 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_mhc.numerics import EXP_SAFE_MAX, sinkhorn_steps
+from torch_mhc.numerics import COL, EXP_SAFE_MAX, ROW, sinkhorn_steps
 from torch_mhc.ops.blocks import load_vec, mat_offsets, token_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, eps,
               BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
@@ -54,33 +57,40 @@ def _sk_start(L, eps, SOFTMAX: tl.constexpr, SAFE_MAX: tl.constexpr):
         e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
         m = e / tl.sum(e, axis=1)[:, None, :] + eps
     else:
-        shift = tl.maximum(tl.max(tl.max(L, axis=2), axis=1) - SAFE_MAX, 0.0)
-        m = tl.exp(L - shift[:, None, None])
+        m = tl.exp(L - _exp_shift(L, SAFE_MAX)[:, None, None])
     return m
 
 
 @triton.jit
-def _sk_step(m, eps, is_col):
-    """One normalisation: columns (sum over i) if is_col else rows (sum over j)."""
-    if is_col:
-        m = m / (tl.sum(m, axis=1)[:, None, :] + eps)
-    else:
-        m = m / (tl.sum(m, axis=2)[:, :, None] + eps)
-    return m
+def _exp_shift(L, SAFE_MAX: tl.constexpr):
+    """[BT]: how far each token's largest logit exceeds SAFE_MAX (0 if it does not)."""
+    return tl.maximum(tl.max(tl.max(L, axis=2), axis=1) - SAFE_MAX, 0.0)
+
+
+@triton.jit
+def _col_sums(m, eps):
+    """[BT, N] (indexed by column j): sum over rows i, + eps."""
+    return tl.sum(m, axis=1) + eps
+
+
+@triton.jit
+def _row_sums(m, eps):
+    """[BT, N] (indexed by row i): sum over columns j, + eps."""
+    return tl.sum(m, axis=2) + eps
 
 
 @triton.jit
 def _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M,
                           N: tl.constexpr, V4: tl.constexpr):
-    """Per-token logits: pre [BT, N], post [BT, N], res [BT, N, N] (paper orientation), and the
-    columns of raw that res came from."""
+    """Per-token inputs: raw pre/post [BT, N], raw res [BT, N, N] (in the orientation Sinkhorn
+    sees), inv_rms [BT], the logits h = raw * inv * alpha + bias of each, and the columns res came from."""
     i = tl.arange(0, N)
     inv = tl.load(inv_ptr + rows64, mask=rmask, other=1.0)
     base = raw_ptr + rows64[:, None] * M
-    h_pre = tl.load(base + i[None, :], mask=rmask[:, None], other=0.0) * inv[:, None] * tl.load(alpha_ptr) \
-        + tl.load(bias_ptr + i)[None, :]
-    h_post = tl.load(base + N + i[None, :], mask=rmask[:, None], other=0.0) * inv[:, None] * tl.load(alpha_ptr + 1) \
-        + tl.load(bias_ptr + N + i)[None, :]
+    raw_pre = tl.load(base + i[None, :], mask=rmask[:, None], other=0.0)
+    raw_post = tl.load(base + N + i[None, :], mask=rmask[:, None], other=0.0)
+    h_pre = raw_pre * inv[:, None] * tl.load(alpha_ptr) + tl.load(bias_ptr + i)[None, :]
+    h_post = raw_post * inv[:, None] * tl.load(alpha_ptr + 1) + tl.load(bias_ptr + N + i)[None, :]
     r = i[None, :, None]
     c = i[None, None, :]
     if V4:  # V4's comb[j, i] = H_res[i, j]
@@ -88,67 +98,130 @@ def _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, 
     else:
         col = 2 * N + r * N + c
     raw_res = tl.load(raw_ptr + rows64[:, None, None] * M + col, mask=rmask[:, None, None], other=0.0)
-    res = raw_res * inv[:, None, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + col)
-    return h_pre, h_post, res, col
+    L = raw_res * inv[:, None, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + col)
+    return raw_pre, raw_post, raw_res, inv, h_pre, h_post, L, col
 
 
-@triton.jit
-def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, T, M, eps,
-                  N: tl.constexpr, NSTEPS: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr,
-                  SAFE_MAX: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "PAIRS"])
+def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, T, M, PAIRS, eps,
+                  N: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
+    """Sinkhorn steps: V4 starts with one row normalisation, then PAIRS x (columns, rows)."""
     rows64, rmask = token_block(T, BT)
     i = tl.arange(0, N)
-    h_pre, h_post, L, col = _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N, V4)
+    _, _, _, _, h_pre, h_post, L, _ = _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask,
+                                                            M, N, V4)
     pre = tl.sigmoid(h_pre)
     if V4:
         pre += eps
     tl.store(pre_ptr + rows64[:, None] * N + i[None, :], pre, mask=rmask[:, None])
     tl.store(post_ptr + rows64[:, None] * N + i[None, :], 2.0 * tl.sigmoid(h_post), mask=rmask[:, None])
     m = _sk_start(L, eps, V4, SAFE_MAX)
-    parity: tl.constexpr = 1 if V4 else 0  # paper: step 0 normalises columns; V4 (transposed): rows
-    for s in range(NSTEPS):
-        m = _sk_step(m, eps, (s % 2) == parity)
+    if V4:
+        m = m / _row_sums(m, eps)[:, :, None]
+    for _ in range(PAIRS):
+        m = m / _col_sums(m, eps)[:, None, :]
+        m = m / _row_sums(m, eps)[:, :, None]
     tl.store(res_ptr + mat_offsets(rows64, N), m, mask=rmask[:, None, None])
 
 
 @triton.jit
-def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, dh_ptr, T, M, eps,
-                  N: tl.constexpr, NSTEPS: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr,
-                  SAFE_MAX: tl.constexpr):
-    """dh [T, M]: gradient w.r.t. h = raw * inv * alpha + bias, in the columns of phi."""
-    rows64, rmask = token_block(T, BT)
-    i = tl.arange(0, N)
-    h_pre, h_post, L, col = _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N, V4)
-    s_pre = tl.sigmoid(h_pre)
-    s_post = tl.sigmoid(h_post)
-    g_pre = load_vec(dpre_ptr, rows64, rmask, N)
-    g_post = load_vec(dpost_ptr, rows64, rmask, N)
-    tl.store(dh_ptr + rows64[:, None] * M + i[None, :], g_pre * s_pre * (1 - s_pre), mask=rmask[:, None])
-    tl.store(dh_ptr + rows64[:, None] * M + N + i[None, :], 2.0 * g_post * s_post * (1 - s_post), mask=rmask[:, None])
-    g = tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0)
-    parity: tl.constexpr = 1 if V4 else 0
-    for kk in range(NSTEPS):
-        k = NSTEPS - 1 - kk
-        m = _sk_start(L, eps, V4, SAFE_MAX)  # recompute the input of step k
-        for s in range(k):
-            m = _sk_step(m, eps, (s % 2) == parity)
-        if (k % 2) == parity:
-            den = tl.sum(m, axis=1)[:, None, :] + eps
-            g = g / den - tl.sum(g * m, axis=1)[:, None, :] / (den * den)
-        else:
-            den = tl.sum(m, axis=2)[:, :, None] + eps
-            g = g / den - tl.sum(g * m, axis=2)[:, :, None] / (den * den)
-    if V4:
-        e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
-        sm = e / tl.sum(e, axis=1)[:, None, :]
-        g = sm * (g - tl.sum(g * sm, axis=1)[:, None, :])
-    else:
-        shift = tl.maximum(tl.max(tl.max(L, axis=2), axis=1) - SAFE_MAX, 0.0)
-        g = g * tl.exp(L - shift[:, None, None])
-    tl.store(dh_ptr + rows64[:, None, None] * M + col, g, mask=rmask[:, None, None])
+def _step_bwd_col(g, y, den):
+    """Undo y = m / den[j] (den [BT, N]): gradient and input of the step from its output y."""
+    g = (g - tl.sum(g * y, axis=1)[:, None, :]) / den[:, None, :]
+    return g, y * den[:, None, :]
 
 
 @triton.jit
+def _step_bwd_row(g, y, den):
+    g = (g - tl.sum(g * y, axis=2)[:, :, None]) / den[:, :, None]
+    return g, y * den[:, :, None]
+
+
+@triton.jit(do_not_specialize=["T", "PAIRS"])
+def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, draw_ptr, coef_ptr,
+                  dbias_ptr, dalpha_ptr, sums_ptr, T, M, K, PAIRS, eps,
+                  N: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
+    """From the gradients of (H_pre, H_post, H_res): draw [T, M] = dL/draw, coef [T] (the RMS term of dx,
+    per element of x), and this program's partial sums of dbias [M] and dalpha [3].
+
+    Sinkhorn backward in O(steps): one recomputation of the forward stores each step's sums (an
+    n-vector per token and step, in ``sums`` [T, 2 * PAIRS + V4, N], written and read back by this
+    program only, so it stays in cache), then each step is undone from its output: input = output * sums.
+    """
+    rows64, rmask = token_block(T, BT)
+    i = tl.arange(0, N)
+    raw_pre, raw_post, raw_res, inv, h_pre, h_post, L, col = _load_epilogue_inputs(
+        raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N, V4)
+    s_pre = tl.sigmoid(h_pre)
+    s_post = tl.sigmoid(h_post)
+    dh_pre = load_vec(dpre_ptr, rows64, rmask, N) * s_pre * (1 - s_pre)
+    dh_post = 2.0 * load_vec(dpost_ptr, rows64, rmask, N) * s_post * (1 - s_post)
+
+    # Sinkhorn: recompute once, keeping the sums; then sweep back.
+    LEAD: tl.constexpr = 1 if V4 else 0
+    NSUMS = 2 * PAIRS + LEAD
+    sums = sums_ptr + rows64[:, None] * NSUMS * N + i[None, :]
+    m0 = _sk_start(L, eps, V4, SAFE_MAX)
+    m = m0
+    if V4:
+        den = _row_sums(m, eps)
+        tl.store(sums, den, mask=rmask[:, None])
+        m = m / den[:, :, None]
+    for p in range(PAIRS):
+        s = LEAD + 2 * p
+        den = _col_sums(m, eps)
+        tl.store(sums + s * N, den, mask=rmask[:, None])
+        m = m / den[:, None, :]
+        den = _row_sums(m, eps)
+        tl.store(sums + (s + 1) * N, den, mask=rmask[:, None])
+        m = m / den[:, :, None]
+    tl.debug_barrier()  # the sums were stored by other threads of this program
+    g = tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0)
+    for q in range(PAIRS):
+        s = LEAD + 2 * (PAIRS - 1 - q)
+        g, m = _step_bwd_row(g, m, tl.load(sums + (s + 1) * N, mask=rmask[:, None], other=1.0))
+        g, m = _step_bwd_col(g, m, tl.load(sums + s * N, mask=rmask[:, None], other=1.0))
+    if V4:
+        g, m = _step_bwd_row(g, m, tl.load(sums, mask=rmask[:, None], other=1.0))
+        e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
+        sm = e / tl.sum(e, axis=1)[:, None, :]
+        dL = sm * (g - tl.sum(g * sm, axis=1)[:, None, :])
+    else:
+        dL = g * m0
+        # exp(L - shift): where the shift is on, it follows the (first) largest logit and takes minus
+        # the total gradient there, as the reference's shifted exp does.
+        shift = _exp_shift(L, SAFE_MAX)
+        flat = i[None, :, None] * N + i[None, None, :]
+        top = tl.max(tl.max(L, axis=2), axis=1)
+        first = tl.min(tl.min(tl.where(L == top[:, None, None], flat, N * N), axis=2), axis=1)
+        total = tl.sum(tl.sum(dL, axis=2), axis=1)
+        dL -= tl.where((flat == first[:, None, None]) & (shift > 0)[:, None, None], total[:, None, None], 0.0)
+
+    # h = raw * inv * alpha + bias: dL/draw = dh * alpha * inv; the RMS term for dx; bias and alpha partials.
+    a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
+    out = draw_ptr + rows64[:, None] * M
+    tl.store(out + i[None, :], dh_pre * a_pre * inv[:, None], mask=rmask[:, None])
+    tl.store(out + N + i[None, :], dh_post * a_post * inv[:, None], mask=rmask[:, None])
+    tl.store(draw_ptr + rows64[:, None, None] * M + col, dL * a_res * inv[:, None, None], mask=rmask[:, None, None])
+    d_pre = tl.sum(dh_pre * raw_pre, axis=1)  # [BT]: sum over the group's columns of dh * raw
+    d_post = tl.sum(dh_post * raw_post, axis=1)
+    d_res = tl.sum(tl.sum(dL * raw_res, axis=2), axis=1)
+    coef = -(a_pre * d_pre + a_post * d_post + a_res * d_res) * inv * inv * inv / K
+    tl.store(coef_ptr + rows64, coef, mask=rmask)
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(dbias_ptr + pid * M + i, tl.sum(dh_pre, axis=0))
+    tl.store(dbias_ptr + pid * M + N + i, tl.sum(dh_post, axis=0))
+    if V4:
+        col2 = 2 * N + i[None, :] * N + i[:, None]
+    else:
+        col2 = 2 * N + i[:, None] * N + i[None, :]
+    tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0))
+    tl.store(dalpha_ptr + pid * 3, tl.sum(d_pre * inv, axis=0))
+    tl.store(dalpha_ptr + pid * 3 + 1, tl.sum(d_post * inv, axis=0))
+    tl.store(dalpha_ptr + pid * 3 + 2, tl.sum(d_res * inv, axis=0))
+
+
+@triton.jit(do_not_specialize=["T", "T_PER"])
 def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, T, K, M, stride_pk, stride_pm, T_PER,
               BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """One pass over x: dx = draw @ phi^T + coef * x, and dphi partial sums over this program's tokens."""
@@ -177,19 +250,29 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, T, K, M, str
     tl.store(out, acc, mask=kmask[:, None] & cmask[None, :])
 
 
-BT_GEMM, BK_GEMM, BT_EPI = 32, 64, 16
-
-
-def _precision(x: torch.Tensor) -> str:
-    return "tf32" if x.is_cuda else "ieee"
+# Block sizes per n, checked by the compile gate (tests/test_kernel_compile.py, `python -m torch_mhc.ops.aot`):
+# (tokens, K per step, warps) of the coefficient GEMMs; tokens per program of the epilogues. The forward
+# GEMM takes 64 tokens per program: every program reads all of phi (from L2), so per token half the
+# phi traffic of 32; the backward holds a [K, M] slice of phi and of dphi per program, so n = 8 (M = 80,
+# padded to 128) takes K slices of 32 to stay clear of spills.
+GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4)}
+GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
+EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8}
+PREC = "tf32"  # the interpreter ignores it (exact fp32): the same launch on the CPU and on the GPU
 
 
 def _block_m(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def _alpha_columns(alpha: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.repeat_interleave(alpha.float(), torch.tensor([n, n, n * n], device=alpha.device))
+def _sinkhorn_pairs(iters: int, v4: bool) -> int:
+    """The kernels run an optional leading row step (V4) then (col, row) pairs: check that against the rule."""
+    steps = sinkhorn_steps(iters, "softmax" if v4 else "exp")
+    lead = [ROW] if v4 else []
+    pairs = (len(steps) - len(lead)) // 2
+    if steps != lead + [COL, ROW] * pairs:
+        raise NotImplementedError(f"fused Sinkhorn: unsupported step order {steps}")
+    return pairs
 
 
 class FusedCoefficients(torch.autograd.Function):
@@ -202,52 +285,58 @@ class FusedCoefficients(torch.autograd.Function):
         dev = x2d.device
         raw = torch.empty(T, M, device=dev, dtype=torch.float32)
         inv = torch.empty(T, device=dev, dtype=torch.float32)
-        _gemm_fwd[(triton.cdiv(T, BT_GEMM),)](
+        bt, bk, warps = GEMM_FWD_BLOCKS[n]
+        if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
+            bt = 32
+        _gemm_fwd[(triton.cdiv(T, bt),)](
             x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
-            BT=BT_GEMM, BK=BK_GEMM, BM=_block_m(M), PREC=_precision(x2d))
+            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
         bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
         pre = torch.empty(T, n, device=dev, dtype=torch.float32)
         post = torch.empty(T, n, device=dev, dtype=torch.float32)
         res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
-        nsteps = len(sinkhorn_steps(iters, "softmax" if v4 else "exp"))
-        _epilogue_fwd[(triton.cdiv(T, BT_EPI),)](
-            raw, inv, alpha32, bias32, pre, post, res, T, M, eps,
-            N=n, NSTEPS=nsteps, V4=v4, BT=BT_EPI, SAFE_MAX=EXP_SAFE_MAX)
+        pairs = _sinkhorn_pairs(iters, v4)
+        _epilogue_fwd[(triton.cdiv(T, EPI_BLOCK[n]),)](
+            raw, inv, alpha32, bias32, pre, post, res, T, M, pairs, eps,
+            N=n, V4=v4, BT=EPI_BLOCK[n], SAFE_MAX=EXP_SAFE_MAX)
         ctx.save_for_backward(x2d, phi, bias32, alpha32, raw, inv)
-        ctx.config = (n, nsteps, eps, v4, alpha.dtype, bias.dtype)
+        ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
         return pre, post, res
 
     @staticmethod
     def backward(ctx, dpre, dpost, dres):
         x2d, phi, bias32, alpha32, raw, inv = ctx.saved_tensors
-        n, nsteps, eps, v4, alpha_dtype, bias_dtype = ctx.config
+        n, pairs, eps, v4, alpha_dtype, bias_dtype = ctx.config
         T, K = x2d.shape
         M = 2 * n + n * n
         dev = x2d.device
         dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
         dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
         dres = torch.zeros(T, n, n, device=dev) if dres is None else dres.float().contiguous()
-        dh = torch.empty(T, M, device=dev, dtype=torch.float32)
-        _epilogue_bwd[(triton.cdiv(T, BT_EPI),)](
-            raw, inv, alpha32, bias32, dpre, dpost, dres, dh, T, M, eps,
-            N=n, NSTEPS=nsteps, V4=v4, BT=BT_EPI, SAFE_MAX=EXP_SAFE_MAX)
-        scale = _alpha_columns(alpha32, n)
-        draw = dh * scale * inv[:, None]
-        coef = -(dh * raw * scale).sum(1) * inv.pow(3) / K
-        dalpha_cols = (dh * raw * inv[:, None]).sum(0)
-        dalpha = torch.stack([dalpha_cols[:n].sum(), dalpha_cols[n : 2 * n].sum(), dalpha_cols[2 * n :].sum()])
+        bt_epi = EPI_BLOCK[n]
+        n_epi = triton.cdiv(T, bt_epi)
+        draw = torch.empty(T, M, device=dev, dtype=torch.float32)
+        coef = torch.empty(T, device=dev, dtype=torch.float32)
+        dbias_part = torch.empty(n_epi, M, device=dev, dtype=torch.float32)
+        dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
+        sums = torch.empty(T, 2 * pairs + v4, n, device=dev, dtype=torch.float32)
+        _epilogue_bwd[(n_epi,)](
+            raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
+            eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
         dx = torch.empty_like(x2d)
-        n_k = triton.cdiv(K, BK_GEMM)
-        n_tblocks = triton.cdiv(T, BT_GEMM)
+        bt, bk, warps = GEMM_BWD_BLOCKS[n]
+        n_k = triton.cdiv(K, bk)
+        n_tblocks = triton.cdiv(T, bt)
         split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
-        t_per = triton.cdiv(n_tblocks, split_t) * BT_GEMM
+        t_per = triton.cdiv(n_tblocks, split_t) * bt
         split_t = triton.cdiv(T, t_per)
         dphi_part = torch.empty(split_t, K, M, device=dev, dtype=torch.float32)
         _gemm_bwd[(n_k, split_t)](
             x2d, phi, draw, coef, dx, dphi_part, T, K, M, phi.stride(0), phi.stride(1), t_per,
-            BT=BT_GEMM, BK=BK_GEMM, BM=_block_m(M), PREC=_precision(x2d))
+            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
         dphi = dphi_part.sum(0).to(phi.dtype)
-        return dx, dphi, dh.sum(0).to(bias_dtype), dalpha.to(alpha_dtype), None, None, None, None
+        return (dx, dphi, dbias_part.sum(0).to(bias_dtype), dalpha_part.sum(0).to(alpha_dtype),
+                None, None, None, None)
 
 
 def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str):

@@ -4,6 +4,9 @@
 - post: ``out = H_res x + H_post^T f``; reads (n+1)C, writes nC per token.
 Backwards are single passes too; the per-token reductions over C (dH_pre, dH_post, dH_res) are
 accumulated in registers because each program owns whole tokens.
+Tiles are 2-D (tokens x channels of one stream) with static loops over the n streams (tuples of
+tiles and of per-token coefficients); the post backward uses [tokens, n, channels] tiles with a static
+loop over output streams. No [BT, n, n, BC] broadcasts.
 Same math as :func:`torch_mhc.nn.functional.stream_pre` / ``stream_post``; tested against them.
 """
 
@@ -13,92 +16,147 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_mhc.ops.blocks import load_vec as _load_vec
-from torch_mhc.ops.blocks import mat_offsets as _mat_offsets
 from torch_mhc.ops.blocks import token_block as _token_block
 
 
 @triton.jit
-def _chunk(rows64, rmask, c0, C, N: tl.constexpr, BC: tl.constexpr):
-    """Channel chunk c0..c0+BC: offsets and masks of the state [BT, N, BC] and of a row [BT, BC]."""
-    i = tl.arange(0, N)
-    cs = c0 + tl.arange(0, BC)
-    offs3 = rows64[:, None, None] * (N * C) + i[None, :, None] * C + cs[None, None, :]
-    m3 = rmask[:, None, None] & (cs < C)[None, None, :]
-    offs2 = rows64[:, None] * C + cs[None, :]
-    m2 = rmask[:, None] & (cs < C)[None, :]
-    return offs3, m3, offs2, m2
+def _coefs(ptr, rows64, rmask, COUNT: tl.constexpr):
+    """Per-token coefficients [T, COUNT] (fp32) as a tuple of COUNT [BT] vectors, one per entry."""
+    out = ()
+    for k in tl.static_range(COUNT):
+        out = out + (tl.load(ptr + rows64 * COUNT + k, mask=rmask, other=0.0).to(tl.float32),)
+    return out
 
 
 @triton.jit
+def _coef(ptr, rows64, rmask, COUNT: tl.constexpr, k):
+    """Entry k of per-token coefficients [T, COUNT] as [BT] fp32. H_res entries are loaded where they are
+    used (each chunk; L1 hits) rather than held: n^2 fewer live registers."""
+    return tl.load(ptr + rows64 * COUNT + k, mask=rmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _zeros(BT: tl.constexpr, COUNT: tl.constexpr):
+    out = ()
+    for k in tl.static_range(COUNT):
+        out = out + (tl.zeros((BT,), dtype=tl.float32),)
+    return out
+
+
+@triton.jit
+def _store_coefs(ptr, vals, rows64, rmask, COUNT: tl.constexpr):
+    for k in tl.static_range(COUNT):
+        tl.store(ptr + rows64 * COUNT + k, vals[k], mask=rmask)
+
+
+@triton.jit
+def _tile(rows64, rmask, c0, C, N: tl.constexpr, BC: tl.constexpr):
+    """Channel chunk c0..c0+BC of BT tokens: offsets of stream 0 of the state [BT, BC] (stream i at
+    + i * C), offsets of a [T, C] row, and the mask."""
+    cs = c0 + tl.arange(0, BC)
+    mask = rmask[:, None] & (cs < C)[None, :]
+    return rows64[:, None] * (N * C) + cs[None, :], rows64[:, None] * C + cs[None, :], mask
+
+
+@triton.jit
+def _load_streams(ptr, offs, mask, C, N: tl.constexpr):
+    """The N streams of a chunk as a tuple of [BT, BC] fp32 tiles."""
+    out = ()
+    for i in tl.static_range(N):
+        out = out + (tl.load(ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit(do_not_specialize=["T"])
 def _pre_fwd(x_ptr, h_ptr, y_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     rows64, rmask = _token_block(T, BT)
-    h = _load_vec(h_ptr, rows64, rmask, N)
+    h = _coefs(h_ptr, rows64, rmask, N)
     for c0 in range(0, C, BC):
-        offs3, m3, offs2, m2 = _chunk(rows64, rmask, c0, C, N, BC)
-        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        y = tl.sum(h[:, :, None] * x, axis=1)
-        tl.store(y_ptr + offs2, y.to(y_ptr.dtype.element_ty), mask=m2)
+        offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
+        y = tl.zeros((BT, BC), dtype=tl.float32)
+        for i in tl.static_range(N):
+            y += h[i][:, None] * tl.load(x_ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs_row, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _pre_bwd(x_ptr, h_ptr, dy_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     rows64, rmask = _token_block(T, BT)
-    h = _load_vec(h_ptr, rows64, rmask, N)
-    dh = tl.zeros((BT, N), dtype=tl.float32)
+    h = _coefs(h_ptr, rows64, rmask, N)
+    dh = _zeros(BT, N)
     for c0 in range(0, C, BC):
-        offs3, m3, offs2, m2 = _chunk(rows64, rmask, c0, C, N, BC)
-        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offs3, (h[:, :, None] * dy[:, None, :]).to(dx_ptr.dtype.element_ty), mask=m3)
-        dh += tl.sum(x * dy[:, None, :], axis=2)
-    i = tl.arange(0, N)
-    tl.store(dh_ptr + rows64[:, None] * N + i[None, :], dh, mask=rmask[:, None])
+        offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
+        dy = tl.load(dy_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
+        new_dh = ()
+        for i in tl.static_range(N):
+            x = tl.load(x_ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offs + i * C, (h[i][:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
+            new_dh = new_dh + (dh[i] + tl.sum(x * dy, axis=1),)
+        dh = new_dh
+    _store_coefs(dh_ptr, dh, rows64, rmask, N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     rows64, rmask = _token_block(T, BT)
-    hp = _load_vec(hp_ptr, rows64, rmask, N)
-    hr = tl.load(hr_ptr + _mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0).to(tl.float32)
+    hp = _coefs(hp_ptr, rows64, rmask, N)
     for c0 in range(0, C, BC):
-        offs3, m3, offs2, m2 = _chunk(rows64, rmask, c0, C, N, BC)
-        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)  # [BT, j, BC]
-        f = tl.load(f_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
-        out = tl.sum(hr[:, :, :, None] * x[:, None, :, :], axis=2) + hp[:, :, None] * f[:, None, :]
-        tl.store(out_ptr + offs3, out.to(out_ptr.dtype.element_ty), mask=m3)
+        offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
+        x = _load_streams(x_ptr, offs, mask, C, N)
+        f = tl.load(f_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
+        for i in tl.static_range(N):
+            out = hp[i][:, None] * f
+            for j in tl.static_range(N):
+                out += _coef(hr_ptr, rows64, rmask, N * N, i * N + j)[:, None] * x[j]
+            tl.store(out_ptr + offs + i * C, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, dhr_ptr, T, C,
               N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """3-D tiles [BT, N, BC] of x and dout (all streams of a chunk), a static loop over output streams i:
+    dH_res accumulates in one [BT, N, N] tensor (a row per i) instead of n^2 separate per-token sums,
+    which is what kept the 2-D version at 160-250 registers for n = 8."""
     rows64, rmask = _token_block(T, BT)
-    hp = _load_vec(hp_ptr, rows64, rmask, N)
-    hr_offs = _mat_offsets(rows64, N)
-    hr = tl.load(hr_ptr + hr_offs, mask=rmask[:, None, None], other=0.0).to(tl.float32)
+    s1 = tl.arange(0, N)
+    r3, m3r, s3 = rows64[:, None, None], rmask[:, None, None], s1[None, :, None]
+    hp = tl.load(hp_ptr + rows64[:, None] * N + s1[None, :], mask=rmask[:, None], other=0.0)  # [BT, N]
     dhp = tl.zeros((BT, N), dtype=tl.float32)
-    dhr = tl.zeros((BT, N, N), dtype=tl.float32)
+    dhr = tl.zeros((BT, N, N), dtype=tl.float32)  # [BT, i, j]
     for c0 in range(0, C, BC):
-        offs3, m3, offs2, m2 = _chunk(rows64, rmask, c0, C, N, BC)
-        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + offs2, mask=m2, other=0.0).to(tl.float32)
+        cs = c0 + tl.arange(0, BC)
+        cs3 = cs[None, None, :]
+        m1 = m3r & (cs3 < C)  # [BT, 1, BC]
+        m3 = m1 & (s3 < N)
+        offs3 = r3 * (N * C) + s3 * C + cs3  # [BT, N, BC]: stream s, channel c
+        x = tl.load(x_ptr + offs3, mask=m3, other=0.0).to(tl.float32)  # [BT, j, BC]
         g = tl.load(dout_ptr + offs3, mask=m3, other=0.0).to(tl.float32)  # [BT, i, BC]
-        dx = tl.sum(hr[:, :, :, None] * g[:, :, None, :], axis=1)  # sum over i -> [BT, j, BC]
+        f = tl.load(f_ptr + r3 * C + cs3, mask=m1, other=0.0).to(tl.float32)  # [BT, 1, BC]
+        df = tl.sum(hp[:, :, None] * g, axis=1)  # [BT, BC]
+        tl.store(df_ptr + rows64[:, None] * C + cs[None, :], df.to(df_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cs < C)[None, :])
+        dhp += tl.sum(g * f, axis=2)
+        dx = tl.zeros((BT, N, BC), dtype=tl.float32)  # [BT, j, BC]
+        for i in tl.static_range(N):
+            g_i = tl.load(dout_ptr + r3 * (N * C) + i * C + cs3, mask=m1, other=0.0).to(tl.float32)  # L1 hit
+            h_i = tl.load(hr_ptr + r3 * (N * N) + i * N + s3, mask=m3r, other=0.0)  # [BT, j, 1]: row i of H_res
+            dx += h_i * g_i
+            dhr += tl.where(s3 == i, tl.sum(g_i * x, axis=2)[:, None, :], 0.0)
         tl.store(dx_ptr + offs3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
-        df = tl.sum(hp[:, :, None] * g, axis=1)
-        tl.store(df_ptr + offs2, df.to(df_ptr.dtype.element_ty), mask=m2)
-        dhp += tl.sum(g * f[:, None, :], axis=2)
-        dhr += tl.sum(g[:, :, None, :] * x[:, None, :, :], axis=3)
-    i = tl.arange(0, N)
-    tl.store(dhp_ptr + rows64[:, None] * N + i[None, :], dhp, mask=rmask[:, None])
-    tl.store(dhr_ptr + hr_offs, dhr, mask=rmask[:, None, None])
+    tl.store(dhp_ptr + rows64[:, None] * N + s1[None, :], dhp, mask=rmask[:, None])
+    tl.store(dhr_ptr + r3 * (N * N) + s3 * N + s1[None, None, :], dhr, mask=m3r)
 
 
-def _blocks(n: int, C: int) -> tuple[int, int]:
-    """Tokens and channels per program: keep the [BT, n, n, BC] temporaries of post near 8K values."""
-    bc = min(triton.next_power_of_2(C), 128 if n <= 2 else 64 if n == 4 else 32)
-    bt = max(1, min(16, 8192 // (n * n * bc)))
-    return bt, bc
+# Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. Pre and post forward and pre
+# backward: 1024 elements per stream (n = 8: 512), 8 per thread at 4 warps (16-byte bf16 loads). Post
+# backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
+# program, up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
+# budget in torch_mhc.ops.aot): see docs/design.md.
+def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
+    tile = 256 if post_bwd else 1024 if n <= 4 else 512
+    bc = min(triton.next_power_of_2(C), 256 if post_bwd else tile // 4)
+    cap = min(8, 16 // n) if post_bwd else 16 if n <= 2 else 8 if n == 4 else 4
+    return max(1, min(cap, tile // bc)), bc, 4
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -111,8 +169,8 @@ class FusedStreamPre(torch.autograd.Function):
     def forward(ctx, x, h_pre):
         T, n, C = x.shape
         y = torch.empty(T, C, device=x.device, dtype=x.dtype)
-        bt, bc = _blocks(n, C)
-        _pre_fwd[(triton.cdiv(T, bt),)](x, h_pre, y, T, C, N=n, BT=bt, BC=bc)
+        bt, bc, warps = _blocks(n, C)
+        _pre_fwd[(triton.cdiv(T, bt),)](x, h_pre, y, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
         ctx.save_for_backward(x, h_pre)
         return y
 
@@ -122,8 +180,9 @@ class FusedStreamPre(torch.autograd.Function):
         T, n, C = x.shape
         dx = torch.empty_like(x)
         dh = torch.empty(T, n, device=x.device, dtype=torch.float32)
-        bt, bc = _blocks(n, C)
-        _pre_bwd[(triton.cdiv(T, bt),)](x, h_pre, dy.contiguous(), dx, dh, T, C, N=n, BT=bt, BC=bc)
+        bt, bc, warps = _blocks(n, C)
+        _pre_bwd[(triton.cdiv(T, bt),)](x, h_pre, dy.contiguous(), dx, dh, T, C, N=n, BT=bt, BC=bc,
+                                        num_warps=warps)
         return dx, dh.to(h_pre.dtype)
 
 
@@ -132,8 +191,8 @@ class FusedStreamPost(torch.autograd.Function):
     def forward(ctx, x, h_post, h_res, f):
         T, n, C = x.shape
         out = torch.empty_like(x)
-        bt, bc = _blocks(n, C)
-        _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, T, C, N=n, BT=bt, BC=bc)
+        bt, bc, warps = _blocks(n, C)
+        _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
         ctx.save_for_backward(x, h_post, h_res, f)
         return out
 
@@ -144,9 +203,9 @@ class FusedStreamPost(torch.autograd.Function):
         dx, df = torch.empty_like(x), torch.empty_like(f)
         dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
         dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
-        bt, bc = _blocks(n, C)
+        bt, bc, warps = _blocks(n, C, post_bwd=True)
         _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
-                                         N=n, BT=bt, BC=bc)
+                                         N=n, BT=bt, BC=bc, num_warps=warps)
         return dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df
 
 

@@ -1,0 +1,295 @@
+"""Compile every kernel configuration the fused ops launch, ahead of time, for GPUs this machine lacks.
+
+The fused ops run on CPU tensors with Triton's launch intercepted: ``JITFunction.run`` is replaced by
+a recorder that binds the arguments exactly as the JIT does (the same binder, so the same argument
+types, constexprs and divisibility-by-16 specialisation) and returns without running anything. The
+recorded configurations are deduplicated and compiled with ``triton.compile`` for sm_90 and sm_80;
+``cuobjdump --dump-resource-usage`` (shipped with the triton wheel) gives registers and spills.
+
+    python -m torch_mhc.ops.aot            # table of kernels x targets: registers, spills, errors
+    python -m torch_mhc.ops.aot --check    # exit 1 on a compile error, a spill or a register budget miss
+
+Needs the kernels compiled by ``triton.jit`` (not the interpreter): run with ``TRITON_INTERPRET`` unset.
+CPU tensors suffice: the outputs of intercepted launches stay uninitialised, and only their shapes,
+dtypes and the launch code's block choices matter here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
+# Register budget (per thread) of the bandwidth-bound stream kernels, per n: above it an H100 SM holds
+# too few warps to keep enough loads in flight (128: 4 programs of 4 warps per SM). n = 8's post
+# backward holds [BT, 8, 8] dH_res sums and 8 streams of x and dout per chunk: 192. Every kernel, GEMMs
+# and epilogues included, must compile without spills.
+STREAM_KERNELS = ("_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")
+STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+@dataclass
+class Launch:
+    """One kernel configuration as the JIT would specialise it."""
+
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    cases: list = field(default_factory=list)  # the traced cases that launch it
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def key(self) -> tuple:
+        consts = tuple(sorted((k, str(v)) for k, v in self.constexprs.items()))
+        attrs = tuple(sorted((k, str(v)) for k, v in self.attrs.items()))
+        return self.name, tuple(self.signature.items()), consts, attrs, tuple(sorted(self.options.items()))
+
+    def describe(self) -> str:
+        names = self.fn.arg_names
+        consts = ", ".join(f"{names[k[0]]}={v}" for k, v in sorted(self.constexprs.items())
+                           if k[0] in self.fn.constexprs)
+        ints = ", ".join(f"{names[k[0]]}={v}" for k, v in sorted(self.constexprs.items())
+                         if k[0] not in self.fn.constexprs)
+        aligned = ",".join(names[k[0]] for k in sorted(self.attrs))
+        dtypes = sorted({v for k, v in self.signature.items() if v.startswith("*")})
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.name}[{consts}{'; ' + opts if opts else ''}] {'/'.join(dtypes)} div16({aligned})" + (
+            f" ints==1({ints})" if ints else "")
+
+
+class LaunchRecorder:
+    """Context manager: while active, ``kernel[grid](...)`` records a :class:`Launch` instead of running."""
+
+    def __init__(self, target: GPUTarget = TARGETS["sm90"]):
+        self.backend = make_backend(target)
+        self.launches: dict[tuple, Launch] = {}
+        self.calls: list[str] = []  # kernel names in launch order
+        self.case = None
+        self._binders = {}
+
+    def _run(self, fn: JITFunction, *args, grid, warmup, **kwargs):
+        if fn not in self._binders:
+            self._binders[fn] = create_function_from_signature(fn.signature, fn.params, self.backend)
+        bound, specialization, options = self._binders[fn](*args, **kwargs)
+        _, signature, constexprs, attrs = fn._pack_args(self.backend, kwargs, bound, specialization, options)
+        attrs = {k: v for k, v in attrs.items() if v}  # parameters without a specialisation come back empty
+        options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}  # num_warps, num_stages
+        launch = Launch(fn, signature, constexprs, attrs, options)
+        launch = self.launches.setdefault(launch.key(), launch)
+        self.calls.append(fn.__name__)
+        if self.case not in launch.cases:
+            launch.cases.append(self.case)
+
+    def __enter__(self):
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            raise RuntimeError("torch_mhc.ops.aot needs compiled kernels: unset TRITON_INTERPRET")
+        recorder = self
+        self._saved = JITFunction.run
+
+        def run(fn, *args, grid, warmup=False, **kwargs):
+            return recorder._run(fn, *args, grid=grid, warmup=warmup, **kwargs)
+
+        JITFunction.run = run
+        return self
+
+    def __exit__(self, *exc):
+        JITFunction.run = self._saved
+
+
+def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Fresh CPU leaves of one mHC sublayer: x [T, n, C], phi [n*C, 2n+n^2], bias [2n+n^2], alpha [3]."""
+    M = 2 * n + n * n
+    return [torch.randn(T, n, C, dtype=dtype, requires_grad=True), torch.randn(n * C, M, requires_grad=True),
+            torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
+
+
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int) -> torch.Tensor:
+    """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]."""
+    from torch_mhc.ops import fused_mhc_coefficients, fused_stream_post, fused_stream_pre
+
+    h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+    return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
+
+
+def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int) -> None:
+    """Forward and backward of :func:`sublayer_forward` on fresh inputs."""
+    out = sublayer_forward(*sublayer_inputs(n, C, T, dtype), variant, iters)
+    out.backward(torch.ones_like(out))
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
+             "unsqueeze", "squeeze", "permute", "slice", "select", "split", "unbind", "empty_like", "empty",
+             "new_empty", "empty_strided", "new_empty_strided"}
+
+
+def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
+                       iters: int = 20) -> dict:
+    """Kernel launches and ATen ops of one sublayer (:func:`run_sublayer`), forward and backward separately:
+    ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
+    ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full passes over
+    the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a
+    value to the host or a Python list to the device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = T * n * C
+
+    class Count(TorchDispatchMode):
+        def __init__(self, phase):
+            super().__init__()
+            self.phase = phase
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "item"):
+                self.phase["syncs"].append(name)
+            elif name not in _VIEW_OPS and any(t.numel() == state and t.shape[-1] in (C, n * C) for t in tensors):
+                self.phase["state_ops"].append(name)
+            elif name not in _VIEW_OPS:
+                self.phase["other_ops"].append(name)
+            return out
+
+    result = {p: {"launches": [], "state_ops": [], "other_ops": [], "syncs": []} for p in ("fwd", "bwd")}
+    inputs, grad = sublayer_inputs(n, C, T, dtype), torch.ones(T, n, C, dtype=dtype)
+    with LaunchRecorder() as rec:
+        with Count(result["fwd"]):
+            out = sublayer_forward(*inputs, variant, iters)
+        result["fwd"]["launches"] = rec.calls[:]
+        with Count(result["bwd"]):
+            out.backward(grad)
+        result["bwd"]["launches"] = rec.calls[len(result["fwd"]["launches"]):]
+    return result
+
+
+# What the gate covers: every n, C small/large and 16-aligned or not (C and n*C specialise the
+# loads), every stream dtype, both variants, Sinkhorn with one and with many iterations, and token
+# counts of 1 (specialised by the JIT as a constant) and more.
+GATE_CASES = [
+    dict(n=n, C=C, T=T, dtype=dtype, variant=variant, iters=iters)
+    for n in (1, 2, 4, 8)
+    for C in (24, 1000, 1024, 7168)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for variant in ("paper", "deepseek-v4")
+    for iters, T in ((20, 48), (1, 1))
+    if not (variant == "deepseek-v4" and iters == 1 and C != 1024)  # the V4 start with 1 iteration: one C suffices
+]
+
+
+def trace(cases=GATE_CASES) -> list[Launch]:
+    """Distinct kernel configurations launched by ``cases`` (forward and backward)."""
+    with LaunchRecorder() as rec:
+        for case in cases:
+            rec.case = {k: str(v).replace("torch.", "") for k, v in case.items()}
+            run_sublayer(**case)
+    return list(rec.launches.values())
+
+
+_RESOURCE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack and local bytes of the (single) kernel in a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    m = _RESOURCE.search(text)
+    if m is None:
+        raise RuntimeError(f"cannot parse cuobjdump output:\n{text}")
+    return {"regs": int(m[2]), "stack": int(m[3]), "shared": int(m[4]), "local": int(m[5])}
+
+
+def compile_launch(launch: Launch, target: GPUTarget) -> dict:
+    """Compile one configuration for ``target``: resource usage, or the error."""
+    src = ASTSource(launch.fn, launch.signature, launch.constexprs, launch.attrs)
+    try:
+        kernel = triton.compile(src, target=target, options=launch.options)
+    except Exception as e:  # noqa: BLE001 - a compile error is a result here
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"}
+    usage = resource_usage(kernel.asm["cubin"])
+    usage["num_warps"] = kernel.metadata.num_warps
+    return usage
+
+
+_LAUNCHES: list[Launch] = []
+
+
+def _compile_one(job: tuple[int, str]) -> tuple[int, str, dict]:
+    i, target = job
+    return i, target, compile_launch(_LAUNCHES[i], TARGETS[target])
+
+
+def compile_all(launches: list[Launch], targets=tuple(TARGETS), workers: int | None = None) -> dict:
+    """{(index, target): usage or error}, compiled in parallel (forked workers share the traced kernels)."""
+    global _LAUNCHES
+    _LAUNCHES = launches
+    jobs = [(i, t) for i in range(len(launches)) for t in targets]
+    workers = workers or max(1, min(len(os.sched_getaffinity(0)), 8))
+    if workers == 1:
+        return {(i, t): u for i, t, u in map(_compile_one, jobs)}
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        return {(i, t): u for i, t, u in pool.map(_compile_one, jobs, chunksize=4)}
+
+
+def problems(launch: Launch, usage: dict) -> list[str]:
+    """Why a compiled configuration fails the gate (empty when it passes)."""
+    if "error" in usage:
+        return [f"compile error: {usage['error']}"]
+    out = []
+    if usage["stack"] or usage["local"]:
+        out.append(f"spills ({usage['stack']} bytes of stack, {usage['local']} local)")
+    if launch.name in STREAM_KERNELS:
+        budget = STREAM_REG_BUDGET[launch.constexprs[(launch.fn.arg_names.index("N"),)]]
+        if usage["regs"] > budget:
+            out.append(f"{usage['regs']} registers > budget {budget}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true", help="exit 1 if any configuration fails the gate")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    args = p.parse_args(argv)
+    t0 = time.time()
+    launches = trace()
+    t1 = time.time()
+    results = compile_all(launches, tuple(args.targets), args.workers)
+    t2 = time.time()
+    failures = 0
+    for i, launch in sorted(enumerate(launches), key=lambda il: il[1].describe()):
+        cells = []
+        for t in args.targets:
+            u = results[(i, t)]
+            bad = problems(launch, u)
+            failures += bool(bad)
+            cells.append(f"{t}: " + ("; ".join(bad) if bad else f"{u['regs']} regs"))
+        print(f"{launch.describe():<90} {' | '.join(cells)}")
+    print(f"{len(launches)} configurations from {len(GATE_CASES)} traced cases ({t1 - t0:.1f} s), "
+          f"{len(results)} compiles ({t2 - t1:.1f} s), {failures} failing")
+    return 1 if args.check and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
