@@ -162,8 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _load_init_from(path: str, n: int):
+    """``init_from`` runs (train, resume, eval, sample, export): the Hugging Face conversion, imported only then."""
+    from torch_mhc.integrations.convert import load_for_training
+
+    return load_for_training(path, n)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from torch_mhc.train.trainer import register_init_from
+
     args = build_parser().parse_args(argv)
+    register_init_from(_load_init_from)
     try:
         args.func(args)
     except UserError as e:

@@ -36,6 +36,7 @@ from torch import nn
 from torch_mhc.models.decoder import DecoderLM, ModelConfig
 from torch_mhc.nn import ManifoldHyperConnection, expand_streams, merge_streams
 from torch_mhc.train.config import UserError
+from torch_mhc.train.trainer import register_init_from
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 CONVERSION_KEY = "mhc_conversion"
@@ -253,3 +254,6 @@ def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) 
     log(f"converted {hf_dir} ({config.model_type}, {config.num_hidden_layers} layers) to mHC with n={n} "
         f"streams in {out_dir}; {note}")
     return out_dir
+
+
+register_init_from(load_for_training)  # mhc train --init-from, and eval/sample/export of such runs

@@ -11,6 +11,7 @@ import math
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +77,27 @@ def model_flops_per_token(model: DecoderLM, seq_len: int) -> float:
     return 6 * model.num_params(exclude_embedding=True) + 12 * cfg.n_layers * seq_len * cfg.dim
 
 
+# The loader of ``init_from`` models. It lives in a room above train/ (``integrations.convert``, optional
+# [hf] extra), which registers it when imported; the ``mhc`` command registers it before it trains, evaluates
+# or samples. So nothing in train/ imports integrations/.
+_init_from_loader: Callable[[str, int], torch.nn.Module] | None = None
+
+
+def register_init_from(loader: Callable[[str, int], torch.nn.Module]) -> None:
+    """Set the function ``(directory, n_streams) -> model`` that ``init_from`` runs use."""
+    global _init_from_loader
+    _init_from_loader = loader
+
+
 def build_model(cfg: TrainConfig) -> torch.nn.Module:
-    """``DecoderLM(cfg.model)``; with ``init_from`` the converted transformers model of that directory
-    (``torch_mhc.integrations.convert``), whose description then replaces ``cfg.model``."""
+    """``DecoderLM(cfg.model)``; with ``init_from`` the model the registered loader makes of that directory
+    (a converted transformers model), whose description then replaces ``cfg.model``."""
     if not cfg.init_from:
         return DecoderLM(cfg.model)
-    from torch_mhc.integrations.convert import load_for_training  # optional [hf] extra
-
-    model = load_for_training(cfg.init_from, cfg.model.n_streams)
+    if _init_from_loader is None:
+        raise UserError("init_from needs the Hugging Face integration: import torch_mhc.integrations.convert "
+                        "first (the mhc command does).")
+    model = _init_from_loader(cfg.init_from, cfg.model.n_streams)
     cfg.model = model.cfg
     return model
 
