@@ -55,23 +55,27 @@ def test_every_launched_configuration_compiles_for_sm90_and_sm80():
 
 
 def test_sublayer_launch_and_op_budget():
-    """One sublayer forward+backward: 4 kernels each way, no host sync, no PyTorch pass over the state
-    but autograd's sum of the three dx contributions (post, pre, coefficient GEMM): 2 adds."""
+    """One sublayer forward+backward: 4 kernels each way, no host sync, and no PyTorch pass over the state:
+    the sublayer Functions sum post's, pre's and the coefficient GEMM's dx in one buffer (the separate ops
+    still leave autograd two [T, n, C] adds, which is what the one buffer removes)."""
     code = """
 import json, torch
 from torch_mhc.ops import aot
-for n in (2, 4):
-    print(json.dumps(aot.count_sublayer_ops(n=n, C=40, T=24, dtype=torch.bfloat16, variant="deepseek-v4")))
+for fused in (True, False):
+    for n in (2, 4):
+        counts = aot.count_sublayer_ops(n=n, C=40, T=24, dtype=torch.bfloat16, variant="deepseek-v4", fused=fused)
+        print(json.dumps(dict(counts, fused=fused)))
 """
     proc = _run(code, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
 
-    for line in proc.stdout.strip().splitlines()[-2:]:
-        counts = json.loads(line)
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()[-4:]]
+    assert [c["fused"] for c in lines] == [True, True, False, False]
+    for counts in lines:
         fwd, bwd = counts["fwd"], counts["bwd"]
         assert fwd["launches"] == ["_gemm_fwd", "_epilogue_fwd", "_pre_fwd", "_post_fwd"]
         assert bwd["launches"] == ["_post_bwd", "_pre_bwd", "_epilogue_bwd", "_gemm_bwd"]
-        assert fwd["state_ops"] == [] and bwd["state_ops"] == ["add", "add"]
+        assert fwd["state_ops"] == [] and bwd["state_ops"] == ([] if counts["fused"] else ["add", "add"])
         assert fwd["syncs"] == bwd["syncs"] == []
         assert fwd["other_ops"] == [] and bwd["other_ops"] == ["sum", "sum", "sum"]  # dphi, dbias, dalpha partials

@@ -32,6 +32,7 @@ class ConnectionState:
     streams: torch.Tensor
     h_post: torch.Tensor
     h_res: torch.Tensor
+    link: object = None  # fused kernels: ties post's backward to pre's (one dx buffer); None otherwise
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -85,10 +86,15 @@ class StreamConnection(nn.Module):
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, ConnectionState]:
         """streams ``[..., n, dim]`` -> (sublayer input ``[..., dim]``, state for ``post``)."""
         self.check_streams(streams)
-        h_pre, h_post, h_res = self.coefficients(streams)
+        x, (h_pre, h_post, h_res), link = self.read(streams)
         if self.record:
             self.recorded = (h_pre.detach(), h_post.detach(), h_res.detach())
-        return Fm.stream_pre(streams, h_pre), ConnectionState(streams, h_post, h_res)
+        return x, ConnectionState(streams, h_post, h_res, link)
+
+    def read(self, streams: torch.Tensor):
+        """streams -> (sublayer input, (H_pre, H_post, H_res), link for ``post`` or None)."""
+        coeffs = self.coefficients(streams)
+        return Fm.stream_pre(streams, coeffs[0]), coeffs, None
 
     def check_output(self, state: ConnectionState, sublayer_output: torch.Tensor) -> None:
         expected = state.streams.shape[:-2] + (self.dim,)
@@ -101,7 +107,7 @@ class StreamConnection(nn.Module):
     def post(self, state: ConnectionState, sublayer_output: torch.Tensor) -> torch.Tensor:
         """(state, F's output ``[..., dim]``) -> new streams ``[..., n, dim]``."""
         self.check_output(state, sublayer_output)
-        out = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output)
+        out = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link)
         rc = recompute.active()
         if rc is not None and torch.is_grad_enabled():
             rc.register(out, state.streams, state.h_post, state.h_res, sublayer_output)
@@ -240,6 +246,13 @@ class ManifoldHyperConnection(StreamConnection):
         if self.variant == "paper":
             return self.phi, self.bias, self.alpha
         return self.fn.t(), self.base, self.scale
+
+    def read(self, streams):
+        if not (self.dynamic and len(self.learn) == len(MAPPINGS)):
+            return super().read(streams)
+        phi, bias, alpha = self.projection()
+        return Fm.mhc_sublayer_pre(streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps,
+                                   variant=self.variant)
 
     def coefficients(self, streams):
         """streams ``[..., n, dim]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""

@@ -50,7 +50,8 @@ def mhc_coefficients(
         if dynamic:
             xf = x.flatten(-2).to(cdt)
             inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-            scale = torch.repeat_interleave(alpha.to(cdt), torch.tensor([n, n, n * n], device=alpha.device))
+            a = alpha.to(cdt)  # per-column alpha (pre | post | res) from views: no host round trip
+            scale = torch.cat((a[0:1].expand(n), a[1:2].expand(n), a[2:3].expand(n * n)))
             h = (xf @ phi.to(cdt)) * inv_rms * scale + bias.to(cdt)
         else:
             h = bias.to(cdt).expand(*x.shape[:-2], bias.shape[-1])
@@ -63,6 +64,21 @@ def mhc_coefficients(
             res_logits = res_logits.transpose(-1, -2)
         h_res = sinkhorn(res_logits, iters=iters, eps=eps, start=sinkhorn_start(variant))
     return h_pre, h_post, h_res
+
+
+def mhc_sublayer_pre(
+    x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int = 20,
+    eps: float = 1e-6, variant: str = "paper",
+):
+    """The read half of a dynamic mHC sublayer: x ``[..., n, C]`` -> (sublayer input ``[..., C]``,
+    fp32 (H_pre, H_post, H_res), link). ``link`` is None on the reference path; with the kernels it ties this
+    read to :func:`stream_post` (pass it as ``link=``) so that the sublayer's three gradient terms of x are
+    summed in one buffer instead of by autograd (see :mod:`torch_mhc.ops.sublayer`)."""
+    if ops.should_fuse(x):
+        with no_autocast(x):
+            return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+    coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+    return stream_pre(x, coeffs[0]), coeffs, None
 
 
 def hc_coefficients(
@@ -109,9 +125,15 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         return (h_pre.to(cdt).unsqueeze(-1) * x.to(cdt)).sum(dim=-2).to(x.dtype)
 
 
-def stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor) -> torch.Tensor:
+def stream_post(
+    x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None
+) -> torch.Tensor:
     """New state ``H_res x + H_post^T F``: x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``,
-    f_out ``[..., C]`` -> ``[..., n, C]`` in x's dtype (accumulated in fp32)."""
+    f_out ``[..., C]`` -> ``[..., n, C]`` in x's dtype (accumulated in fp32). ``link``: from
+    :func:`mhc_sublayer_pre` on the same x (x's gradient then goes back through it)."""
+    if link is not None:
+        with no_autocast(x):
+            return ops.fused_sublayer_post(link, h_post, h_res, f_out)
     if ops.should_fuse(x):
         return ops.fused_stream_post(x, h_post, h_res, f_out)
     cdt = compute_dtype(x.dtype)

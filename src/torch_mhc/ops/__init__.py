@@ -82,3 +82,21 @@ def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
     from torch_mhc.ops.streams import fused_stream_post as impl
 
     return impl(x, h_post, h_res, f_out)
+
+
+def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int,
+                       eps: float, variant: str):
+    """x ``[..., n, C]`` -> (y ``[..., C]``, fp32 (H_pre, H_post, H_res), link): coefficients and pre in one
+    autograd Function whose backward takes post's dx through ``link`` and adds pre's and the coefficient
+    GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`."""
+    from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
+
+    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+
+
+def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor) -> torch.Tensor:
+    """(link from :func:`fused_sublayer_pre`, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]``) ->
+    new state ``[..., n, C]``; its backward hands dx to the pre half instead of to autograd."""
+    from torch_mhc.ops.sublayer import fused_sublayer_post as impl
+
+    return impl(link, h_post, h_res, f_out)

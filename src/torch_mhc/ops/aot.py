@@ -122,17 +122,23 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
             torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
 
 
-def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int) -> torch.Tensor:
-    """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]."""
-    from torch_mhc.ops import fused_mhc_coefficients, fused_stream_post, fused_stream_pre
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True) -> torch.Tensor:
+    """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
+    sublayer Functions with one dx buffer (what connections run); False: the separate ops (coefficients, pre,
+    post: what code calling them directly, and recompute's rebuild, run)."""
+    from torch_mhc.ops import (fused_mhc_coefficients, fused_stream_post, fused_stream_pre, fused_sublayer_post,
+                               fused_sublayer_pre)
 
+    if fused:
+        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+        return fused_sublayer_post(link, h_post, h_res, y)
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
     return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
 
 
-def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int) -> None:
+def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True) -> None:
     """Forward and backward of :func:`sublayer_forward` on fresh inputs."""
-    out = sublayer_forward(*sublayer_inputs(n, C, T, dtype), variant, iters)
+    out = sublayer_forward(*sublayer_inputs(n, C, T, dtype), variant, iters, fused)
     out.backward(torch.ones_like(out))
 
 
@@ -142,7 +148,7 @@ _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias",
 
 
 def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
-                       iters: int = 20) -> dict:
+                       iters: int = 20, fused: bool = True) -> dict:
     """Kernel launches and ATen ops of one sublayer (:func:`run_sublayer`), forward and backward separately:
     ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
     ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full passes over
@@ -173,7 +179,7 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
     inputs, grad = sublayer_inputs(n, C, T, dtype), torch.ones(T, n, C, dtype=dtype)
     with LaunchRecorder() as rec:
         with Count(result["fwd"]):
-            out = sublayer_forward(*inputs, variant, iters)
+            out = sublayer_forward(*inputs, variant, iters, fused)
         result["fwd"]["launches"] = rec.calls[:]
         with Count(result["bwd"]):
             out.backward(grad)
@@ -185,7 +191,8 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
 # loads), every stream dtype, both variants, Sinkhorn with one and with many iterations, and token
 # counts of 1 (specialised by the JIT as a constant) and more.
 GATE_CASES = [
-    dict(n=n, C=C, T=T, dtype=dtype, variant=variant, iters=iters)
+    dict(n=n, C=C, T=T, dtype=dtype, variant=variant, iters=iters, fused=fused)
+    for fused in (True, False)
     for n in (1, 2, 4, 8)
     for C in (24, 1000, 1024, 7168)
     for dtype in (torch.float32, torch.bfloat16, torch.float16)

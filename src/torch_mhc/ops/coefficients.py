@@ -222,9 +222,14 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
 
 
 @triton.jit(do_not_specialize=["T", "T_PER"])
-def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, T, K, M, stride_pk, stride_pm, T_PER,
+def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy_ptr, T, K, M, C, stride_pk,
+              stride_pm, T_PER, N: tl.constexpr, ACCUM: tl.constexpr, FOLD_PRE: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
-    """One pass over x: dx = draw @ phi^T + coef * x, and dphi partial sums over this program's tokens."""
+    """One pass over x: dx = draw @ phi^T + coef * x, and dphi partial sums over this program's tokens.
+
+    FOLD_PRE adds pre's term H_pre[t, i] dy[t, c] (x column k = i * C + c; hpre [T, N], dy [T, C]); ACCUM adds
+    the dx already in dx_ptr (post's term) and writes the sum back in place: each element is read and written
+    by this program only, once, so the one rounding to dx's dtype happens after all terms are summed in fp32."""
     pid_k = tl.program_id(0)
     pid_t = tl.program_id(1)
     ks = pid_k * BK + tl.arange(0, BK)
@@ -244,6 +249,13 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, T, K, M, str
         d = tl.load(draw_ptr + rows64[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
         dx = tl.dot(d, tl.trans(p), input_precision=PREC) + c[:, None] * x
+        if FOLD_PRE:
+            stream = ks // C
+            hp = tl.load(hpre_ptr + rows64[:, None] * N + stream[None, :], mask=xmask, other=0.0)
+            dy = tl.load(dy_ptr + rows64[:, None] * C + (ks - stream * C)[None, :], mask=xmask, other=0.0)
+            dx += hp * dy.to(tl.float32)
+        if ACCUM:
+            dx += tl.load(dx_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows64[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
         acc = tl.dot(tl.trans(x), d, acc, input_precision=PREC)
     out = dphi_ptr + pid_t.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :]
@@ -275,68 +287,89 @@ def _sinkhorn_pairs(iters: int, v4: bool) -> int:
     return pairs
 
 
+def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, v4: bool):
+    """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n], saved): fp32; ``saved`` is what
+    :func:`coefficients_backward` needs besides x2d and phi (fp32 bias and alpha, raw GEMM output, inv_rms)."""
+    T, K = x2d.shape
+    M = 2 * n + n * n
+    dev = x2d.device
+    raw = torch.empty(T, M, device=dev, dtype=torch.float32)
+    inv = torch.empty(T, device=dev, dtype=torch.float32)
+    bt, bk, warps = GEMM_FWD_BLOCKS[n]
+    if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
+        bt = 32
+    _gemm_fwd[(triton.cdiv(T, bt),)](
+        x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
+        BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+    bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
+    pre = torch.empty(T, n, device=dev, dtype=torch.float32)
+    post = torch.empty(T, n, device=dev, dtype=torch.float32)
+    res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
+    _epilogue_fwd[(triton.cdiv(T, EPI_BLOCK[n]),)](
+        raw, inv, alpha32, bias32, pre, post, res, T, M, pairs, eps,
+        N=n, V4=v4, BT=EPI_BLOCK[n], SAFE_MAX=EXP_SAFE_MAX)
+    return pre, post, res, (bias32, alpha32, raw, inv)
+
+
+def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: bool, dpre, dpost, dres,
+                          dx=None, pre_term=None):
+    """Gradients (fp32 [T, n], [T, n], [T, n, n], any may be None) -> (dx [T, n*C] in x's dtype, dphi, dbias,
+    dalpha in fp32). ``dx``: a [T, n*C] buffer already holding another term of x's gradient, which the GEMM
+    backward adds to in place (and returns). ``pre_term``: (H_pre [T, n], dy [T, C]), pre's term H_pre[i] dy,
+    added in the same pass over x."""
+    bias32, alpha32, raw, inv = saved
+    T, K = x2d.shape
+    M = 2 * n + n * n
+    dev = x2d.device
+    dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
+    dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
+    dres = torch.zeros(T, n, n, device=dev) if dres is None else dres.float().contiguous()
+    bt_epi = EPI_BLOCK[n]
+    n_epi = triton.cdiv(T, bt_epi)
+    draw = torch.empty(T, M, device=dev, dtype=torch.float32)
+    coef = torch.empty(T, device=dev, dtype=torch.float32)
+    dbias_part = torch.empty(n_epi, M, device=dev, dtype=torch.float32)
+    dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
+    sums = torch.empty(T, 2 * pairs + v4, n, device=dev, dtype=torch.float32)
+    _epilogue_bwd[(n_epi,)](
+        raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
+        eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
+    accum = dx is not None
+    if not accum:
+        dx = torch.empty_like(x2d)
+    h_pre, dy = pre_term if pre_term is not None else (draw, draw)  # unused pointers without FOLD_PRE
+    bt, bk, warps = GEMM_BWD_BLOCKS[n]
+    if pre_term is not None and K % 16:  # the fold's gathers with unaligned rows: halve the tile (compile gate)
+        bt //= 2
+    n_k = triton.cdiv(K, bk)
+    n_tblocks = triton.cdiv(T, bt)
+    split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
+    t_per = triton.cdiv(n_tblocks, split_t) * bt
+    split_t = triton.cdiv(T, t_per)
+    dphi_part = torch.empty(split_t, K, M, device=dev, dtype=torch.float32)
+    _gemm_bwd[(n_k, split_t)](
+        x2d, phi, draw, coef, dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0), phi.stride(1), t_per,
+        N=n, ACCUM=accum, FOLD_PRE=pre_term is not None, BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+    return dx, dphi_part.sum(0), dbias_part.sum(0), dalpha_part.sum(0)
+
+
 class FusedCoefficients(torch.autograd.Function):
     """x2d [T, n*C], phi [n*C, M], bias [M], alpha [3] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n])."""
 
     @staticmethod
     def forward(ctx, x2d, phi, bias, alpha, n: int, iters: int, eps: float, v4: bool):
-        T, K = x2d.shape
-        M = 2 * n + n * n
-        dev = x2d.device
-        raw = torch.empty(T, M, device=dev, dtype=torch.float32)
-        inv = torch.empty(T, device=dev, dtype=torch.float32)
-        bt, bk, warps = GEMM_FWD_BLOCKS[n]
-        if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
-            bt = 32
-        _gemm_fwd[(triton.cdiv(T, bt),)](
-            x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
-            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
-        bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
-        pre = torch.empty(T, n, device=dev, dtype=torch.float32)
-        post = torch.empty(T, n, device=dev, dtype=torch.float32)
-        res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
         pairs = _sinkhorn_pairs(iters, v4)
-        _epilogue_fwd[(triton.cdiv(T, EPI_BLOCK[n]),)](
-            raw, inv, alpha32, bias32, pre, post, res, T, M, pairs, eps,
-            N=n, V4=v4, BT=EPI_BLOCK[n], SAFE_MAX=EXP_SAFE_MAX)
-        ctx.save_for_backward(x2d, phi, bias32, alpha32, raw, inv)
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, n, pairs, eps, v4)
+        ctx.save_for_backward(x2d, phi, *saved)
         ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
         return pre, post, res
 
     @staticmethod
     def backward(ctx, dpre, dpost, dres):
-        x2d, phi, bias32, alpha32, raw, inv = ctx.saved_tensors
+        x2d, phi, *saved = ctx.saved_tensors
         n, pairs, eps, v4, alpha_dtype, bias_dtype = ctx.config
-        T, K = x2d.shape
-        M = 2 * n + n * n
-        dev = x2d.device
-        dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
-        dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
-        dres = torch.zeros(T, n, n, device=dev) if dres is None else dres.float().contiguous()
-        bt_epi = EPI_BLOCK[n]
-        n_epi = triton.cdiv(T, bt_epi)
-        draw = torch.empty(T, M, device=dev, dtype=torch.float32)
-        coef = torch.empty(T, device=dev, dtype=torch.float32)
-        dbias_part = torch.empty(n_epi, M, device=dev, dtype=torch.float32)
-        dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
-        sums = torch.empty(T, 2 * pairs + v4, n, device=dev, dtype=torch.float32)
-        _epilogue_bwd[(n_epi,)](
-            raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
-            eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
-        dx = torch.empty_like(x2d)
-        bt, bk, warps = GEMM_BWD_BLOCKS[n]
-        n_k = triton.cdiv(K, bk)
-        n_tblocks = triton.cdiv(T, bt)
-        split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
-        t_per = triton.cdiv(n_tblocks, split_t) * bt
-        split_t = triton.cdiv(T, t_per)
-        dphi_part = torch.empty(split_t, K, M, device=dev, dtype=torch.float32)
-        _gemm_bwd[(n_k, split_t)](
-            x2d, phi, draw, coef, dx, dphi_part, T, K, M, phi.stride(0), phi.stride(1), t_per,
-            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
-        dphi = dphi_part.sum(0).to(phi.dtype)
-        return (dx, dphi, dbias_part.sum(0).to(bias_dtype), dalpha_part.sum(0).to(alpha_dtype),
-                None, None, None, None)
+        dx, dphi, dbias, dalpha = coefficients_backward(x2d, phi, saved, n, pairs, eps, v4, dpre, dpost, dres)
+        return dx, dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype), None, None, None, None
 
 
 def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str):

@@ -80,7 +80,10 @@ def _pre_fwd(x_ptr, h_ptr, y_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: t
 
 
 @triton.jit(do_not_specialize=["T"])
-def _pre_bwd(x_ptr, h_ptr, dy_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _pre_bwd(x_ptr, h_ptr, dy_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+             WRITE_DX: tl.constexpr):
+    """dH_pre (per-token sums over C of x_i dy) and, with WRITE_DX, dx_i = H_pre[i] dy. The fused sublayer
+    leaves dx to the coefficient GEMM's backward (one pass over x instead of two)."""
     rows64, rmask = _token_block(T, BT)
     h = _coefs(h_ptr, rows64, rmask, N)
     dh = _zeros(BT, N)
@@ -90,7 +93,8 @@ def _pre_bwd(x_ptr, h_ptr, dy_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, BT: tl
         new_dh = ()
         for i in tl.static_range(N):
             x = tl.load(x_ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + offs + i * C, (h[i][:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DX:
+                tl.store(dx_ptr + offs + i * C, (h[i][:, None] * dy).to(dx_ptr.dtype.element_ty), mask=mask)
             new_dh = new_dh + (dh[i] + tl.sum(x * dy, axis=1),)
         dh = new_dh
     _store_coefs(dh_ptr, dh, rows64, rmask, N)
@@ -164,48 +168,70 @@ def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def pre_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """x [T, n, C], h_pre [T, n] fp32 -> y [T, C] (x's dtype)."""
+    T, n, C = x.shape
+    y = torch.empty(T, C, device=x.device, dtype=x.dtype)
+    bt, bc, warps = _blocks(n, C)
+    _pre_fwd[(triton.cdiv(T, bt),)](x, h_pre, y, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
+    return y
+
+
+def pre_backward(x: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor, write_dx: bool = True):
+    """-> (dx [T, n, C] or None without ``write_dx``, dH_pre [T, n] fp32)."""
+    T, n, C = x.shape
+    dx = torch.empty_like(x) if write_dx else None
+    dh = torch.empty(T, n, device=x.device, dtype=torch.float32)
+    bt, bc, warps = _blocks(n, C)
+    _pre_bwd[(triton.cdiv(T, bt),)](x, h_pre, dy.contiguous(), x if dx is None else dx, dh, T, C, N=n, BT=bt, BC=bc,
+                                    WRITE_DX=write_dx, num_warps=warps)
+    return dx, dh
+
+
+def post_forward(x, h_post, h_res, f):
+    """x [T, n, C], h_post [T, n], h_res [T, n, n] (fp32), f [T, C] -> H_res x + H_post^T f [T, n, C]."""
+    T, n, C = x.shape
+    out = torch.empty_like(x)
+    bt, bc, warps = _blocks(n, C)
+    _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
+    return out
+
+
+def post_backward(x, h_post, h_res, f, dout):
+    """-> (dx [T, n, C], dH_post [T, n], dH_res [T, n, n] (fp32), df [T, C])."""
+    T, n, C = x.shape
+    dx, df = torch.empty_like(x), torch.empty_like(f)
+    dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
+    dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
+    bt, bc, warps = _blocks(n, C, post_bwd=True)
+    _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
+                                     N=n, BT=bt, BC=bc, num_warps=warps)
+    return dx, dhp, dhr, df
+
+
 class FusedStreamPre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_pre):
-        T, n, C = x.shape
-        y = torch.empty(T, C, device=x.device, dtype=x.dtype)
-        bt, bc, warps = _blocks(n, C)
-        _pre_fwd[(triton.cdiv(T, bt),)](x, h_pre, y, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
         ctx.save_for_backward(x, h_pre)
-        return y
+        return pre_forward(x, h_pre)
 
     @staticmethod
     def backward(ctx, dy):
         x, h_pre = ctx.saved_tensors
-        T, n, C = x.shape
-        dx = torch.empty_like(x)
-        dh = torch.empty(T, n, device=x.device, dtype=torch.float32)
-        bt, bc, warps = _blocks(n, C)
-        _pre_bwd[(triton.cdiv(T, bt),)](x, h_pre, dy.contiguous(), dx, dh, T, C, N=n, BT=bt, BC=bc,
-                                        num_warps=warps)
+        dx, dh = pre_backward(x, h_pre, dy)
         return dx, dh.to(h_pre.dtype)
 
 
 class FusedStreamPost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h_post, h_res, f):
-        T, n, C = x.shape
-        out = torch.empty_like(x)
-        bt, bc, warps = _blocks(n, C)
-        _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
         ctx.save_for_backward(x, h_post, h_res, f)
-        return out
+        return post_forward(x, h_post, h_res, f)
 
     @staticmethod
     def backward(ctx, dout):
         x, h_post, h_res, f = ctx.saved_tensors
-        T, n, C = x.shape
-        dx, df = torch.empty_like(x), torch.empty_like(f)
-        dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
-        dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
-        bt, bc, warps = _blocks(n, C, post_bwd=True)
-        _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
-                                         N=n, BT=bt, BC=bc, num_warps=warps)
+        dx, dhp, dhr, df = post_backward(x, h_post, h_res, f, dout)
         return dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df
 
 

@@ -1,0 +1,194 @@
+"""The fused sublayer (one dx buffer: post's backward hands dx to the pre half, which adds pre's and the
+coefficient GEMM's terms in place) against the float64 reference path, in every way a state can be used."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from torch_mhc import ManifoldHyperConnection, ops
+from torch_mhc.nn import functional as Fm
+
+pytest.importorskip("triton")
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2 ** -6}  # relative to the largest value; see tests/test_ops.py
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make_conn(n, C, variant="paper", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    conn = ManifoldHyperConnection(C, n, torch.nn.Linear(C, C), layer_index=1, variant=variant, **kwargs)
+    with torch.no_grad():
+        proj, bias, _ = conn.projection()
+        proj.normal_(std=0.3)
+        bias.normal_()
+    return conn
+
+
+def grads_of(conn, x0, backend, dtype, use):
+    """x0 -> a state s (non-leaf) -> ``use(conn, s)`` -> loss; gradients of x0 and of every parameter."""
+    x = x0.detach().to(dtype).requires_grad_()
+    params = list(conn.parameters())
+    with ops.use_backend(backend):
+        s = x * 1.25
+        loss = use(conn, s)
+        g = torch.autograd.grad(loss, [x] + params, allow_unused=True)
+    return [torch.zeros_like(p) if gp is None else gp for p, gp in zip([x] + params, g)]
+
+
+def weighted(t):
+    return (t.double() * torch.linspace(-1, 1, t.numel(), dtype=torch.float64).view_as(t)).sum()
+
+
+def one_sublayer(conn, s):
+    y, state = conn.pre(s)
+    assert (state.link is not None) == ops.should_fuse(s)
+    return weighted(conn.post(state, conn.sublayer(y)))
+
+
+def state_feeds_two_consumers(conn, s):
+    """The state goes to the sublayer and to something else (a diagnostic, a skip)."""
+    return one_sublayer(conn, s) + 0.3 * weighted(s.square())
+
+
+def two_sublayers_same_conn(conn, s):
+    """The new state feeds the next sublayer: two link channels in a row."""
+    return weighted(conn(conn(s)))
+
+
+def post_twice(conn, s):
+    """Two posts on the same pre state: autograd sums the two link gradients before the pre half adds in place."""
+    y, state = conn.pre(s)
+    f = conn.sublayer(y)
+    return weighted(conn.post(state, f)) + 0.5 * weighted(conn.post(state, 2 * f))
+
+
+def pre_only(conn, s):
+    """post never runs: no link gradient; the GEMM backward writes a fresh dx."""
+    y, _ = conn.pre(s)
+    return weighted(conn.sublayer(y))
+
+
+def post_without_grad(conn, s):
+    y, state = conn.pre(s)
+    with torch.no_grad():
+        out = conn.post(state, conn.sublayer(y))
+    return weighted(y) + (out.double() * 0).sum()
+
+
+def coefficients_alone(conn, s):
+    return sum(weighted(h) for h in conn.coefficients(s))
+
+
+USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_twice, pre_only, post_without_grad,
+        coefficients_alone]
+
+
+@pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)
+@pytest.mark.parametrize("n", [1, 4])
+def test_fused_sublayer_matches_reference(use, n):
+    C, x0 = 24, torch.randn(3, 5, n, 24, generator=torch.Generator().manual_seed(n))
+    conn = make_conn(n, C, seed=n)
+    got = grads_of(conn, x0, "triton", torch.float32, use)
+    ref = grads_of(conn.double(), x0.double(), "reference", torch.float64, use)
+    conn.float()
+    assert rel_err(got[0], ref[0]) < TOL[torch.float32]
+    for i, (a, b) in enumerate(zip(got[1:], ref[1:])):  # parameters: sums over tokens, with cancellation
+        assert rel_err(a, b) < 1e-3, i
+
+
+@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
+@pytest.mark.parametrize("n", [2, 8])
+def test_fused_sublayer_bf16_and_variants(variant, n):
+    C, x0 = 40, torch.randn(7, n, 40, generator=torch.Generator().manual_seed(n))
+    conn = make_conn(n, C, variant, seed=n)
+    conn.sublayer = torch.nn.Tanh()  # compare the connection's parameters only (no bf16 Linear)
+    got = grads_of(conn, x0, "triton", torch.bfloat16, state_feeds_two_consumers)
+    ref = grads_of(conn.double(), x0.to(torch.bfloat16).double(), "reference", torch.float64,
+                   state_feeds_two_consumers)
+    assert got[0].dtype == torch.bfloat16
+    # x: one rounding of the summed dx to bf16 (and the bf16 sublayer); parameters: fp32 sums of rounded terms
+    assert rel_err(got[0], ref[0]) < 2 ** -5
+    for a, b in zip(got[1:], ref[1:]):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_fused_sublayer_is_deterministic():
+    """Bit-identical gradients run to run (no atomics; each dx element written by one program)."""
+    x0 = torch.randn(19, 4, 24, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for _ in range(2):
+        conn = make_conn(4, 24, seed=3)
+        conn.sublayer = torch.nn.Tanh()
+        runs.append(grads_of(conn, x0, "triton", torch.bfloat16, state_feeds_two_consumers))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_one_buffer_equals_separate_ops_sum():
+    """The one-buffer backward gives the same dx as the separate ops whose three terms autograd adds (fp32)."""
+    n, C = 4, 24
+    x0 = torch.randn(6, n, C, generator=torch.Generator().manual_seed(5))
+    conn = make_conn(n, C, seed=5)
+    phi, bias, alpha = conn.projection()
+    x = x0.clone().requires_grad_()
+    w = torch.randn(6, n, C, generator=torch.Generator().manual_seed(6))
+    y, (_, h_post, h_res), link = ops.fused_sublayer_pre(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
+    fused = torch.autograd.grad((ops.fused_sublayer_post(link, h_post, h_res, torch.tanh(y)) * w).sum(), [x])[0]
+    h_pre, h_post, h_res = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
+    out = ops.fused_stream_post(x, h_post, h_res, torch.tanh(ops.fused_stream_pre(x, h_pre)))
+    separate = torch.autograd.grad((out * w).sum(), [x])[0]
+    assert rel_err(fused, separate) < 1e-6
+
+
+def test_fallbacks_use_the_plain_path():
+    """No link where the scheme does not apply (fixed mappings, static mHC, reference backend, fp64 streams)."""
+    x = torch.randn(2, 4, 16)
+    cases = [(make_conn(4, 16, learn=("res",)), "triton", x), (make_conn(4, 16, dynamic=False), "triton", x),
+             (make_conn(4, 16), "reference", x), (make_conn(4, 16).double(), "triton", x.double())]
+    for conn, backend, xs in cases:
+        with ops.use_backend(backend):
+            _, state = conn.pre(xs)
+        assert state.link is None
+
+
+def test_no_grad_forward_matches():
+    conn = make_conn(4, 24)
+    x = torch.randn(3, 4, 24)
+    with torch.no_grad():
+        with ops.use_backend("triton"):
+            a = conn(x)
+        with ops.use_backend("reference"):
+            b = conn(x)
+    assert rel_err(a, b) < TOL[torch.float32]
+
+
+class _Syncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "item"):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_reference_coefficients_without_host_round_trip(monkeypatch):
+    """The reference path builds the per-column alpha from views of alpha (no tensor from a Python list, no
+    repeat_interleave reading its repeats back). The CPU-only finiteness check, which does read a value back,
+    is switched off here."""
+    monkeypatch.setattr(Fm, "check_finite", lambda *args: None)
+    n, C = 4, 8
+    x, phi = torch.randn(3, n, C), torch.randn(n * C, 2 * n + n * n)
+    bias, alpha = torch.randn(2 * n + n * n), torch.rand(3, requires_grad=True)
+    with ops.use_backend("reference"), _Syncs() as mode:
+        out = Fm.mhc_coefficients(x, phi, bias, alpha, iters=3)
+    assert mode.seen == []
+    scale = torch.repeat_interleave(alpha.detach(), torch.tensor([n, n, n * n]))  # the former construction
+    torch.testing.assert_close(out, Fm.mhc_coefficients(x, phi, bias, alpha.detach(), iters=3))
+    h = (x.flatten(-2) @ phi) * torch.rsqrt(x.flatten(-2).square().mean(-1, keepdim=True) + 1e-6) * scale + bias
+    assert torch.equal(out[0], torch.sigmoid(h[..., :n]))  # bit-identical to the former math
