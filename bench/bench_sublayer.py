@@ -48,10 +48,11 @@ def bytes_model(n: int, C: int, elt: int) -> dict:
     }
     bwd = {
         "_post_bwd": 2 * state + row + (n + n * n) * 4 + state + row + (n + n * n) * 4,  # x, dout, f in; dx, df out
-        "_pre_bwd": state + row + n * 4 + state + n * 4,  # x, dy in; dx, dH_pre out
+        "_pre_bwd": state + row + n * 4 + n * 4,  # x, dy, H_pre in; dH_pre out (its dx goes to _gemm_bwd)
         "_epilogue_bwd": coefs + 4 + M * 4 + coefs + 4 + 2 * (2 * n + n * n) * 4,  # raw, inv, dH in; draw, coef out
-        "_gemm_bwd": state + coefs + 4 + state,  # x, draw, coef in; dx out
-        "autograd dx adds (2)": 2 * 3 * state,  # sum of the three dx contributions: read 2, write 1, twice
+        # x, post's dx (the one dx buffer), dy, H_pre, draw, coef in; the summed dx out in place. dy is read
+        # once per token: the n K-slices of a token range run side by side, so the other streams hit L2.
+        "_gemm_bwd": 2 * state + row + n * 4 + coefs + 4 + state,
     }
     return {"fwd": fwd, "bwd": bwd, "floor_fwd": (3 * n + 2) * C * elt, "floor_fwd_bwd": (6 * n + 5) * C * elt,
             "phi_l2_per_token": {"_gemm_fwd": n * C * M * 4 / 32, "_gemm_bwd": 0}}

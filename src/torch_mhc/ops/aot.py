@@ -126,8 +126,13 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
     sublayer Functions with one dx buffer (what connections run); False: the separate ops (coefficients, pre,
     post: what code calling them directly, and recompute's rebuild, run)."""
-    from torch_mhc.ops import (fused_mhc_coefficients, fused_stream_post, fused_stream_pre, fused_sublayer_post,
-                               fused_sublayer_pre)
+    from torch_mhc.ops import (
+        fused_mhc_coefficients,
+        fused_stream_post,
+        fused_stream_pre,
+        fused_sublayer_post,
+        fused_sublayer_pre,
+    )
 
     if fused:
         y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)

@@ -339,8 +339,8 @@ def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: b
         dx = torch.empty_like(x2d)
     h_pre, dy = pre_term if pre_term is not None else (draw, draw)  # unused pointers without FOLD_PRE
     bt, bk, warps = GEMM_BWD_BLOCKS[n]
-    if pre_term is not None and K % 16:  # the fold's gathers with unaligned rows: halve the tile (compile gate)
-        bt //= 2
+    if pre_term is not None and (n > 1 or K % 16):  # the fold's gathers of H_pre and dy: 16 tokens (compile
+        bt //= 2  # gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 spill at n = 1 on sm_80)
     n_k = triton.cdiv(K, bk)
     n_tblocks = triton.cdiv(T, bt)
     split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
