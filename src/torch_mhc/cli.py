@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from torch_mhc.train.config import UserError
 
 
 def _cmd_train(args) -> None:
+    from torch_mhc.distributed import runtime
+    from torch_mhc.distributed.checkpoint import latest_any_checkpoint
     from torch_mhc.train.trainer import resume_run, start_run
 
     if args.resume and args.config:
@@ -22,15 +25,16 @@ def _cmd_train(args) -> None:
         args.set = [f"init_from={args.init_from}", *args.set]
     if args.allow_data_change and not args.resume:
         raise UserError("--allow-data-change only applies with --resume.")
+    runtime.init_from_env()  # under torchrun: join the process group
     if args.resume:
         run_dir, last = resume_run(args.resume, args.set, allow_data_change=args.allow_data_change)
     else:
         run_dir, last = start_run(args.config, args.set)
-    from torch_mhc.train.checkpoint import latest_checkpoint
-
+    if not runtime.is_main_process():
+        return
     print(f"done. run directory: {run_dir}")
     print(f"  metrics:    {run_dir / 'metrics.jsonl'}")
-    print(f"  checkpoint: {latest_checkpoint(run_dir)}")
+    print(f"  checkpoint: {latest_any_checkpoint(run_dir)}")
     if "val_bpb" in last:
         print(f"  final validation: loss {last['val_loss']:.4f}, {last['val_bpb']:.4f} bits per byte")
 
@@ -71,6 +75,30 @@ def _cmd_compare(args) -> None:
         check_dir_path(args.out, "--out")
     report = compare(args.config, args.modes.split(","), args.set, args.out, variants=args.variant, seeds=seeds)
     print(f"report: {report}")
+
+
+def _cmd_export_weights(args) -> None:
+    from torch_mhc.distributed.checkpoint import export_weights, latest_any_checkpoint, read_trainer_state
+    from torch_mhc.train.checkpoint import load_checkpoint
+
+    path = Path(args.checkpoint)
+    if path.is_dir() and not (path / ".metadata").is_file():
+        path = latest_any_checkpoint(path)  # a run directory
+    if path.is_dir():
+        read_trainer_state(path)  # a committed distributed checkpoint, or a clear error
+        out = export_weights(path, args.out)
+    else:
+        from safetensors.torch import save_file
+
+        state = load_checkpoint(path)["model"]
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        seen, tensors = set(), {}
+        for k, v in state.items():  # tied weights share storage, which safetensors refuses: copy the second
+            tensors[k] = v.clone() if v.data_ptr() in seen else v.contiguous()
+            seen.add(v.data_ptr())
+        save_file(tensors, str(out), metadata={"source": str(path)})
+    print(out)
 
 
 def _cmd_plot(args) -> None:
@@ -143,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="", help="report directory (default: OUT_DIR/compare-<timestamp>)")
     c.set_defaults(func=_cmd_compare)
 
+    x = sub.add_parser("export-weights", parents=[common],
+                       help="write a run's latest model weights (distributed or not) as one safetensors file")
+    x.add_argument("checkpoint", help="a run directory, a dcp_step_* checkpoint directory or a step_*.pt file")
+    x.add_argument("out", help="the .safetensors file to write")
+    x.set_defaults(func=_cmd_export_weights)
+
     pl = sub.add_parser("plot", parents=[common], help="loss, grad-norm and gain plots for any runs")
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", default="plots")
@@ -179,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if getattr(args, "debug", False):
             raise
-        print(f"mhc {args.command}: error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" (rank {rank})" if rank is not None else ""
+        print(f"mhc {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         if getattr(args, "debug", False) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -191,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mhc {args.command}: interrupted; the last checkpoint is intact.", file=sys.stderr)
         return 130
+    finally:
+        if "torch" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

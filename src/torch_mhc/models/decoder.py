@@ -123,6 +123,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy (fp32) of logits ``[B, T, vocab]`` against targets ``[B, T]``."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
 class Attention(nn.Module):
     """Pre-norm causal self-attention sublayer: ``[B, T, dim] -> [B, T, dim]``."""
 
@@ -134,11 +139,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(self.norm(x))
+        B, T = qkv.shape[:2]  # heads and width from qkv: a tensor-parallel rank holds a share of the heads
+        q, k, v = qkv.view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class FeedForward(nn.Module):
@@ -243,25 +249,29 @@ class DecoderLM(nn.Module):
             moe.reset_balance()
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        B, T = idx.shape
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.cfg.max_seq_len}")
-        x = self.embed(idx)
-        if self.cfg.stream_dtype != "auto":
-            x = x.to(getattr(torch, self.cfg.stream_dtype))
-        h = expand_streams(x, self.cfg.streams)
+        h = self.enter_streams(idx)
         with self._recompute_context():
             for block in self.blocks:
                 h = block(h, self.rope_cos, self.rope_sin)
+        logits = self.leave_streams(h)
+        return logits, None if targets is None else lm_loss(logits, targets)
+
+    def enter_streams(self, idx: torch.Tensor) -> torch.Tensor:
+        """Tokens ``[B, T]`` -> stream state ``[B, T, n, dim]`` (the embedding, copied to n streams)."""
+        if idx.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(idx)
+        if self.cfg.stream_dtype != "auto":
+            x = x.to(getattr(torch, self.cfg.stream_dtype))
+        return expand_streams(x, self.cfg.streams)
+
+    def leave_streams(self, h: torch.Tensor) -> torch.Tensor:
+        """Stream state ``[B, T, n, dim]`` -> logits ``[B, T, vocab]`` (merge, final norm, LM head)."""
         if self.head_merge is not None:
             h = self.head_merge(h)
         else:
             h = merge_streams(h, "mean" if self.cfg.merge == "mean" else "sum")
-        logits = self.lm_head(self.norm(h))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return self.lm_head(self.norm(h))
 
     def recompute_interval(self) -> int:
         return self.cfg.recompute_every or optimal_interval(self.cfg.streams, 2 * self.cfg.n_layers)

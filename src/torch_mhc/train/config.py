@@ -44,6 +44,17 @@ class DivergedError(UserError):
 
 
 @dataclass
+class ParallelConfig:
+    """How many processes do what (see README "Multi-GPU / multi-node"); one process: all 1."""
+
+    dp_shard: int = -1  # FSDP2 shard degree; -1: the world size / (dp_replicate * tp * pp)
+    dp_replicate: int = 1  # replicas of the sharded model (HSDP when dp_shard > 1 too; DDP with dp_mode=ddp)
+    tp: int = 1  # tensor (and sequence) parallel degree; must divide model.n_heads
+    pp: int = 1  # pipeline stages
+    dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=128, n_layers=3, n_heads=4, max_seq_len=128))
     # start from a transformers model directory ('mhc convert' output, or a Llama/Qwen/Mistral one, converted with
@@ -81,6 +92,7 @@ class TrainConfig:
     compile: bool = False
     out_dir: str = "runs"
     run_name: str = ""  # empty: <connection>-<timestamp>
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         errors = []
@@ -125,6 +137,9 @@ class TrainConfig:
             name = problem.split(" must", 1)[0]
             if not any(f"{name} must" in e or f"{name.removeprefix('model.')} must" in e for e in errors):
                 errors.append(problem)
+        from torch_mhc.distributed.mesh import static_errors
+
+        errors += static_errors(self.parallel, self.model.n_heads, self.batch_size)
         if errors:
             raise UserError("invalid config: " + "; ".join(errors) + ".")
 
@@ -282,6 +297,8 @@ def config_from_dict(values: dict) -> TrainConfig:
 RESUME_MAY_CHANGE = (
     "steps", "lr", "weight_decay", "grad_clip", "connection_lr_scale", "schedule", "warmup", "min_lr_ratio",
     "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_ckpts", "diag_every", "device", "dtype", "compile",
+    # the layout: distributed (DCP) checkpoints reshard onto any number of processes
+    "parallel.dp_shard", "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.dp_mode",
 )
 
 

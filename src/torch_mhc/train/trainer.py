@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch, grad_norms_by_group
+from torch_mhc.distributed import checkpoint as dcp_ckpt
+from torch_mhc.distributed import runtime
+from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     load_model_state,
     raise_if_disk_full,
@@ -180,6 +182,7 @@ class Training:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int = 0
+    dist: runtime.DistContext | None = None  # None: one process, the plain run
 
 
 def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> Training:
@@ -188,31 +191,47 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     autocast_dtype = None
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
         autocast_dtype = torch.bfloat16
+    ctx = runtime.distributed_context(cfg, device)
+    if ctx is not None and cfg.init_from:
+        raise UserError("init_from (a converted transformers model) is not supported under torchrun yet; "
+                        "start from it with one process.")
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
-    data, _ = load_data(cfg, Path(run_dir).parent / "cache", log)
+    if ctx is None:
+        model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
+    else:
+        model = runtime.build_model(cfg.model, ctx, device, compile=cfg.compile, param_dtype=autocast_dtype)
+    data, _ = runtime.main_first(load_data, cfg, Path(run_dir).parent / "cache", log)
     groups = model.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start_step = 0
-    if resume_state is not None:
+    if resume_state is not None and "dcp_path" in resume_state:  # a distributed checkpoint, on any world size
+        state = runtime.agree(dcp_ckpt.load_distributed, resume_state["dcp_path"], model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start_step = state["step"]
+    elif resume_state is not None and ctx is not None:
+        raise UserError("this run's latest checkpoint is a single-process one: resume it with one process "
+                        "(its next checkpoints can then be resumed on any number).")
+    elif resume_state is not None:
         load_model_state(model, resume_state["model"], "of this run")
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
+    if resume_state is not None:
         changes = resume_state.get("changes", {})
         if set(changes) & set(SCHEDULE_KEYS):  # a loaded optimizer keeps its old lr and weight decay otherwise
             apply_optimizer_settings(optimizer, scheduler, model.param_groups(cfg.weight_decay, cfg.lr,
                                                                               cfg.connection_lr_scale),
                                      lr_factor(start_step, cfg))
         data_note = check_data(resume_state.get("data"), data.fingerprint, resume_state.get("allow_data_change", False))
-        if "path" in resume_state:
+        if "path" in resume_state and runtime.is_main_process():
             record_resume(run_dir, start_step, resume_state["path"], changes, data_note)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model) if cfg.compile and ctx is None else model
     model.train()
-    return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step)
+    return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step, ctx)
 
 
 def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
@@ -236,17 +255,27 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
     loss_sum = 0.0
     for micro in range(cfg.grad_accum):
         x, y = t.data.train_batch(step, cfg.batch_size, cfg.seed, micro)
+        if t.dist is not None:  # this rank's rows of the global batch
+            x, y = x[t.dist.rows], y[t.dist.rows]
         loss_sum += forward_backward(t, x, y, cfg.grad_accum)
-    norms = grad_norms_by_group(t.model) if group_norms else {}
-    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.model.parameters(), max_norm))
     loss = loss_sum / cfg.grad_accum
+    if t.dist is not None:
+        runtime.after_backward(t.model, t.dist)
+        loss = runtime.mean_over_ranks(loss)
+    norms = {}
+    if group_norms:
+        norms = (grad_norms_by_group if t.dist is None else runtime.grad_norms_by_role)(t.model)
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    clip = torch.nn.utils.clip_grad_norm_ if t.dist is None else clip_grad_norm_
+    grad_norm = float(clip(t.model.parameters(), max_norm))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
         problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
         raise DivergedError(step + 1, problem, cfg)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
+    if t.dist is not None:
+        sync_moe_load(t.model)
     for moe in t.model.moe_layers():
         moe.update_bias()
     return {"loss": loss, "grad_norm": grad_norm, **norms}
@@ -254,10 +283,13 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
 
 def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> dict:
     """Train ``cfg`` into ``run_dir``; returns the last metrics record."""
+    main = runtime.is_main_process()  # metrics, logs and plots: rank 0 only
+    log = log if main else (lambda *args, **kwargs: None)
     t = setup(cfg, run_dir, resume_state, log)
     model, data, device = t.model, t.data, t.device
-    atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
-    metrics = MetricsWriter(run_dir)
+    if main:
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+    metrics = MetricsWriter(run_dir) if main else None
     diag_idx = diagnostic_batch(data, cfg.batch_size).to(device) if cfg.diag_every else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
@@ -268,7 +300,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         f"{', bf16 autocast' if t.autocast_dtype else ''}; {cfg.steps} steps of {tokens_per_step} tokens")
 
     bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=t.start_step, desc="train", unit="step", dynamic_ncols=True)
@@ -301,9 +333,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                                        t.autocast_dtype, data.bytes_per_token))
             if diag_now:
                 diag = collect_diagnostics(model, diag_idx, step=done)
-                append_jsonl(run_dir / "diagnostics.jsonl", diag)
+                if main:
+                    append_jsonl(run_dir / "diagnostics.jsonl", diag)
                 record.update(diag["summary"])
-            metrics.write(record)
+            if metrics is not None:
+                metrics.write(record)
             last = record
             line = (f"step {done:>6}/{cfg.steps}  loss {loss_val:.4f}  lr {record['lr']:.2e}  "
                     f"|g| {record['grad_norm']:.2f}  {tok_s:,.0f} tok/s")
@@ -312,38 +346,54 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                 line += f" ({record['val_bpb']:.3f} bpb)" if "val_bpb" in record else ""
             (bar.write if bar is not None else log)(line)
             t_last, tokens_since = time.perf_counter(), 0
-        if done % cfg.ckpt_every == 0 or is_last:
+        if (done % cfg.ckpt_every == 0 or is_last) and t.dist is not None:
+            dcp_ckpt.save_distributed(run_dir, done, model, t.optimizer,
+                                      {"scheduler": t.scheduler.state_dict(), "config": cfg.to_dict(),
+                                       "bytes_per_token": data.bytes_per_token, "data": data.fingerprint},
+                                      cfg.keep_ckpts)
+        elif done % cfg.ckpt_every == 0 or is_last:
             save_checkpoint(run_dir, done, model, t.optimizer, t.scheduler, cfg.to_dict(),
                             {"bytes_per_token": data.bytes_per_token, "data": data.fingerprint}, cfg.keep_ckpts)
     if bar is not None:
         bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     return last
 
 
 def start_run(config_file: str | None, overrides: list[str], log=print) -> tuple[Path, dict]:
     """A new run in a freshly claimed directory (held for the run's life; removed if the start fails)."""
     cfg = build_config(config_file=config_file, overrides=overrides)
-    with claim_new_run_dir(cfg.out_dir, cfg.run_name, cfg.model.connection) as claim:
+    runtime.check_parallel(cfg)  # an impossible layout fails before any directory is made
+    if not runtime.is_main_process():
+        log = lambda *args, **kwargs: None  # noqa: E731
+    with runtime.claimed_on_main(lambda: claim_new_run_dir(cfg.out_dir, cfg.run_name, cfg.model.connection)) as path:
         if cfg.data:
             log(f"data: {cfg.data}")
         else:
             log("data: the Python standard library source (default corpus; --set data=PATH to use yours)")
-        log(f"run directory: {claim.path}")
-        return claim.path, train(cfg, claim.path, log=log)
+        log(f"run directory: {path}")
+        return path, train(cfg, path, log=log)
 
 
 def resume_run(run_dir: str, overrides: list[str], log=print, allow_data_change: bool = False) -> tuple[Path, dict]:
     """Continue ``run_dir`` from its newest checkpoint (which must verify) with ``overrides`` of the
-    settings a resume may change (``config.RESUME_MAY_CHANGE``), applied and recorded."""
-    with claim_run_dir(run_dir) as claim:
-        ckpt_path = latest_checkpoint(claim.path)
-        state = load_checkpoint(ckpt_path)
+    settings a resume may change (``config.RESUME_MAY_CHANGE``), applied and recorded. The newest
+    checkpoint may be a distributed one (DCP), resumed on any number of processes."""
+    if not runtime.is_main_process():
+        log = lambda *args, **kwargs: None  # noqa: E731
+    with runtime.claimed_on_main(lambda: claim_run_dir(run_dir)) as path:
+        ckpt_path = dcp_ckpt.latest_any_checkpoint(path)
+        if ckpt_path.is_dir():  # distributed (DCP): loaded into the parallelized model in setup
+            state = {**dcp_ckpt.read_trainer_state(ckpt_path), "dcp_path": ckpt_path}
+        else:
+            state = load_checkpoint(ckpt_path)
         old = config_from_dict(state["config"])
         cfg = build_config(base=old.to_dict(), overrides=overrides)
+        runtime.check_parallel(cfg)
         state.update(changes=resume_changes(old, cfg), allow_data_change=allow_data_change, path=ckpt_path)
         if state["step"] >= cfg.steps:
             raise UserError(f"run {run_dir} already finished its {cfg.steps} steps (checkpoint at step "
                             f"{state['step']}); pass --set steps=N with a larger N to train further.")
-        log(f"resuming {claim.path} from {ckpt_path.name} (step {state['step']})")
-        return claim.path, train(cfg, claim.path, resume_state=state, log=log)
+        log(f"resuming {path} from {ckpt_path.name} (step {state['step']})")
+        return path, train(cfg, path, resume_state=state, log=log)

@@ -1,0 +1,84 @@
+"""Apply parallelism to a built ``DecoderLM`` (torchtitan's order): tensor/sequence parallel ->
+activation checkpointing / mHC recompute -> torch.compile -> data parallel (FSDP2 or DDP).
+
+The model itself holds no parallel code. mHC's own selective recompute stays the model's setting
+(``model.recompute``); it runs unchanged inside each rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from torch_mhc.distributed.mesh import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *, compile: bool = False,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard/replicate ``model`` in place over ``mesh`` and return it (same class, same parameter names).
+
+    ``param_dtype``: FSDP2 mixed precision (e.g. bf16 on GPU: parameters all-gathered in bf16,
+    gradients reduced in fp32); None keeps the parameters' dtype.
+    """
+    if dims.tp > 1:
+        from torch_mhc.distributed.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"])
+    if compile:
+        for block in model.blocks:
+            block.compile()
+    dp_mesh = dims.dp_mesh(mesh)
+    if dp_mesh is None:
+        return model
+    if dims.dp_mode == "ddp":
+        apply_ddp(model, dp_mesh)
+    else:
+        apply_fsdp(model, dp_mesh, param_dtype)
+    return model
+
+
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: each block is one unit (its own all-gather / reduce-scatter), the root holds the rest
+    (embedding, final norm, head merge, LM head). A 2-D ``(dp_replicate, dp_shard)`` mesh is HSDP."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # the last block's parameters are needed again first in backward: keep them gathered
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:
+    """Plain data parallel (PyTorch DDP through the composable ``replicate``; names stay unchanged)."""
+    from torch.distributed._composable.replicate import replicate
+
+    cfg = getattr(model, "cfg", None)
+    # MoE experts that receive no token, and phi of static mHC, get no gradient in some steps
+    unused = cfg is not None and (cfg.moe or not cfg.dynamic)
+    replicate(model, device_mesh=dp_mesh, find_unused_parameters=unused)
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over plain and DTensor (sharded) gradients; returns the global norm."""
+    parameters = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in parameters]
+    norms = [torch.linalg.vector_norm(g, 2.0, dtype=torch.float32) for g in grads]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]  # a sharded grad's norm is partial
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0).item()  # as torch's clip_grad_norm_ computes it
+    for g in grads:  # one by one: plain and DTensor grads (on different meshes) do not mix in a foreach op
+        g.mul_(coef)
+    return total
+
+
+def sync_moe_load(model: nn.Module) -> None:
+    """Sum every MoE layer's expert-load counts over all ranks, so the load-balancing bias update
+    stays identical on every rank and equals the one-process update: it depends on
+    ``sign(mean(load) - load)`` only, which the sum over data-parallel ranks keeps (ranks that saw the
+    same tokens, e.g. tensor-parallel peers, scale every count alike)."""
+    for moe in model.moe_layers():
+        dist.all_reduce(moe.load)

@@ -1,0 +1,213 @@
+"""What the trainer needs to run under torchrun: the process group and mesh from ``cfg.parallel``,
+each rank's rows of the global batch, the collective parts of a step, rank-0-only output, and
+errors that reach every rank.
+
+One process with the default settings gives ``None`` from :func:`distributed_context`, and the
+trainer runs exactly as it does without this module.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from torch_mhc.distributed.mesh import ParallelDims, global_rows, launched_distributed
+from torch_mhc.train.config import UserError
+
+
+@dataclass
+class DistContext:
+    """This rank's place in the run."""
+
+    dims: ParallelDims
+    mesh: DeviceMesh
+    rank: int
+    rows: slice  # this rank's rows of every global (micro-)batch
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def init_from_env() -> None:
+    """Join torchrun's process group (env://): gloo for CPU tensors, plus nccl for CUDA ones."""
+    if launched_distributed() and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def check_parallel(cfg) -> ParallelDims:
+    """The parallel layout of ``cfg`` on this world (UserError naming the keys when impossible)."""
+    return ParallelDims.from_config(cfg.parallel, world_size())
+
+
+def distributed_context(cfg, device: torch.device) -> DistContext | None:
+    """None for one process (the plain run); else the mesh and this rank's batch rows."""
+    dims = check_parallel(cfg)
+    if not dims.enabled:
+        return None
+    if dims.pp > 1:
+        raise UserError("parallel.pp > 1 is not available in mhc train yet (see README: pipeline parallel).")
+    mesh = dims.build_mesh(device.type)
+    return DistContext(dims, mesh, dist.get_rank(), global_rows(cfg.batch_size, dims.dp, dims.dp_rank(mesh)))
+
+
+def build_model(model_cfg, ctx: DistContext, device: torch.device, *, compile: bool = False,
+                param_dtype: torch.dtype | None = None):
+    """The parallelized ``DecoderLM`` with exactly the one-process initial weights.
+
+    FSDP2: every rank builds the model on the meta device and shards it; only rank 0 builds the full
+    model (on the CPU, seeded as the plain run is), and its weights are scattered to the shards
+    (``broadcast_from_rank0``), so no other rank ever holds a full copy. DDP replicates the whole
+    model anyway, and the strided qkv shards of tensor parallel are not scattered correctly by
+    ``broadcast_from_rank0``: there every rank builds the full model (same seed, same weights) and
+    ``parallelize`` cuts its share out.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from torch_mhc.distributed.parallelize import parallelize
+    from torch_mhc.models.decoder import DecoderLM, rope_tables
+
+    if ctx.dims.dp_mode == "ddp" or ctx.dims.tp > 1:
+        return parallelize(DecoderLM(model_cfg).to(device), ctx.dims, ctx.mesh, compile=compile,
+                           param_dtype=param_dtype)
+    full = DecoderLM(model_cfg) if ctx.is_main else None
+    with torch.device("meta"):
+        model = DecoderLM(model_cfg)
+    parallelize(model, ctx.dims, ctx.mesh, compile=compile, param_dtype=param_dtype)
+    model.to_empty(device=device)
+    with torch.no_grad():  # buffers outside the state dict
+        cos, sin = rope_tables(model_cfg.max_seq_len, model_cfg.dim // model_cfg.n_heads, model_cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        for moe in model.moe_layers():
+            moe.reset_balance()
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def agree(fn, *args, **kwargs):
+    """Run ``fn`` on every rank; when it raises UserError on any rank, raise it on every rank (with
+    the failing rank named), so that all of them exit with the message instead of hanging."""
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    error, result = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except UserError as e:
+        error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if error is not None:
+        raise UserError(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise UserError(f"rank {failed[0][0]} failed: {failed[0][1]}")
+    return result
+
+
+def main_first(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0, then on the other ranks (e.g. rank 0 tokenises and writes the token cache,
+    the others read it); a UserError on any rank is raised on every rank."""
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    rank, result, box = dist.get_rank(), None, [None]
+    if rank == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except UserError as e:
+            box[0] = str(e)
+    dist.broadcast_object_list(box, src=0)  # only the error travels, never the result
+    if box[0] is not None:
+        raise UserError(box[0] if rank == 0 else f"rank 0 failed: {box[0]}")
+    return agree(lambda: result if rank == 0 else fn(*args, **kwargs))
+
+
+def from_main(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only and hand its result (or its UserError) to every rank."""
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn(*args, **kwargs))
+        except UserError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+@contextmanager
+def claimed_on_main(make_claim):
+    """Enter ``make_claim()`` (a run-directory claim: lock, removed on a failed start) on rank 0 only,
+    for the whole run; yields its path on every rank (a UserError of the claim reaches every rank)."""
+    if not dist.is_initialized():
+        with make_claim() as claim:
+            yield claim.path
+        return
+    with ExitStack() as stack:
+        box = [None]
+        if dist.get_rank() == 0:
+            try:
+                box[0] = ("ok", stack.enter_context(make_claim()).path)
+            except UserError as e:
+                box[0] = ("error", str(e))
+        dist.broadcast_object_list(box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise UserError(value)
+        yield Path(value)
+
+
+def mean_over_ranks(value: float) -> float:
+    """The mean of a per-rank scalar (the loss of each rank's rows -> the global batch's loss)."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+def grad_norms_by_role(model) -> dict[str, float]:
+    """``grad_norm_<role>`` over all ranks' gradients (collective; plain or DTensor gradients)."""
+    roles = model.parameter_roles()
+    sums: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            s = p.grad.detach().float().square().sum()
+            s = s.full_tensor() if isinstance(s, DTensor) else s
+            role = roles[name][0]
+            sums[role] = sums.get(role, 0.0) + s
+    return {f"grad_norm_{k}": float(v) ** 0.5 for k, v in sums.items()}
+
+
+def after_backward(model, ctx: DistContext) -> None:
+    """Collectives between backward and clipping: the TP-replicated parameters' gradient sums."""
+    if ctx.dims.tp > 1:
+        from torch_mhc.distributed.tensor_parallel import reduce_tp_partial_grads
+
+        reduce_tp_partial_grads(model, ctx.mesh["tp"])
+
+
+def finish() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,104 @@
+"""Tensor parallel with sequence parallel (Megatron-style) on DTensor ``parallelize_module``.
+
+Between sublayers every TP rank holds its own share of the tokens: the stream state
+``[B, S/tp, n, C]`` is a plain local tensor. The mHC coefficient, pre and post maps are per token,
+so they run on that local share with no communication; their parameters (phi, bias, alpha; HC's;
+the head merge's) stay plain replicated tensors, and their gradients, partial sums over each rank's
+tokens, are summed over the TP group by :func:`reduce_tp_partial_grads` after backward.
+
+Inside a sublayer: the norm runs sequence-parallel, the tokens are all-gathered, ``qkv`` / ``w1`` /
+``w3`` are column-parallel (each rank a share of the heads / hidden units), ``proj`` / ``w2``
+row-parallel with a reduce-scatter back to the token shards. The fused ``qkv`` weight
+``[3C, C]`` is sharded as ``_StridedShard(0, split_factor=3)`` so each rank holds the rows of its
+heads in q, k and v alike. The embedding is row-parallel into token shards; the LM head
+column-parallel with the full logits on every rank (the loss is then the same on all TP ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.placement_types import _StridedShard
+
+from torch_mhc.train.config import UserError
+
+
+class FusedQKVColwise(ColwiseParallel):
+    """Column parallel for a fused ``[3C, C]`` q|k|v weight: rank r holds q_r, k_r and v_r."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for pname, param in module.named_parameters():
+            dist_param = distribute_tensor(param, device_mesh, [_StridedShard(0, split_factor=3)])
+            module.register_parameter(pname, nn.Parameter(dist_param, requires_grad=param.requires_grad))
+
+    @staticmethod
+    def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+        # the output is strided-sharded on the last dim like the weight's rows: this rank's q|k|v heads
+        return outputs.to_local()
+
+
+def check_tensor_parallel(model: nn.Module, tp: int) -> None:
+    cfg = model.cfg
+    problems = []
+    if cfg.n_heads % tp:
+        problems.append(f"parallel.tp ({tp}) must divide model.n_heads ({cfg.n_heads})")
+    if cfg.moe:
+        problems.append("model.moe with parallel.tp > 1 is not supported (experts are sharded by FSDP2; "
+                        "expert parallel is not built)")
+    if cfg.tie_embeddings:
+        problems.append("model.tie_embeddings with parallel.tp > 1 is not supported (the embedding is "
+                        "row-parallel, the LM head column-parallel)")
+    if problems:
+        raise UserError("invalid parallel settings: " + "; ".join(problems) + ".")
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Shard ``model``'s attention and FFN weights over ``tp_mesh`` and make it sequence-parallel."""
+    check_tensor_parallel(model, tp_mesh.size())
+    parallelize_module(model, tp_mesh, {
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    })
+    for block in model.blocks:
+        parallelize_module(block, tp_mesh, {
+            "attn.sublayer.norm": SequenceParallel(),
+            "attn.sublayer.qkv": FusedQKVColwise(input_layouts=Shard(1)),
+            "attn.sublayer.proj": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn.sublayer.norm": SequenceParallel(),
+            "ffn.sublayer.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "ffn.sublayer.mlp.w1": ColwiseParallel(),
+            "ffn.sublayer.mlp.w3": ColwiseParallel(),
+            "ffn.sublayer.mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def tp_partial_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters replicated over the TP group whose gradients are per-rank partial sums: the ones
+    that are not DTensors on a mesh with a ``tp`` dimension (connections and the head merge)."""
+    out = []
+    for p in model.parameters():
+        names = (p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
+        if "tp" not in names:
+            out.append(p)
+    return out
+
+
+@torch.no_grad()
+def reduce_tp_partial_grads(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Sum the gradients of :func:`tp_partial_params` over the TP group (after backward, before
+    clipping). Under FSDP2 the gradient is this rank's data-parallel shard; the sums commute."""
+    group = tp_mesh.get_group()
+    for p in tp_partial_params(model):
+        if p.grad is not None:
+            dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=group)

@@ -1,0 +1,60 @@
+"""Run a function on N gloo processes (CPU) for the distributed tests; results come back per rank."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from torch_mhc.models import DecoderLM, ModelConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, world: int, tmp_path, *args) -> list:
+    """``fn(rank, world, *args)`` on ``world`` processes in one gloo group; returns each rank's result."""
+    out = tmp_path / f"results-{fn.__name__}-{world}"
+    out.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_entry, args=(world, free_port(), fn, args, str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    base = dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, max_seq_len=16, n_streams=4, sinkhorn_iters=5)
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides) -> DecoderLM:
+    torch.manual_seed(seed)
+    return DecoderLM(tiny_config(**overrides))
+
+
+def batches(steps: int, batch: int, seq: int, vocab: int = 64, seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    """Fresh random global batches (inputs, targets) ``[batch, seq]`` each."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        t = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
