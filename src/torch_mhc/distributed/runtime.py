@@ -141,14 +141,13 @@ def main_first(fn, *args, **kwargs):
     return agree(lambda: result if rank == 0 else fn(*args, **kwargs))
 
 
-def from_main(fn, *args, **kwargs):
-    """Run ``fn`` on rank 0 only and hand its result (or its UserError) to every rank."""
-    if not dist.is_initialized():
-        return fn(*args, **kwargs)
+def _outcome_of_main(fn):
+    """Call ``fn()`` on rank 0 (initialised group) and return its result on every rank, or raise its
+    UserError on every rank."""
     box = [None]
     if dist.get_rank() == 0:
         try:
-            box[0] = ("ok", fn(*args, **kwargs))
+            box[0] = ("ok", fn())
         except UserError as e:
             box[0] = ("error", str(e))
     dist.broadcast_object_list(box, src=0)
@@ -156,6 +155,13 @@ def from_main(fn, *args, **kwargs):
     if kind == "error":
         raise UserError(value)
     return value
+
+
+def from_main(fn, *args, **kwargs):
+    """Run ``fn`` on rank 0 only and hand its result (or its UserError) to every rank."""
+    if not dist.is_initialized():
+        return fn(*args, **kwargs)
+    return _outcome_of_main(lambda: fn(*args, **kwargs))
 
 
 @contextmanager
@@ -167,17 +173,7 @@ def claimed_on_main(make_claim):
             yield claim.path
         return
     with ExitStack() as stack:
-        box = [None]
-        if dist.get_rank() == 0:
-            try:
-                box[0] = ("ok", stack.enter_context(make_claim()).path)
-            except UserError as e:
-                box[0] = ("error", str(e))
-        dist.broadcast_object_list(box, src=0)
-        kind, value = box[0]
-        if kind == "error":
-            raise UserError(value)
-        yield Path(value)
+        yield Path(_outcome_of_main(lambda: str(stack.enter_context(make_claim()).path)))
 
 
 def mean_over_ranks(value: float) -> float:
