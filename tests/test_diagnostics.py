@@ -84,7 +84,7 @@ def test_compare_end_to_end(tmp_path, small_text, capsys):
 
 
 def test_compare_with_seeds(tmp_path):
-    from torch_mhc.diagnostics.report import compare
+    from torch_mhc.reports.report import compare
 
     sets = [*TINY, "steps=3", "eval_every=3", "diag_every=3", f"data={Path(__file__)}"]
     report = compare(None, ["residual", "mhc"], sets, str(tmp_path / "r"), seeds=[1, 2], log=lambda *_: None)
@@ -97,7 +97,7 @@ def test_compare_with_seeds(tmp_path):
 
 
 def test_variant_parsing():
-    from torch_mhc.diagnostics.report import _parse_variants
+    from torch_mhc.reports.report import _parse_variants
 
     runs = _parse_variants(["mhc"], ["pre-res:model.learn=pre,res,model.sinkhorn_iters=5", "n2:model.n_streams=2"])
     assert runs == [("mhc", ["model.connection=mhc"]),

@@ -53,7 +53,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_diagnose(args) -> None:
-    from torch_mhc.diagnostics.report import diagnose_run
+    from torch_mhc.reports.report import diagnose_run
     from torch_mhc.train.rundir import ensure_dir
 
     if args.out:
@@ -63,7 +63,7 @@ def _cmd_diagnose(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from torch_mhc.diagnostics.report import compare
+    from torch_mhc.reports.report import compare
 
     try:
         seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
@@ -102,7 +102,7 @@ def _cmd_export_weights(args) -> None:
 
 
 def _cmd_plot(args) -> None:
-    from torch_mhc.diagnostics.plots import plot_runs
+    from torch_mhc.reports.plots import plot_runs
 
     for path in plot_runs(args.run_dirs, Path(args.out)):
         print(path)

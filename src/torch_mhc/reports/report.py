@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch
-from torch_mhc.diagnostics.plots import plot_gains, plot_heatmaps, plot_runs, read_jsonl
 from torch_mhc.models.decoder import CONNECTIONS
+from torch_mhc.reports.plots import plot_gains, plot_heatmaps, plot_runs, read_jsonl
 from torch_mhc.train.config import UserError, build_config
 
 
