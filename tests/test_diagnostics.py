@@ -122,7 +122,8 @@ def test_collected_layers_hold_alpha_and_stream_health():
             assert key in layer
     assert d["layers"][0]["stream_copy_dist"] < 1e-6  # the first sublayer reads n copies of the embedding
     assert d["layers"][-1]["stream_copy_dist"] > 0
-    assert d["summary"]["max_abs_alpha"] == pytest.approx(max(abs(a) for c in model.connections() for a in c.alpha.tolist()))
+    alphas = [abs(a) for c in model.connections() for a in c.alpha.tolist()]
+    assert d["summary"]["max_abs_alpha"] == pytest.approx(max(alphas))
 
 
 def test_plot_and_diagnose_a_run(tmp_path, small_text, capsys):

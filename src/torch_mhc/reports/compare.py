@@ -128,7 +128,8 @@ def test_loss(run_dir: Path, cfg: TrainConfig) -> dict:
     split = TokenData(test[:0], test, cfg.seq_len, bytes_per_token(meta, tokenizer))
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
-    r = evaluate(model, split.val_batches(cfg.batch_size, TEST_BATCHES_PER_EVAL_BATCH * cfg.eval_batches), device, autocast, split.bytes_per_token)
+    batches = split.val_batches(cfg.batch_size, TEST_BATCHES_PER_EVAL_BATCH * cfg.eval_batches)
+    r = evaluate(model, batches, device, autocast, split.bytes_per_token)
     return {"test_loss": r["val_loss"], "test_bpb": r.get("val_bpb"), "test_step": state["step"]}
 
 
