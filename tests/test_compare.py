@@ -126,6 +126,19 @@ def test_test_split_is_held_out():
         build_config(overrides=["val_fraction=0.5", "test_fraction=0.5"])
 
 
+def test_training_reads_no_test_token(tmp_path, shakespeare):
+    from torch_mhc.train.trainer import load_data
+
+    cfg = build_config(overrides=[f"data={shakespeare}", "val_fraction=0.1", "test_fraction=0.1"])
+    data, _ = load_data(cfg, tmp_path / "cache", log=lambda *_: None)
+    whole, _ = load_data(build_config(overrides=[f"data={shakespeare}"]), tmp_path / "cache", log=lambda *_: None)
+    total = whole.train.size + whole.val.size
+    n_test = int(total * 0.1)
+    assert data.train.size + data.val.size == total - n_test
+    tokens = np.concatenate([whole.train, whole.val])
+    assert np.array_equal(data.val[-50:], tokens[total - n_test - 50: total - n_test])  # test follows validation
+
+
 # ---- the protocol end to end, tiny ---------------------------------------------------------------
 
 def _sets(data, *extra):
@@ -157,6 +170,7 @@ def test_protocol_end_to_end_with_edge_extension_and_resume(tmp_path, shakespear
     for r in summary["runs"]:
         assert r["status"] == "finished" and r["test_loss"] > 0 and r["val_loss"] > 0
         assert r["lr"] in (1e-4, 1e-3, 0.01) and r["seed"] in (1, 2)
+        assert r["grad_spike_over"] == "every step" and r["grad_spike"] >= 1
     assert p["arms"]["mhc"]["params"] > p["arms"]["residual"]["params"]
     mhc_gap = by_name["mhc-lr0.001-seed1"]["test_loss"] - by_name["residual-lr0.001-seed1"]["test_loss"]
     assert p["arms"]["mhc"]["gap_to_residual_at_common_lr"]["per_seed"]["1"] == pytest.approx(mhc_gap) or \
@@ -222,7 +236,7 @@ def test_compare_bad_inputs(tmp_path, capsys):
     assert "unknown mode 'dense'" in capsys.readouterr().err
     assert main(["compare", "--lrs", "1e-3,fast", "--out", str(tmp_path / "r")]) == 2
     assert "--lrs expects" in capsys.readouterr().err
-    assert main(["compare", "--lrs", "-1e-3", "--out", str(tmp_path / "r")]) == 2
+    assert main(["compare", "--lrs=-1e-3", "--out", str(tmp_path / "r")]) == 2
     assert main(["compare", "--modes", "mhc", "--variant", "nocolon", "--out", str(tmp_path / "r")]) == 2
     assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
     assert "plan.json not found" in capsys.readouterr().err
