@@ -264,7 +264,8 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
         if report_dir.exists() and any(report_dir.iterdir()):
             raise UserError(f"report directory {report_dir} exists and is not empty; nothing was overwritten. "
                             f"Choose another --out, or continue it with --resume {report_dir}.")
-        command = "mhc " + " ".join(sys.argv[1:]) if sys.argv and "mhc" in Path(sys.argv[0]).name else "compare(...)"
+        from_cli = sys.argv and (Path(sys.argv[0]).name == "mhc" or sys.argv[0].endswith("torch_mhc/__main__.py"))
+        command = "mhc " + " ".join(sys.argv[1:]) if from_cli else "compare(...)"
         plan = Plan(base_cfg.to_dict(), arms, lrs, seeds, command)
     runs_dir = report_dir / "runs"
     cfgs = {(a, lr, s): plan.config(a, lr, s, runs_dir) for s in plan.seeds for lr in plan.lrs for a, _ in plan.arms}
