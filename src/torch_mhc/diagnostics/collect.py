@@ -102,7 +102,7 @@ def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
         "max_single_fwd_gain": max(gains["single_fwd"]), "max_single_bwd_gain": max(gains["single_bwd"]),
         "max_composite_fwd_gain": max(gains["composite_fwd"]), "max_composite_bwd_gain": max(gains["composite_bwd"]),
         "max_abs_alpha": max(alphas) if alphas else None,
-        "min_stream_copy_dist": min(s["stream_copy_dist"] for s in layers),
+        "mean_stream_copy_dist": mean_stream_copy_dist(layers),
         "max_read_share": max(s["max_read_share"] for s in layers),
         "max_write_share": max(s["max_write_share"] for s in layers),
     }
@@ -112,6 +112,13 @@ def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
     summary = {k: v for k, v in summary.items() if v is not None and math.isfinite(v)}
     return {"step": step, "summary": summary, "gains": gains, "layers": layers,
             "h_res_mean": mean_res.tolist()}
+
+
+def mean_stream_copy_dist(layers: list[dict]) -> float:
+    """Mean over layers of the streams' distance from copies, leaving out the first layer (whose input is
+    n copies of the embedding by construction) when there are others."""
+    values = [s["stream_copy_dist"] for s in layers]
+    return sum(values[1:] or values) / len(values[1:] or values)
 
 
 def grad_norms_by_group(model) -> dict[str, float]:

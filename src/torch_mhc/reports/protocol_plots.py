@@ -110,14 +110,16 @@ def plot_connection_health(protocol: dict, rows: list[dict], runs_dir: Path, out
             if steps:
                 axes[0][1].plot(steps, vals, style, color=_color(i), label=f"{arm} {key.replace('_', ' ')}")
         if runs[0]["n"] > 1:
-            axes[1][0].plot(*_per_layer(diags, "stream_copy_dist", min), color=_color(i), label=f"{arm} min")
-            axes[1][0].plot(*_per_layer(diags, "stream_copy_dist", statistics.fmean), "--", color=_color(i),
+            after_first = [{**d, "layers": d["layers"][1:] or d["layers"]} for d in diags]  # layer 0 reads copies
+            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", statistics.fmean), color=_color(i),
                             label=f"{arm} mean")
+            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", min), "--", color=_color(i),
+                            label=f"{arm} min")
             axes[1][1].plot(*_per_layer(diags, "res_dist_identity", statistics.fmean), color=_color(i),
                             label=f"{arm} mean")
             axes[1][1].plot(*_per_layer(diags, "res_dist_identity"), "--", color=_color(i), label=f"{arm} max")
     titles = (("max |alpha| over layers", "|alpha|"), ("saturated fraction (max over layers)", "fraction"),
-              ("distance of the streams from copies of each other", "relative spread"),
+              ("distance of the streams from copies of each other (layers after the first)", "relative spread"),
               ("||mean H_res - I||_F over layers", "distance"))
     for ax, (title, ylabel) in zip(axes.flat, titles):
         ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
