@@ -126,6 +126,15 @@ def test_collected_layers_hold_alpha_and_stream_health():
     assert d["summary"]["max_abs_alpha"] == pytest.approx(max(alphas))
 
 
+def test_fixed_h_res_reports_no_underflow():
+    torch.manual_seed(2)
+    cfg = ModelConfig(dim=16, n_layers=1, n_heads=2, max_seq_len=8, connection="mhc", learn=["pre", "post"])
+    model = DecoderLM(cfg)
+    d = collect_diagnostics(model, torch.randint(0, 256, (2, 8)), step=1)
+    assert "res_zero_frac" not in d["layers"][0] and "max_res_zero_frac" not in d["summary"]
+    assert "pre_saturated" in d["layers"][0]
+
+
 def test_plot_and_diagnose_a_run(tmp_path, small_text, capsys):
     sets = [*TINY, f"data={small_text}", f"out_dir={tmp_path / 'runs'}"]
     for name, conn in (("hc", "hc"), ("mhc", "mhc")):

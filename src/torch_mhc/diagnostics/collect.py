@@ -76,6 +76,8 @@ def layer_stats(conn, streams: torch.Tensor, coeffs: tuple[torch.Tensor, torch.T
              "alpha": connection_alpha(conn)}
     if hasattr(conn, "projection"):  # sigmoid and exp saturation only exist in mHC
         stats.update(saturation_stats(*coeffs))
+        if "res" not in conn.learn:  # H_res fixed to I: its zeros are not underflow
+            del stats["res_zero_frac"]
     logits = dynamic_logits(conn, streams)
     if logits is not None:
         stats.update(logit_spread(logits, streams.shape[-2]))
@@ -107,8 +109,8 @@ def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
         "max_write_share": max(s["max_write_share"] for s in layers),
     }
     for key in ("pre_saturated", "post_saturated", "res_zero_frac"):
-        if key in layers[0]:
-            summary[f"max_{key}"] = max(s[key] for s in layers)
+        if any(key in s for s in layers):
+            summary[f"max_{key}"] = max(s[key] for s in layers if key in s)
     summary = {k: v for k, v in summary.items() if v is not None and math.isfinite(v)}
     return {"step": step, "summary": summary, "gains": gains, "layers": layers,
             "h_res_mean": mean_res.tolist()}

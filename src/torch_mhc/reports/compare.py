@@ -203,6 +203,8 @@ def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, res
            "max_grad_norm": max(norms, default=None), "stream_copy_dist": _final_stream_copy_dist(run_dir),
            "tokens_per_s": _last(metrics, "tokens_per_s"), "wall_s": result.get("wall_s")}
     row.update({k: _max(metrics, k) for k in DIAG_MAXIMA})
+    if cfg.model.connection != "mhc" or "res" not in cfg.model.learn:
+        row["max_res_zero_frac"] = None  # only a learned mHC H_res has entries that underflow
     if result["status"] != "finished":
         row["val_loss"] = row["val_bpb"] = None  # a diverged run has no final validation loss
     return row
