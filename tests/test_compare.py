@@ -11,7 +11,7 @@ from torch_mhc.cli import main
 from torch_mhc.reports import stats
 from torch_mhc.reports.compare import BASELINE, Plan, build_protocol, compare, parse_arms
 from torch_mhc.train.checkpoint import list_checkpoints
-from torch_mhc.train.config import UserError, build_config
+from torch_mhc.train.config import DivergedError, UserError, build_config
 from torch_mhc.train.data import TokenData, split_off_test
 
 # a tiny model on tiny shakespeare: about a second per run
@@ -214,7 +214,7 @@ def test_diverged_arm_is_recorded_and_the_others_go_on(tmp_path, shakespeare, mo
 
     def train(cfg, run_dir, **kw):
         if cfg.model.connection == "mhc" and cfg.lr > 5e-4:
-            raise UserError(f"training diverged at step 3: loss is nan (fake, {run_dir.name})")
+            raise DivergedError(3, "the loss is nan", cfg)
         return real_train(cfg, run_dir, **kw)
 
     monkeypatch.setattr(trainer, "train", train)
@@ -222,7 +222,8 @@ def test_diverged_arm_is_recorded_and_the_others_go_on(tmp_path, shakespeare, mo
     compare(None, ["residual", "mhc"], _sets(shakespeare), str(out), seeds=[1], lrs=[1e-3], log=lambda *_: None)
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["runs"]}
-    assert rows["mhc-lr0.001-seed1"]["status"] == "diverged" and "loss is nan" in rows["mhc-lr0.001-seed1"]["message"]
+    diverged = rows["mhc-lr0.001-seed1"]
+    assert diverged["status"] == "diverged" and "the loss is nan" in diverged["message"]
     assert rows["mhc-lr0.001-seed1"]["test_loss"] is None and rows["residual-lr0.001-seed1"]["test_loss"] > 0
     mhc = summary["protocol"]["arms"]["mhc"]
     assert mhc["selected_lr"] is None and mhc["gap_to_residual"] is None
@@ -242,3 +243,14 @@ def test_compare_bad_inputs(tmp_path, capsys):
     assert "plan.json not found" in capsys.readouterr().err
     assert main(["compare", "--set", f"data={tmp_path / 'missing.txt'}", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r" / "plan.json").exists()
+
+
+def test_a_really_diverging_arm(tmp_path, shakespeare):
+    """An arm whose loss is not finite at step 1 (absurd init) is recorded from the trainer's DivergedError."""
+    out = tmp_path / "cmp"
+    compare(None, ["residual"], _sets(shakespeare), str(out), variants=["boom:model.init_std=1e25"], lrs=[1e-3],
+            log=lambda *_: None)
+    rows = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert rows["boom"]["status"] == "diverged" and "training diverged at step 1" in rows["boom"]["message"]
+    assert rows["residual"]["status"] == "finished"
+    assert json.loads((out / "runs" / rows["boom"]["name"] / "result.json").read_text())["step"] == 1

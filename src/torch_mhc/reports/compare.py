@@ -28,7 +28,7 @@ from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.reports import stats
 from torch_mhc.reports.plots import read_jsonl
 from torch_mhc.train.checkpoint import CKPT_RE, list_checkpoints, load_checkpoint
-from torch_mhc.train.config import TrainConfig, UserError, build_config
+from torch_mhc.train.config import DivergedError, TrainConfig, UserError, build_config
 
 # Modes of --modes: the overrides that make each arm. mhc-gate: one stream, so mHC is a per-token
 # gate on F's output alone; mhc-identity: H_res fixed to I, H_pre and H_post learned.
@@ -137,7 +137,9 @@ def test_loss(run_dir: Path, cfg: TrainConfig) -> dict:
 def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
     """Bring one run to its end and return its ``result.json``: kept when it exists (finished or
     diverged); a run whose final checkpoint exists only gets its test loss; a run with an earlier
-    checkpoint resumes from it; a run without one restarts from scratch."""
+    checkpoint resumes from it; a run without one restarts from scratch. The run directory is locked
+    while it trains (``train.rundir``), so two resumes of one comparison cannot write one run."""
+    from torch_mhc.train.rundir import claim_new_run_dir, claim_run_dir
     from torch_mhc.train.trainer import train
 
     result_path = run_dir / RESULT
@@ -150,18 +152,23 @@ def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
     try:
         if ckpts and last_step < cfg.steps:
             log(f"== {run_dir.name}: resuming from step {last_step}")
-            train(cfg, run_dir, resume_state=load_checkpoint(ckpts[-1]), log=log)
+            with claim_run_dir(run_dir) as claim:
+                state = load_checkpoint(ckpts[-1])
+                state["path"] = ckpts[-1]  # recorded in resumes.jsonl
+                train(cfg, claim.path, resume_state=state, log=log)
         elif not ckpts:
             if run_dir.exists():
                 log(f"== {run_dir.name}: restarting (no checkpoint was written)")
-                shutil.rmtree(run_dir)
+                with claim_run_dir(run_dir):  # not while another process writes it
+                    shutil.rmtree(run_dir)
             else:
                 log(f"== {run_dir.name}: {cfg.model.connection}, n={cfg.model.streams}, lr {cfg.lr:g}, seed {cfg.seed}")
-            run_dir.mkdir(parents=True)
-            train(cfg, run_dir, log=log)
-    except UserError as e:  # divergence (a non-finite loss); the other runs go on
-        result = {"status": "diverged", "message": str(e), "wall_s": time.perf_counter() - t0}
+            with claim_new_run_dir(run_dir.parent, run_dir.name, cfg.model.connection) as claim:
+                train(cfg, claim.path, log=log)
+    except DivergedError as e:  # a non-finite loss, gradient or weights: recorded, and the other runs go on
+        result = {"status": "diverged", "message": str(e), "step": e.step, "wall_s": time.perf_counter() - t0}
         log(f"== {run_dir.name}: diverged: {e}")
+        run_dir.mkdir(parents=True, exist_ok=True)
     else:
         result = {"status": "finished", "wall_s": time.perf_counter() - t0, **test_loss(run_dir, cfg)}
     result_path.write_text(json.dumps(result, indent=2))
