@@ -20,22 +20,26 @@ from torch_mhc.diagnostics.gains import (
 def record_coefficients(model, idx: torch.Tensor, streams: list | None = None
                         ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Run ``model(idx)`` and return each connection's (H_pre, H_post, H_res) over the batch's tokens.
-    When a list is given as ``streams``, each connection's input streams ``[B, T, n, C]`` are appended to it."""
+    When a list is given as ``streams``, it receives each connection's input streams ``[B, T, n, C]``
+    in the order of ``model.connections()`` (taken in ``pre``, so models that call ``pre``/``post``
+    themselves are covered too)."""
     conns = model.connections()
     was_training = model.training
     model.eval()
-    hooks = [c.register_forward_pre_hook(lambda _, args: streams.append(args[0].detach()))
-             for c in conns] if streams is not None else []
-    for c in conns:
+    seen: dict[int, torch.Tensor] = {}
+    for i, c in enumerate(conns):
         c.record, c.recorded = True, None
+        if streams is not None:  # an instance attribute shadows the method until it is deleted below
+            c.pre = lambda x, *a, _i=i, _pre=c.pre, **k: (seen.setdefault(_i, x.detach()), _pre(x, *a, **k))[1]
     try:
         model(idx)
+        if streams is not None:
+            streams.extend(seen[i] for i in range(len(conns)))
         return [c.recorded for c in conns]
     finally:
         for c in conns:
             c.record, c.recorded = False, None
-        for h in hooks:
-            h.remove()
+            c.__dict__.pop("pre", None)
         model.train(was_training)
 
 
