@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 import torch_mhc
 
 PKG = Path(torch_mhc.__file__).parent
@@ -75,28 +73,10 @@ def test_find_cycle_on_handmade_graphs():
     assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
 
 
-# A known cycle, to be removed: train/trainer.py (build_model, for init_from) imports
-# integrations/convert.py, while integrations imports train (UserError, tokenizers, load_run for export).
-KNOWN_CYCLES = [("integrations", "train")]
-
-
-def without_known_cycles(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    """The graph less the ``train -> integrations`` edge of each known cycle."""
-    cut = {room: set(targets) for room, targets in graph.items()}
-    for upper, lower in KNOWN_CYCLES:
-        cut.get(lower, set()).discard(upper)
-    return cut
-
-
 def test_no_room_imports_a_room_that_imports_it_back():
-    graph = without_known_cycles(room_graph())
-    assert {"nn", "ops", "models", "train", "diagnostics", "reports"} <= set(graph)
-    assert find_cycle(graph) is None, f"import cycle between folders: {' -> '.join(find_cycle(graph))}"
-
-
-@pytest.mark.xfail(strict=True, reason="known cycle integrations <-> train (KNOWN_CYCLES); remove it, then this test")
-def test_the_whole_package_is_acyclic():
-    cycle = find_cycle(room_graph())
+    graph = room_graph()
+    assert {"nn", "ops", "models", "train", "diagnostics", "reports", "integrations"} <= set(graph)
+    cycle = find_cycle(graph)
     assert cycle is None, f"import cycle between folders: {' -> '.join(cycle)}"
 
 
