@@ -3,6 +3,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 import torch_mhc
 
 PKG = Path(torch_mhc.__file__).parent
@@ -12,7 +14,9 @@ def imported_modules(path: Path) -> set[str]:
     """Every ``torch_mhc...`` module a file imports, at the top or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torch_mhc"):
+        if isinstance(node, ast.ImportFrom) and node.module == "torch_mhc":  # from torch_mhc import ops
+            found |= {f"torch_mhc.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torch_mhc"):
             found.add(node.module)
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("torch_mhc")}
@@ -27,3 +31,78 @@ def test_ops_imports_only_the_ground_floor():
 
 def test_numerics_imports_nothing_from_the_package():
     assert imported_modules(PKG / "numerics.py") == set()
+
+
+def room_of_module(module: str) -> str:
+    """The room (first-level folder or top-level module) of a ``torch_mhc...`` module name."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def room_graph() -> dict[str, set[str]]:
+    """Room -> the other rooms its files import (at the top or inside functions)."""
+    graph: dict[str, set[str]] = {}
+    for path in PKG.rglob("*.py"):
+        rel = path.relative_to(PKG)
+        room = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        graph.setdefault(room, set()).update(r for m in imported_modules(path) if (r := room_of_module(m)) != room)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph as a list of nodes (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_find_cycle_on_handmade_graphs():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
+
+
+# Known cycles, to be removed (edge cut here: the first room's imports of the second): distributed/
+# imports train/ (config's UserError, ParallelConfig, build_config; train.checkpoint) while
+# train/trainer.py and train/config.py import distributed/.
+KNOWN_CYCLES = [("distributed", "train")]
+
+
+def without_known_cycles(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph less the edge ``lower -> upper`` of each known cycle ``(lower, upper)``."""
+    cut = {room: set(targets) for room, targets in graph.items()}
+    for lower, upper in KNOWN_CYCLES:
+        cut.get(lower, set()).discard(upper)
+    return cut
+
+
+def test_no_room_imports_a_room_that_imports_it_back():
+    graph = without_known_cycles(room_graph())
+    assert {"nn", "ops", "models", "train", "diagnostics", "reports", "integrations"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle between folders: {' -> '.join(cycle)}"
+
+
+@pytest.mark.xfail(strict=True, reason="known cycle distributed <-> train (KNOWN_CYCLES); remove it, then this mark")
+def test_the_whole_package_is_acyclic():
+    cycle = find_cycle(room_graph())
+    assert cycle is None, f"import cycle between folders: {' -> '.join(cycle)}"
+
+
+def test_diagnostics_sit_below_train_and_reports_above():
+    graph = room_graph()
+    assert "train" not in graph["diagnostics"] and "reports" not in graph["diagnostics"]
+    assert "reports" not in graph["train"]

@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, TINY
 from torch_mhc.cli import main
-from torch_mhc.diagnostics.plots import plot_runs, read_jsonl, run_labels
+from torch_mhc.reports.plots import plot_runs, read_jsonl, run_labels
 from torch_mhc.train import checkpoint as ckpt
 from torch_mhc.train.config import DivergedError, UserError, build_config
 from torch_mhc.train.data import ByteTokenizer, load_tokens

@@ -53,7 +53,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_diagnose(args) -> None:
-    from torch_mhc.diagnostics.report import diagnose_run
+    from torch_mhc.reports.report import diagnose_run
     from torch_mhc.train.rundir import ensure_dir
 
     if args.out:
@@ -63,17 +63,19 @@ def _cmd_diagnose(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from torch_mhc.diagnostics.report import compare
+    from torch_mhc.reports.compare import compare
 
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else []
-    except ValueError:
-        raise UserError(f"--seeds expects comma-separated integers, got {args.seeds!r}.") from None
+    if args.resume and (args.config or args.set or args.variant or args.seeds or args.lrs or args.modes or args.out):
+        raise UserError("--resume OUT finishes the comparison planned in OUT/plan.json; pass no other options.")
+    seeds = _numbers(args.seeds, int, "--seeds", "integers")
+    lrs = _numbers(args.lrs, float, "--lrs", "numbers")
     if args.out:
         from torch_mhc.train.rundir import check_dir_path
 
         check_dir_path(args.out, "--out")
-    report = compare(args.config, args.modes.split(","), args.set, args.out, variants=args.variant, seeds=seeds)
+    modes = (args.modes or "residual,hc,mhc").split(",")
+    report = compare(args.config, modes, args.set, args.out, variants=args.variant, seeds=seeds, lrs=lrs,
+                     resume=args.resume)
     print(f"report: {report}")
 
 
@@ -101,8 +103,15 @@ def _cmd_export_weights(args) -> None:
     print(out)
 
 
+def _numbers(text: str, kind, option: str, what: str) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()] if text else []
+    except ValueError:
+        raise UserError(f"{option} expects comma-separated {what}, got {text!r}.") from None
+
+
 def _cmd_plot(args) -> None:
-    from torch_mhc.diagnostics.plots import plot_runs
+    from torch_mhc.reports.plots import plot_runs
 
     for path in plot_runs(args.run_dirs, Path(args.out)):
         print(path)
@@ -160,15 +169,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_diagnose)
 
     c = sub.add_parser("compare", parents=[common],
-                       help="train several modes on the same data and budget; write a report")
-    c.add_argument("--config", help="TOML or JSON config file shared by all modes")
-    c.add_argument("--modes", default="residual,hc,mhc", help="comma-separated: residual, hc, mhc")
+                       help="every arm at every lr and seed on one corpus; lr selected on validation, "
+                            "final figures on a held-out test split; write summary.json, report.md and plots")
+    c.add_argument("--config", help="TOML or JSON config file shared by all arms")
+    c.add_argument("--modes", default="",
+                   help="comma-separated arms: residual, hc, mhc, mhc-gate (n=1: the write gate alone), "
+                        "mhc-identity (H_res fixed to I); default residual,hc,mhc")
     c.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="an extra run: a name and its overrides, e.g. 'iters5:model.sinkhorn_iters=5' (repeatable)")
-    c.add_argument("--seeds", default="",
-                   help="comma-separated seeds: every run once per seed, plus a mean +- std table")
+                   help="an extra arm: a name and its overrides, e.g. 'iters5:model.sinkhorn_iters=5' (repeatable)")
+    c.add_argument("--lrs", default="", help="comma-separated lr grid, e.g. 1e-3,3e-3,1e-2 (default: the config's lr)")
+    c.add_argument("--seeds", default="", help="comma-separated seeds; every cell runs once per seed "
+                                               "(default: the config's seed)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     c.add_argument("--out", default="", help="report directory (default: OUT_DIR/compare-<timestamp>)")
+    c.add_argument("--resume", default="", metavar="OUT",
+                   help="finish an interrupted comparison: keep its finished runs, resume or restart the others")
     c.set_defaults(func=_cmd_compare)
 
     x = sub.add_parser("export-weights", parents=[common],
@@ -225,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
               "free some space and continue with --resume.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"mhc {args.command}: interrupted; the last checkpoint is intact.", file=sys.stderr)
+        hint = " Continue with `mhc compare --resume OUT`." if args.command == "compare" else ""
+        print(f"mhc {args.command}: interrupted; the last checkpoint is intact.{hint}", file=sys.stderr)
         return 130
     finally:
         if "torch" in sys.modules:

@@ -1,4 +1,4 @@
-"""Stability diagnostics: Amax gain magnitude, coefficient statistics, plots."""
+"""Stability diagnostics used during training: Amax gain magnitude, coefficient statistics."""
 
 from torch_mhc.diagnostics.collect import collect_diagnostics, grad_norms_by_group, record_coefficients
 from torch_mhc.diagnostics.gains import amax_gains, backward_gain, coefficient_stats, composites, forward_gain

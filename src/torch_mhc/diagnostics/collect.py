@@ -1,28 +1,91 @@
 """Diagnostics of a model in training: one extra forward on a fixed batch records every
-connection's coefficients; gains and statistics are computed from them."""
+connection's coefficients and input streams; gains, statistics and stream health are computed from them."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from torch_mhc.diagnostics.gains import amax_gains, coefficient_stats
+from torch_mhc.diagnostics.gains import (
+    amax_gains,
+    coefficient_stats,
+    logit_spread,
+    saturation_stats,
+    stream_stats,
+)
 
 
 @torch.no_grad()
-def record_coefficients(model, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Run ``model(idx)`` and return each connection's (H_pre, H_post, H_res) over the batch's tokens."""
+def record_coefficients(model, idx: torch.Tensor, streams: list | None = None
+                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Run ``model(idx)`` and return each connection's (H_pre, H_post, H_res) over the batch's tokens.
+    When a list is given as ``streams``, it receives each connection's input streams ``[B, T, n, C]``
+    in the order of ``model.connections()`` (taken in ``pre``, so models that call ``pre``/``post``
+    themselves are covered too)."""
     conns = model.connections()
     was_training = model.training
     model.eval()
-    for c in conns:
+    seen: dict[int, torch.Tensor] = {}
+    for i, c in enumerate(conns):
         c.record, c.recorded = True, None
+        if streams is not None:  # an instance attribute shadows the method until it is deleted below
+            c.pre = lambda x, *a, _i=i, _pre=c.pre, **k: (seen.setdefault(_i, x.detach()), _pre(x, *a, **k))[1]
     try:
         model(idx)
+        if streams is not None:
+            streams.extend(seen[i] for i in range(len(conns)))
         return [c.recorded for c in conns]
     finally:
         for c in conns:
             c.record, c.recorded = False, None
+            c.__dict__.pop("pre", None)
         model.train(was_training)
+
+
+def connection_alpha(conn) -> list[float] | None:
+    """The scales of the dynamic terms (pre, post, res): mHC's alpha, HC's scale; None without them."""
+    if hasattr(conn, "projection"):
+        return conn.projection()[2].detach().double().tolist()
+    scale = getattr(conn, "scale", None)
+    return scale.detach().double().tolist() if isinstance(scale, torch.Tensor) else None
+
+
+def dynamic_logits(conn, streams: torch.Tensor) -> torch.Tensor | None:
+    """The per-token (dynamic) part of a connection's logits ``[..., 2n + n^2]`` (columns pre | post | res,
+    res row-major; bias excluded) for input streams ``[..., n, C]``; None for fixed or static connections."""
+    n = streams.shape[-2]
+    x = streams.double()
+    if hasattr(conn, "projection"):  # mHC: alpha * (x_hat phi), x_hat = flattened streams / rms
+        if not conn.dynamic:
+            return None
+        phi, _, alpha = conn.projection()
+        xf = x.flatten(-2)
+        inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + conn.eps)
+        scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).double()
+        return (xf @ phi.double()) * inv_rms * scale
+    if getattr(conn, "w_pre", None) is not None:  # HC: s * tanh(norm(x_i) w), per stream
+        xn = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + conn.eps)
+        s = conn.scale.double()
+        pre = s[0] * torch.tanh(xn @ conn.w_pre.double())
+        post = s[1] * torch.tanh(xn @ conn.w_post.double())
+        res = (s[2] * torch.tanh(xn @ conn.w_res.double())).transpose(-1, -2).flatten(-2)  # H_res = A_r^T
+        return torch.cat([pre, post, res], -1)
+    return None
+
+
+def layer_stats(conn, streams: torch.Tensor, coeffs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
+    """Every per-layer statistic of one connection: coefficients, alpha, logit spread, saturation, stream health."""
+    stats = {**coefficient_stats(*coeffs), **stream_stats(streams, coeffs[0], coeffs[1]),
+             "alpha": connection_alpha(conn)}
+    if hasattr(conn, "projection"):  # sigmoid and exp saturation only exist in mHC
+        stats.update(saturation_stats(*coeffs))
+        if "res" not in conn.learn:  # H_res fixed to I: its zeros are not underflow
+            del stats["res_zero_frac"]
+    logits = dynamic_logits(conn, streams)
+    if logits is not None:
+        stats.update(logit_spread(logits, streams.shape[-2]))
+    return stats
 
 
 def diagnostic_batch(data, batch_size: int) -> torch.Tensor:
@@ -31,18 +94,37 @@ def diagnostic_batch(data, batch_size: int) -> torch.Tensor:
 
 
 def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
-    """Per-layer coefficient statistics and Amax gains (H_res averaged over the batch's tokens)."""
-    coeffs = record_coefficients(model, idx)
+    """Per-layer coefficient statistics, alpha, saturation and stream health, and the Amax gains (H_res averaged
+    over the batch's tokens); ``summary`` holds the extremes over layers (logged with the metrics)."""
+    streams: list[torch.Tensor] = []
+    coeffs = record_coefficients(model, idx, streams)
     n = coeffs[0][2].shape[-1]
     mean_res = torch.stack([c[2].reshape(-1, n, n).double().mean(0) for c in coeffs])
     gains = amax_gains(mean_res)
-    layers = [coefficient_stats(*c) for c in coeffs]
+    with torch.no_grad():
+        layers = [layer_stats(conn, x, c) for conn, x, c in zip(model.connections(), streams, coeffs)]
+    alphas = [abs(a) for s in layers for a in (s["alpha"] or [])]
     summary = {
         "max_single_fwd_gain": max(gains["single_fwd"]), "max_single_bwd_gain": max(gains["single_bwd"]),
         "max_composite_fwd_gain": max(gains["composite_fwd"]), "max_composite_bwd_gain": max(gains["composite_bwd"]),
+        "max_abs_alpha": max(alphas) if alphas else None,
+        "mean_stream_copy_dist": mean_stream_copy_dist(layers),
+        "max_read_share": max(s["max_read_share"] for s in layers),
+        "max_write_share": max(s["max_write_share"] for s in layers),
     }
+    for key in ("pre_saturated", "post_saturated", "res_zero_frac"):
+        if any(key in s for s in layers):
+            summary[f"max_{key}"] = max(s[key] for s in layers if key in s)
+    summary = {k: v for k, v in summary.items() if v is not None and math.isfinite(v)}
     return {"step": step, "summary": summary, "gains": gains, "layers": layers,
             "h_res_mean": mean_res.tolist()}
+
+
+def mean_stream_copy_dist(layers: list[dict]) -> float:
+    """Mean over layers of the streams' distance from copies, leaving out the first layer (whose input is
+    n copies of the embedding by construction) when there are others."""
+    values = [s["stream_copy_dist"] for s in layers]
+    return sum(values[1:] or values) / len(values[1:] or values)
 
 
 def grad_norms_by_group(model) -> dict[str, float]:

@@ -1,4 +1,4 @@
-"""The paper's stability metric (spec section 6) and per-layer coefficient statistics.
+"""The paper's stability metric (spec section 6), per-layer coefficient statistics and stream health.
 
 For matrices ``H [L, n, n]`` (one per sublayer, averaged over tokens), the composite from layer l
 to the end is ``P_l = H_{L-1} @ ... @ H_{l+1} @ H_l`` (the map from x_l to x_L along the residual
@@ -58,3 +58,45 @@ def coefficient_stats(h_pre: torch.Tensor, h_post: torch.Tensor, h_res: torch.Te
         "res_dist_identity": torch.linalg.matrix_norm(mean_res - eye).item(),
         "res_dist_uniform": torch.linalg.matrix_norm(mean_res - 1.0 / n).item(),
     }
+
+
+PRE_SATURATION = (0.02, 0.98)  # H_pre outside this interval: the sigmoid's gradient is below ~0.02
+POST_SATURATION = 0.1  # H_post below this: the stream barely receives F's output
+
+
+def saturation_stats(h_pre: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor) -> dict[str, float]:
+    """Saturation of mHC's sigmoids and exp over tokens (h_pre, h_post ``[..., n]``, h_res ``[..., n, n]``):
+    fractions of H_pre outside (0.02, 0.98), of H_post < 0.1, and of H_res entries that are exactly 0
+    (``res_zero_frac``: exp underflow, so no gradient reaches their logits)."""
+    lo, hi = PRE_SATURATION
+    return {"pre_saturated": ((h_pre <= lo) | (h_pre >= hi)).double().mean().item(),
+            "post_saturated": (h_post < POST_SATURATION).double().mean().item(),
+            "res_zero_frac": (h_res == 0).double().mean().item()}
+
+
+def stream_stats(streams: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tensor) -> dict[str, float | list[float]]:
+    """Health of the n streams entering one connection. streams ``[..., n, C]``; h_pre, h_post ``[..., n]``.
+
+    - ``stream_copy_dist``: sqrt(sum_i |x_i - mean_j x_j|^2 / sum_i |x_i|^2) over all tokens; 0 when the
+      streams are copies of each other, 1 when they are orthogonal with equal norms and sum to zero.
+    - ``read_share`` / ``write_share`` ``[n]``: each stream's share of sum_i |H_pre_i| and sum_i |H_post_i|
+      (token mean); ``max_read_share`` / ``max_write_share`` near 1: one stream takes over.
+    """
+    n = streams.shape[-2]
+    x = streams.reshape(-1, n, streams.shape[-1]).double()
+    spread = (x - x.mean(-2, keepdim=True)).square().sum()
+    copy_dist = (spread / x.square().sum().clamp_min(1e-300)).sqrt().item()
+    pre = h_pre.reshape(-1, n).double().abs()
+    post = h_post.reshape(-1, n).double().abs()
+    read = (pre / pre.sum(-1, keepdim=True).clamp_min(1e-300)).mean(0)
+    write = (post / post.sum(-1, keepdim=True).clamp_min(1e-300)).mean(0)
+    return {"stream_copy_dist": copy_dist, "read_share": read.tolist(), "write_share": write.tolist(),
+            "max_read_share": read.max().item(), "max_write_share": write.max().item()}
+
+
+def logit_spread(dynamic_logits: torch.Tensor, n: int) -> dict[str, float]:
+    """Spread over tokens of the dynamic logits ``[..., 2n + n^2]`` (columns pre | post | res): per
+    mapping, the mean over its columns of the standard deviation over tokens."""
+    sd = dynamic_logits.reshape(-1, dynamic_logits.shape[-1]).double().std(0, correction=0)
+    return {"pre_logit_spread": sd[:n].mean().item(), "post_logit_spread": sd[n:2 * n].mean().item(),
+            "res_logit_spread": sd[2 * n:].mean().item()}

@@ -64,6 +64,7 @@ class TrainConfig:
     data: str = ""  # file, .gz file, directory or prepared .npy tokens; empty: the Python standard library
     tokenizer: str = "byte"  # byte | gpt2 | bpe:VOCAB (trained on the data, cached) | PATH to tokenizer.json
     val_fraction: float = 0.02
+    test_fraction: float = 0.0  # >0: the last fraction of the tokens is a held-out test split (mhc compare)
     # batch
     seq_len: int = 128
     batch_size: int = 16
@@ -118,6 +119,9 @@ class TrainConfig:
             errors.append(f"run_name must be a plain directory name, not a path (got {self.run_name!r})")
         if not 0 < self.val_fraction < 1:
             errors.append(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
+        if not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            errors.append(f"test_fraction must be in [0, 1) with val_fraction + test_fraction < 1 "
+                          f"(got {self.test_fraction})")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             errors.append(f"betas must be two numbers in [0, 1) (got {self.betas})")
         if self.schedule not in ("step", "cosine", "constant"):

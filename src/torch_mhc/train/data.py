@@ -348,6 +348,13 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
     return np.load(cache, mmap_mode="r"), {**meta, "cached": False}
 
 
+def split_off_test(tokens: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens for training and validation, held-out test tokens): the test split is the last
+    ``test_fraction`` of the stream, after the validation split, and nothing else reads it."""
+    n_test = int(tokens.size * test_fraction)
+    return tokens[: tokens.size - n_test], tokens[tokens.size - n_test :]
+
+
 @dataclass
 class TokenData:
     """Train/validation split of one token stream and the windows drawn from it."""

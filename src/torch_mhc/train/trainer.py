@@ -37,7 +37,14 @@ from torch_mhc.train.config import (
     config_from_dict,
     resume_changes,
 )
-from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, get_tokenizer, load_tokens
+from torch_mhc.train.data import (
+    TokenData,
+    bytes_per_token,
+    check_token_range,
+    get_tokenizer,
+    load_tokens,
+    split_off_test,
+)
 from torch_mhc.train.resume import SCHEDULE_KEYS, apply_optimizer_settings, check_data, data_fingerprint, record_resume
 from torch_mhc.train.rundir import append_jsonl, atomic_write_text, claim_new_run_dir, claim_run_dir
 
@@ -107,6 +114,8 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, object]:
     tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache_dir, cfg.val_fraction)
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
+    if cfg.test_fraction:  # the held-out test split (mhc compare): neither training nor validation reads it
+        tokens, _ = split_off_test(tokens, cfg.test_fraction)
     what = "the default corpus" if not cfg.data else f"data {cfg.data}"
     data = TokenData.from_tokens(tokens, cfg.seq_len, cfg.val_fraction, bytes_per_token(meta, tokenizer), what=what)
     data.fingerprint = data_fingerprint(meta, cfg.data)
@@ -314,6 +323,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         result = train_step(t, step, group_norms=log_now)
         tokens_since += tokens_per_step
         loss_val = result["loss"]
+        append_jsonl(run_dir / "grad_norms.jsonl", {"step": done, "grad_norm": result["grad_norm"]})  # spikes
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")

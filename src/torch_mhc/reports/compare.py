@@ -1,0 +1,427 @@
+"""`mhc compare`: every arm at every learning rate of a grid, every cell with every seed.
+
+The protocol (docs/results/README.md): each arm's lr is the one with the lowest mean validation loss
+over the seeds; where that lr is at an edge of the grid, the arm also runs one grid step further.
+The final figures are losses on a held-out test split (the last ``test_fraction`` of the tokens)
+that neither training nor the selection read. Gaps to the residual arm are paired by seed: same
+seed, same trunk initialisation and data order. A run that diverges is recorded as such and the
+others go on; ``--resume OUT`` keeps the finished runs and resumes or restarts the others.
+
+``OUT/plan.json`` (what to run), ``OUT/runs/NAME/`` (one run each, with ``result.json`` once it is
+done), ``OUT/summary.json`` (one row per run and the ``protocol`` object), ``OUT/report.md`` and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from torch_mhc.diagnostics.collect import mean_stream_copy_dist
+from torch_mhc.models.decoder import DecoderLM
+from torch_mhc.reports import stats
+from torch_mhc.reports.plots import read_jsonl
+from torch_mhc.train.checkpoint import CKPT_RE, list_checkpoints, load_checkpoint
+from torch_mhc.train.config import DivergedError, TrainConfig, UserError, build_config
+
+# Modes of --modes: the overrides that make each arm. mhc-gate: one stream, so mHC is a per-token
+# gate on F's output alone; mhc-identity: H_res fixed to I, H_pre and H_post learned.
+MODES = {
+    "residual": ["model.connection=residual"],
+    "hc": ["model.connection=hc"],
+    "mhc": ["model.connection=mhc"],
+    "mhc-gate": ["model.connection=mhc", "model.n_streams=1"],
+    "mhc-identity": ["model.connection=mhc", "model.learn=pre,post"],
+}
+BASELINE = "residual"
+TEST_BATCHES_PER_EVAL_BATCH = 4  # the test loss reads up to 4 x eval_batches batches of evenly spaced windows
+PLAN, RESULT = "plan.json", "result.json"
+
+
+def parse_arms(modes: list[str], variants: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, overrides) for every arm: each mode, then each NAME:KEY=VALUE[,KEY=VALUE] variant."""
+    arms = []
+    for mode in (m.strip() for m in modes if m.strip()):
+        if mode not in MODES:
+            raise UserError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}.")
+        arms.append((mode, list(MODES[mode])))
+    for spec in variants:
+        name, sep, sets = spec.partition(":")
+        if not sep or not name or not sets:
+            raise UserError(f"--variant expects NAME:KEY=VALUE[,KEY=VALUE], got {spec!r}.")
+        overrides: list[str] = []
+        for piece in sets.split(","):  # a piece without "=" continues a list value: model.learn=pre,res
+            if "=" in piece or not overrides:
+                overrides.append(piece)
+            else:
+                overrides[-1] += "," + piece
+        arms.append((name, [o for o in overrides if o]))
+    if not arms:
+        raise UserError("nothing to compare: give --modes and/or --variant.")
+    names = [n for n, _ in arms]
+    if len(set(names)) != len(names):
+        raise UserError(f"arm names in a comparison must be unique (got {', '.join(names)}).")
+    bad = [n for n in names if not n.replace("-", "").replace("_", "").isalnum()]
+    if bad:
+        raise UserError(f"arm names may hold letters, digits, '-' and '_' only (got {', '.join(bad)}).")
+    return arms
+
+
+def run_name(arm: str, lr: float, seed: int) -> str:
+    return f"{arm}-lr{stats.lr_key(lr)}-seed{seed}"
+
+
+class Plan:
+    """What a comparison runs: the base config (a dict), the arms, the lr grid and the seeds."""
+
+    def __init__(self, base: dict, arms: list[tuple[str, list[str]]], lrs: list[float], seeds: list[int],
+                 command: str):
+        self.base, self.arms, self.lrs, self.seeds, self.command = base, arms, lrs, seeds, command
+
+    def config(self, arm: str, lr: float, seed: int, runs_dir: Path) -> TrainConfig:
+        sets = dict(self.arms)[arm]
+        return build_config(base=self.base, overrides=[
+            *sets, f"lr={lr!r}", f"seed={seed}", f"out_dir={runs_dir}", f"run_name={run_name(arm, lr, seed)}"])
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps({"base": self.base, "arms": self.arms, "lrs": self.lrs, "seeds": self.seeds,
+                                    "command": self.command}, indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Plan:
+        if not path.is_file():
+            raise UserError(f"{path} not found: is {path.parent} the --out directory of an `mhc compare`?")
+        try:
+            d = json.loads(path.read_text())
+            return cls(d["base"], [(a, list(s)) for a, s in d["arms"]], d["lrs"], d["seeds"], d["command"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path} is not a readable comparison plan ({type(e).__name__}: {e}).") from None
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Read the corpus once before any run: a missing or too short corpus is one error, not N diverged runs."""
+    from torch_mhc.train.data import TokenData, get_tokenizer, load_tokens, split_off_test
+
+    tokens, _ = load_tokens(cfg.data, get_tokenizer(cfg.tokenizer), Path(cfg.out_dir) / "cache")
+    rest, test = split_off_test(tokens, cfg.test_fraction)
+    if test.size < cfg.seq_len + 1:
+        raise UserError(f"the test split ({test.size} tokens: test_fraction={cfg.test_fraction} of {tokens.size}) "
+                        f"is shorter than one window of seq_len + 1 = {cfg.seq_len + 1}; raise test_fraction.")
+    TokenData.from_tokens(rest, cfg.seq_len, cfg.val_fraction, what=f"data {cfg.data or '(default corpus)'}")
+
+
+def test_loss(run_dir: Path, cfg: TrainConfig) -> dict:
+    """Loss (and bits per byte) of the run's latest checkpoint on the held-out test split."""
+    from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens, split_off_test
+    from torch_mhc.train.evaluate import load_run
+    from torch_mhc.train.trainer import evaluate
+
+    model, _, state = load_run(run_dir)
+    tokenizer = get_tokenizer(cfg.tokenizer)
+    tokens, meta = load_tokens(cfg.data, tokenizer, run_dir.parent / "cache")
+    _, test = split_off_test(tokens, cfg.test_fraction)
+    split = TokenData(test[:0], test, cfg.seq_len, bytes_per_token(meta, tokenizer))
+    device = next(model.parameters()).device
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    batches = split.val_batches(cfg.batch_size, TEST_BATCHES_PER_EVAL_BATCH * cfg.eval_batches)
+    r = evaluate(model, batches, device, autocast, split.bytes_per_token)
+    return {"test_loss": r["val_loss"], "test_bpb": r.get("val_bpb"), "test_step": state["step"]}
+
+
+def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
+    """Bring one run to its end and return its ``result.json``: kept when it exists (finished or
+    diverged); a run whose final checkpoint exists only gets its test loss; a run with an earlier
+    checkpoint resumes from it; a run without one restarts from scratch. The run directory is locked
+    while it trains (``train.rundir``), so two resumes of one comparison cannot write one run."""
+    from torch_mhc.train.rundir import claim_new_run_dir, claim_run_dir
+    from torch_mhc.train.trainer import train
+
+    result_path = run_dir / RESULT
+    if result_path.is_file():
+        log(f"== {run_dir.name}: kept ({json.loads(result_path.read_text())['status']})")
+        return json.loads(result_path.read_text())
+    ckpts = list_checkpoints(run_dir)
+    last_step = int(CKPT_RE.match(ckpts[-1].name).group(1)) if ckpts else 0
+    t0 = time.perf_counter()
+    try:
+        if ckpts and last_step < cfg.steps:
+            log(f"== {run_dir.name}: resuming from step {last_step}")
+            with claim_run_dir(run_dir) as claim:
+                state = load_checkpoint(ckpts[-1])
+                state["path"] = ckpts[-1]  # recorded in resumes.jsonl
+                train(cfg, claim.path, resume_state=state, log=log)
+        elif not ckpts:
+            if run_dir.exists():
+                log(f"== {run_dir.name}: restarting (no checkpoint was written)")
+                with claim_run_dir(run_dir):  # not while another process writes it
+                    shutil.rmtree(run_dir)
+            else:
+                log(f"== {run_dir.name}: {cfg.model.connection}, n={cfg.model.streams}, lr {cfg.lr:g}, seed {cfg.seed}")
+            with claim_new_run_dir(run_dir.parent, run_dir.name, cfg.model.connection) as claim:
+                train(cfg, claim.path, log=log)
+    except DivergedError as e:  # a non-finite loss, gradient or weights: recorded, and the other runs go on
+        result = {"status": "diverged", "message": str(e), "step": e.step, "wall_s": time.perf_counter() - t0}
+        log(f"== {run_dir.name}: diverged: {e}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        result = {"status": "finished", "wall_s": time.perf_counter() - t0, **test_loss(run_dir, cfg)}
+    result_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _last(records: list[dict], key: str):
+    return next((r[key] for r in reversed(records) if key in r), None)
+
+
+def _max(records: list[dict], key: str):
+    return max((r[key] for r in records if key in r), default=None)
+
+
+DIAG_MAXIMA = ("max_composite_fwd_gain", "max_composite_bwd_gain", "max_abs_alpha", "max_pre_saturated",
+               "max_post_saturated", "max_read_share", "max_write_share", "max_res_zero_frac")
+
+
+def _final_stream_copy_dist(run_dir: Path) -> float | None:
+    """The streams' mean distance from copies (layers after the first) at the last diagnostic step."""
+    path = run_dir / "diagnostics.jsonl"
+    records = read_jsonl(path) if path.is_file() else []
+    return mean_stream_copy_dist(records[-1]["layers"]) if records else None
+
+
+def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, result: dict, params: int) -> dict:
+    """One row of summary.json: the run's identity, result, losses and stability figures."""
+    metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
+    step_norms = run_dir / "grad_norms.jsonl"
+    if step_norms.is_file():
+        norms, over = [r["grad_norm"] for r in read_jsonl(step_norms) if r["step"] > cfg.warmup], "every step"
+    else:
+        norms, over = [r["grad_norm"] for r in metrics if r["step"] > cfg.warmup], "logged steps"
+    row = {"name": run_dir.name, "arm": arm, "lr": lr, "seed": seed, "status": result["status"],
+           "message": result.get("message"), "steps": _last(metrics, "step"), "params": params,
+           "n": cfg.model.streams, "train_loss": _last(metrics, "loss"), "val_loss": _last(metrics, "val_loss"),
+           "val_bpb": _last(metrics, "val_bpb"), "test_loss": result.get("test_loss"),
+           "test_bpb": result.get("test_bpb"), "grad_spike": stats.grad_spike(norms), "grad_spike_over": over,
+           "max_grad_norm": max(norms, default=None), "stream_copy_dist": _final_stream_copy_dist(run_dir),
+           "tokens_per_s": _last(metrics, "tokens_per_s"), "wall_s": result.get("wall_s")}
+    row.update({k: _max(metrics, k) for k in DIAG_MAXIMA})
+    if cfg.model.connection != "mhc" or "res" not in cfg.model.learn:
+        row["max_res_zero_frac"] = None  # only a learned mHC H_res has entries that underflow
+    if result["status"] != "finished":
+        row["val_loss"] = row["val_bpb"] = None  # a diverged run has no final validation loss
+    return row
+
+
+def build_protocol(plan: Plan, rows: list[dict], params: dict[str, int]) -> dict:
+    """The ``protocol`` object of summary.json (docs/results/README.md describes every field)."""
+    cell = {(r["arm"], r["lr"], r["seed"]): r for r in rows}
+    arms: dict[str, dict] = {}
+    for arm, _ in plan.arms:
+        tried = sorted({r["lr"] for r in rows if r["arm"] == arm})
+        vals = {lr: [cell[arm, lr, s]["val_loss"] for s in plan.seeds if (arm, lr, s) in cell] for lr in tried}
+        selected = stats.select_lr(vals)
+        by_lr = {}
+        for lr in tried:
+            members = [cell[arm, lr, s] for s in plan.seeds if (arm, lr, s) in cell]
+            by_lr[stats.lr_key(lr)] = {**stats.mean_sd([v for v in vals[lr] if v is not None]),
+                                       "runs": [m["name"] for m in members],
+                                       "diverged": [m["name"] for m in members if m["status"] != "finished"]}
+        test = {s: cell[arm, selected, s]["test_loss"] for s in plan.seeds if (arm, selected, s) in cell}
+        arms[arm] = {"selected_lr": selected, "at_grid_edge": stats.at_edge(selected, tried),
+                     "lrs_run": tried, "extended_to": [lr for lr in tried if lr not in plan.lrs],
+                     "params": params[arm], "val_loss_by_lr": by_lr,
+                     "test_loss": stats.mean_sd([v for v in test.values() if v is not None]),
+                     "test_loss_per_seed": {str(s): v for s, v in test.items()}}
+    base = arms.get(BASELINE)
+    common = None  # the residual's best lr on the grid every arm ran
+    if base is not None:
+        common = stats.select_lr({lr: [cell[BASELINE, lr, s]["val_loss"] for s in plan.seeds] for lr in plan.lrs})
+    for arm, entry in arms.items():
+        entry["gap_to_residual"] = entry["gap_to_residual_at_common_lr"] = None
+        if base is None or arm == BASELINE:
+            continue
+        if entry["selected_lr"] is not None and base["selected_lr"] is not None:
+            entry["gap_to_residual"] = stats.paired_gap(
+                {s: cell[arm, entry["selected_lr"], s]["test_loss"] for s in plan.seeds},
+                {s: cell[BASELINE, base["selected_lr"], s]["test_loss"] for s in plan.seeds})
+        if common is not None:
+            entry["gap_to_residual_at_common_lr"] = {"lr": common, **stats.paired_gap(
+                {s: cell[arm, common, s]["test_loss"] for s in plan.seeds},
+                {s: cell[BASELINE, common, s]["test_loss"] for s in plan.seeds})}
+    cfg = plan.base
+    return {"lrs": plan.lrs, "seeds": plan.seeds, "selection": "lowest mean validation loss over the seeds",
+            "final_figures": "test split", "test_fraction": cfg["test_fraction"], "val_fraction": cfg["val_fraction"],
+            "test_windows": f"at most {TEST_BATCHES_PER_EVAL_BATCH * cfg['eval_batches']} batches of "
+                            f"{cfg['batch_size']} x {cfg['seq_len']} tokens",
+            "baseline": BASELINE if base is not None else None, "common_lr": common,
+            "resolved_rule": "|mean| > 2 sd / sqrt(seeds)", "arms": arms}
+
+
+def compare(config: str | None, modes: list[str], overrides: list[str], out: str = "", variants: list[str] = (),
+            seeds: list[int] = (), lrs: list[float] = (), resume: str = "", log=print) -> Path:
+    """Run the protocol (or finish the one in ``resume``) and write summary.json, report.md and plots."""
+    if resume:
+        report_dir = Path(resume)
+        plan = Plan.load(report_dir / PLAN)
+    else:
+        arms = parse_arms(modes, list(variants))
+        base_cfg = build_config(config_file=config, overrides=overrides)  # validates before anything is written
+        if base_cfg.test_fraction == 0:  # the protocol needs a test split: as large as the validation split
+            base_cfg = build_config(base=base_cfg.to_dict(), overrides=[f"test_fraction={base_cfg.val_fraction}"])
+        if any(lr <= 0 for lr in lrs):
+            raise UserError(f"--lrs must be positive (got {', '.join(map(str, lrs))}).")
+        lrs = sorted(set(lrs)) or [base_cfg.lr]
+        seeds = list(dict.fromkeys(seeds)) or [base_cfg.seed]
+        report_dir = Path(out) if out else Path(base_cfg.out_dir) / f"compare-{datetime.now():%Y%m%d-%H%M%S}"
+        if report_dir.exists() and any(report_dir.iterdir()):
+            raise UserError(f"report directory {report_dir} exists and is not empty; nothing was overwritten. "
+                            f"Choose another --out, or continue it with --resume {report_dir}.")
+        from_cli = sys.argv and (Path(sys.argv[0]).name == "mhc" or sys.argv[0].endswith("torch_mhc/__main__.py"))
+        command = "mhc " + " ".join(sys.argv[1:]) if from_cli else "compare(...)"
+        plan = Plan(base_cfg.to_dict(), arms, lrs, seeds, command)
+    runs_dir = report_dir / "runs"
+    cfgs = {(a, lr, s): plan.config(a, lr, s, runs_dir) for s in plan.seeds for lr in plan.lrs for a, _ in plan.arms}
+    check_data(next(iter(cfgs.values())))
+    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params()
+              for a, _ in plan.arms}
+    if not resume:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(report_dir / PLAN)
+    results = {key: execute(cfg, runs_dir / cfg.run_name, log) for key, cfg in cfgs.items()}
+    for arm, _ in plan.arms:  # a selected lr at an edge of the grid: one grid step further for that arm
+        val = {lr: [_val_loss(runs_dir / plan.config(arm, lr, s, runs_dir).run_name, results[arm, lr, s])
+                    for s in plan.seeds] for lr in plan.lrs}
+        step = stats.extension(stats.select_lr(val), plan.lrs) if stats.select_lr(val) is not None else None
+        if step is not None:
+            log(f"== {arm}: best at the edge lr {stats.select_lr(val):g}; extending its grid to {step:g}")
+            for s in plan.seeds:
+                cfgs[arm, step, s] = plan.config(arm, step, s, runs_dir)
+                results[arm, step, s] = execute(cfgs[arm, step, s], runs_dir / cfgs[arm, step, s].run_name, log)
+    rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a])
+            for (a, lr, s), cfg in sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))]
+    protocol = build_protocol(plan, rows, params)
+    (report_dir / "summary.json").write_text(json.dumps({"protocol": protocol, "runs": rows}, indent=2))
+    from torch_mhc.reports.protocol_plots import plot_protocol
+
+    plots = plot_protocol(protocol, rows, runs_dir, report_dir)
+    return write_report(report_dir, plan, protocol, rows, plots)
+
+
+def _val_loss(run_dir: Path, result: dict) -> float | None:
+    if result["status"] != "finished":
+        return None
+    return _last(read_jsonl(run_dir / "metrics.jsonl"), "val_loss")
+
+
+def _fmt(v, spec=".4f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def _pm(d: dict | None, spec=".4f") -> str:
+    if not d or d.get("mean") is None:
+        return "-"
+    return format(d["mean"], spec) + ("" if d.get("sd") is None else f" +- {d['sd']:.4f}")
+
+
+def _gap_cell(g: dict | None) -> str:
+    if not g or g.get("mean") is None:
+        return "-"
+    seeds = ", ".join(f"{v:+.4f}" for v in g["per_seed"].values())
+    return f"{_pm(g, '+.4f')} ({seeds}){' **resolved**' if g['resolved'] else ''}"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+STABILITY_COLUMNS = (("grad_spike", ".1f", max), ("max_composite_fwd_gain", ".3g", max),
+                     ("max_composite_bwd_gain", ".3g", max), ("max_abs_alpha", ".3f", max),
+                     ("max_pre_saturated", ".3f", max), ("max_post_saturated", ".3f", max),
+                     ("stream_copy_dist", ".3f", min), ("max_read_share", ".3f", max),
+                     ("max_write_share", ".3f", max), ("max_res_zero_frac", ".3g", max))
+
+
+def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict], plots: list[Path]) -> Path:
+    """report.md: the protocol, the lr sweep, test losses and paired gaps, stability, every run."""
+    arms = protocol["arms"]
+    wall = sum(r["wall_s"] or 0 for r in rows)
+    base_params = arms.get(BASELINE, {}).get("params")
+    all_lrs = sorted({lr for a in arms.values() for lr in a["lrs_run"]})
+    lines = [
+        "# mhc compare", "",
+        f"- command: `{plan.command}`",
+        f"- date: {datetime.now().isoformat(timespec='seconds')}",
+        f"- device: {device_name()}",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}",
+        f"- runs: {len(rows)} ({sum(r['status'] == 'finished' for r in rows)} finished); "
+        f"training wall time {wall:.0f} s (this process's share for resumed runs)",
+        f"- protocol: lr grid {', '.join(map(stats.lr_key, plan.lrs))}; seeds {', '.join(map(str, plan.seeds))}; "
+        f"each arm's lr has the lowest mean validation loss; an arm best at a grid edge runs one grid step further; "
+        f"final figures on a held-out test split (last {protocol['test_fraction']:g} of the tokens, "
+        f"{protocol['test_windows']}) that neither training nor selection read. A gap is **resolved** "
+        f"when {protocol['resolved_rule']}.", "",
+        "## Validation loss by learning rate (mean +- sd over seeds; * selected)", "",
+        "| arm | params | " + " | ".join(f"lr {stats.lr_key(lr)}" for lr in all_lrs)
+        + " | selected lr | at grid edge |",
+        "|---|---|" + "---|" * len(all_lrs) + "---|---|",
+    ]
+    for name, a in arms.items():
+        cells = []
+        for lr in all_lrs:
+            c = a["val_loss_by_lr"].get(stats.lr_key(lr))
+            if c is None:
+                cells.append("")
+                continue
+            text = _pm(c) + (f" ({len(c['diverged'])} diverged)" if c["diverged"] else "")
+            cells.append(("**" + text + "** *") if lr == a["selected_lr"] else text)
+        rel = f" ({100 * (a['params'] / base_params - 1):+.1f}%)" if base_params and name != BASELINE else ""
+        lines.append(f"| {name} | {a['params']:,}{rel} | " + " | ".join(cells) +
+                     f" | {_fmt(a['selected_lr'], 'g')} | {'yes' if a['at_grid_edge'] else 'no'} |")
+    common = protocol["common_lr"]
+    lines += ["", "## Test loss at each arm's selected lr, and gaps to residual paired by seed", "",
+              f"| arm | selected lr | test loss | gap to residual at selected lrs (per seed) | "
+              f"gap to residual at common lr {_fmt(common, 'g')} (per seed) |", "|---|---|---|---|---|"]
+    for name, a in arms.items():
+        lines.append(f"| {name} | {_fmt(a['selected_lr'], 'g')} | {_pm(a['test_loss'])} | "
+                     f"{_gap_cell(a['gap_to_residual'])} | {_gap_cell(a['gap_to_residual_at_common_lr'])} |")
+    lines += ["", "## Stability at each arm's selected lr (worst seed)", "",
+              "| arm | grad-norm spike (max/median after warmup) | over | max composite fwd gain | "
+              "max composite bwd gain | max abs alpha | max H_pre saturated | max H_post saturated | "
+              "final stream copy distance (min over seeds) | max read share | max write share | "
+              "max H_res zero fraction |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, a in arms.items():
+        sel = [r for r in rows if r["arm"] == name and r["lr"] == a["selected_lr"]]
+        if not sel:
+            continue
+
+        def worst(key, spec, pick=max):
+            vals = [r[key] for r in sel if r[key] is not None]
+            return _fmt(pick(vals) if vals else None, spec)
+
+        cells = [worst(k, spec, pick) for k, spec, pick in STABILITY_COLUMNS]
+        lines.append(f"| {name} | {cells[0]} | {sel[0]['grad_spike_over']} | " + " | ".join(cells[1:]) + " |")
+    diverged = [r for r in rows if r["status"] != "finished"]
+    if diverged:
+        lines += ["", "## Diverged runs", ""] + [f"- {r['name']}: {r['message']}" for r in diverged]
+    lines += ["", "## Every run", "", "| run | status | params | n | train loss | val loss | test loss | test bpb | "
+              "grad-norm spike | tokens/s | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['status']} | {r['params']:,} | {r['n']} | {_fmt(r['train_loss'])} | "
+                     f"{_fmt(r['val_loss'])} | {_fmt(r['test_loss'])} | {_fmt(r['test_bpb'])} | "
+                     f"{_fmt(r['grad_spike'], '.1f')} | {_fmt(r['tokens_per_s'], ',.0f')} | "
+                     f"{_fmt(r['wall_s'], '.0f')} |")
+    lines += ["", "Gains are maxima over the diagnostic steps of the composite `prod H_res` from any layer to the last "
+              "(H_res averaged over the tokens of a fixed validation batch). Saturation, alpha and stream figures "
+              "come from the same diagnostic steps. Plots show each arm at its selected lr (bands: mean +- sd over "
+              "seeds; per-step and per-layer plots: the first seed).", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    (report_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return report_dir / "report.md"

@@ -1,0 +1,256 @@
+"""`mhc compare`: the protocol's statistics on hand-made numbers, then the whole protocol on tiny
+settings (lr grid with an edge extension, seeds, test split, diverged arm, resume, summary.json)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from torch_mhc.cli import main
+from torch_mhc.reports import stats
+from torch_mhc.reports.compare import BASELINE, Plan, build_protocol, compare, parse_arms
+from torch_mhc.train.checkpoint import list_checkpoints
+from torch_mhc.train.config import DivergedError, UserError, build_config
+from torch_mhc.train.data import TokenData, split_off_test
+
+# a tiny model on tiny shakespeare: about a second per run
+TINY_PROTOCOL = [
+    "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=16", "seq_len=16", "batch_size=4",
+    "steps=6", "warmup=2", "log_every=2", "eval_every=3", "eval_batches=2", "ckpt_every=3", "diag_every=3",
+    "val_fraction=0.05", "test_fraction=0.05",
+]
+
+
+# ---- statistics on hand-made numbers -------------------------------------------------------------
+
+def test_mean_sd_and_resolved_rule():
+    assert stats.mean_sd([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0}
+    assert stats.mean_sd([4.0]) == {"mean": 4.0, "sd": None}
+    assert stats.mean_sd([]) == {"mean": None, "sd": None}
+    # |mean| > 2 sd / sqrt(k): 2 * 0.1 / sqrt(4) = 0.1
+    assert stats.is_resolved(0.11, 0.1, 4) and not stats.is_resolved(-0.09, 0.1, 4)
+    assert stats.is_resolved(-0.11, 0.1, 4)
+    assert not stats.is_resolved(0.5, None, 1) and not stats.is_resolved(0.5, 0.0, 1)
+    assert stats.is_resolved(0.01, 0.0, 2)  # identical gaps on every seed
+
+
+def test_paired_gap_pairs_by_seed():
+    arm = {1: 3.0, 2: 3.5, 3: 2.9, 4: float("nan")}
+    base = {1: 3.1, 2: 3.4, 3: 3.2, 4: 3.0, 5: 3.3}
+    g = stats.paired_gap(arm, base)
+    expected = [3.0 - 3.1, 3.5 - 3.4, 2.9 - 3.2]  # seed 4 diverged, seed 5 has no arm run
+    assert g["seeds"] == 3 and list(g["per_seed"]) == ["1", "2", "3"]
+    assert g["per_seed"]["2"] == pytest.approx(0.1)
+    mean = sum(expected) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in expected) / 2)
+    assert g["mean"] == pytest.approx(mean) and g["sd"] == pytest.approx(sd)
+    assert g["resolved"] == (abs(mean) > 2 * sd / math.sqrt(3))
+    assert not g["resolved"]  # -0.1 +- 0.2: not resolved
+    tight = stats.paired_gap({1: 3.0, 2: 3.01, 3: 3.02}, {1: 3.1, 2: 3.1, 3: 3.11})
+    assert tight["mean"] == pytest.approx(-0.0933333) and tight["resolved"]
+
+
+def test_select_lr_and_grid_edges():
+    assert stats.select_lr({1e-3: [3.0, 3.2], 3e-3: [2.9, 3.0], 1e-2: [2.8, None]}) == 3e-3  # 1e-2: one diverged
+    assert stats.select_lr({1e-3: [3.0, float("inf")]}) is None
+    assert stats.select_lr({1e-3: [3.0], 3e-3: [3.0]}) == 1e-3  # a tie goes to the smaller lr
+    grid = [1e-3, 3e-3, 1e-2]
+    assert stats.at_edge(1e-3, grid) and stats.at_edge(1e-2, grid) and not stats.at_edge(3e-3, grid)
+    assert not stats.at_edge(1e-3, [1e-3]) and not stats.at_edge(None, grid)
+    assert stats.extension(1e-2, grid) == pytest.approx(0.0333)
+    assert stats.extension(1e-3, grid) == pytest.approx(3.33e-4)
+    assert stats.extension(3e-3, grid) is None
+    assert stats.extension(2e-3, [1e-3, 2e-3]) == 4e-3
+    assert stats.lr_key(3e-3) == "0.003" and stats.lr_key(3.33e-4) == "0.000333"
+
+
+def test_grad_spike():
+    assert stats.grad_spike([1.0, 2.0, 3.0, 30.0]) == pytest.approx(12.0)
+    assert stats.grad_spike([]) is None
+
+
+def _row(arm, lr, seed, val, test, status="finished"):
+    return {"name": f"{arm}-lr{stats.lr_key(lr)}-seed{seed}", "arm": arm, "lr": lr, "seed": seed,
+            "status": status, "val_loss": val, "test_loss": test}
+
+
+def test_protocol_on_handmade_rows():
+    plan = Plan({"test_fraction": 0.1, "val_fraction": 0.1, "batch_size": 4, "seq_len": 16, "eval_batches": 2},
+                [("residual", []), ("mhc", [])], [1e-3, 3e-3], [1, 2, 3], "mhc compare ...")
+    val = {("residual", 1e-3): [3.0, 3.1, 3.05], ("residual", 3e-3): [3.2, 3.3, 3.25],
+           ("mhc", 1e-3): [3.1, 3.2, 3.15], ("mhc", 3e-3): [2.9, 3.0, 2.95], ("mhc", 9e-3): [2.8, None, 2.7]}
+    test = {("residual", 1e-3): [3.0, 3.1, 3.2], ("residual", 3e-3): [3.3, 3.3, 3.3],
+            ("mhc", 1e-3): [3.05, 3.2, 3.2], ("mhc", 3e-3): [2.9, 3.05, 3.1], ("mhc", 9e-3): [2.8, None, 2.7]}
+    rows = [_row(arm, lr, s + 1, v[s], test[arm, lr][s], "finished" if v[s] is not None else "diverged")
+            for (arm, lr), v in val.items() for s in range(3)]
+    p = build_protocol(plan, rows, {"residual": 100, "mhc": 123})
+    assert p["lrs"] == [1e-3, 3e-3] and p["seeds"] == [1, 2, 3] and p["common_lr"] == 1e-3
+    res, mhc = p["arms"]["residual"], p["arms"]["mhc"]
+    assert res["selected_lr"] == 1e-3 and res["at_grid_edge"] and res["gap_to_residual"] is None
+    # mhc's extension at 9e-3 has a diverged seed, so 3e-3 (now inside the grid it ran) is selected
+    assert mhc["selected_lr"] == 3e-3 and not mhc["at_grid_edge"] and mhc["extended_to"] == [9e-3]
+    assert mhc["val_loss_by_lr"]["0.009"]["diverged"] == ["mhc-lr0.009-seed2"]
+    assert mhc["val_loss_by_lr"]["0.003"]["runs"] == ["mhc-lr0.003-seed1", "mhc-lr0.003-seed2", "mhc-lr0.003-seed3"]
+    assert mhc["val_loss_by_lr"]["0.003"]["mean"] == pytest.approx(2.95)
+    assert mhc["test_loss"]["mean"] == pytest.approx((2.9 + 3.05 + 3.1) / 3) and mhc["params"] == 123
+    gap = mhc["gap_to_residual"]  # mhc at 3e-3 against residual at 1e-3, seed by seed
+    assert gap["per_seed"] == pytest.approx({"1": -0.1, "2": -0.05, "3": -0.1})
+    assert gap["mean"] == pytest.approx(-0.0833333) and gap["resolved"]  # sd 0.0289: 2 sd / sqrt 3 = 0.033
+    common = mhc["gap_to_residual_at_common_lr"]
+    assert common["lr"] == 1e-3 and common["per_seed"] == pytest.approx({"1": 0.05, "2": 0.1, "3": 0.0})
+    assert not common["resolved"]
+
+
+def test_parse_arms():
+    arms = parse_arms(["mhc", "mhc-gate", "mhc-identity"], ["pre-res:model.learn=pre,res,model.sinkhorn_iters=5"])
+    assert arms == [("mhc", ["model.connection=mhc"]),
+                    ("mhc-gate", ["model.connection=mhc", "model.n_streams=1"]),
+                    ("mhc-identity", ["model.connection=mhc", "model.learn=pre,post"]),
+                    ("pre-res", ["model.learn=pre,res", "model.sinkhorn_iters=5"])]
+    for bad in (["dense"], ["mhc", "mhc"]):
+        with pytest.raises(UserError):
+            parse_arms(bad, [])
+    cfg = build_config(overrides=parse_arms(["mhc-identity"], [])[0][1])
+    assert cfg.model.learn == ["pre", "post"] and cfg.model.connection == "mhc"
+
+
+def test_test_split_is_held_out():
+    tokens = np.arange(1000)
+    rest, test = split_off_test(tokens, 0.1)
+    data = TokenData.from_tokens(rest, 8, 0.1)
+    assert test.tolist() == list(range(900, 1000))
+    assert data.train.size + data.val.size == 900 and data.val[-1] == 899 and data.train[-1] < data.val[0]
+    assert split_off_test(tokens, 0.0)[1].size == 0
+    with pytest.raises(UserError, match="test_fraction"):
+        build_config(overrides=["val_fraction=0.5", "test_fraction=0.5"])
+
+
+def test_training_reads_no_test_token(tmp_path, shakespeare):
+    from torch_mhc.train.trainer import load_data
+
+    cfg = build_config(overrides=[f"data={shakespeare}", "val_fraction=0.1", "test_fraction=0.1"])
+    data, _ = load_data(cfg, tmp_path / "cache", log=lambda *_: None)
+    whole, _ = load_data(build_config(overrides=[f"data={shakespeare}"]), tmp_path / "cache", log=lambda *_: None)
+    total = whole.train.size + whole.val.size
+    n_test = int(total * 0.1)
+    assert data.train.size + data.val.size == total - n_test
+    tokens = np.concatenate([whole.train, whole.val])
+    assert np.array_equal(data.val[-50:], tokens[total - n_test - 50: total - n_test])  # test follows validation
+
+
+# ---- the protocol end to end, tiny ---------------------------------------------------------------
+
+def _sets(data, *extra):
+    return [*TINY_PROTOCOL, f"data={data}", *extra]
+
+
+def test_protocol_end_to_end_with_edge_extension_and_resume(tmp_path, shakespeare):
+    out = tmp_path / "cmp"
+    quiet = lambda *_: None  # noqa: E731
+    # after 6 steps the larger lr is better: the best lr is the grid's upper edge, so each arm runs 1e-2 too
+    compare(None, ["residual", "mhc"], _sets(shakespeare), str(out), seeds=[1, 2], lrs=[1e-4, 1e-3], log=quiet)
+    summary = json.loads((out / "summary.json").read_text())
+    p = summary["protocol"]
+    assert p["lrs"] == [1e-4, 1e-3] and p["seeds"] == [1, 2] and p["baseline"] == BASELINE
+    names = {r["name"] for r in summary["runs"]}
+    for arm in ("residual", "mhc"):
+        a = p["arms"][arm]
+        assert a["extended_to"] == [0.01] and a["lrs_run"] == [1e-4, 1e-3, 0.01]
+        assert {f"{arm}-lr{lr}-seed{s}" for lr in ("0.0001", "0.001", "0.01") for s in (1, 2)} <= names
+        assert a["selected_lr"] in a["lrs_run"] and isinstance(a["at_grid_edge"], bool)
+        assert set(a["val_loss_by_lr"]) == {"0.0001", "0.001", "0.01"}
+        for cell in a["val_loss_by_lr"].values():
+            assert set(cell) >= {"mean", "sd", "runs"} and len(cell["runs"]) == 2
+        assert set(a["test_loss"]) == {"mean", "sd"}
+    gap = p["arms"]["mhc"]["gap_to_residual"]
+    assert set(gap) >= {"mean", "sd", "per_seed", "resolved"} and set(gap["per_seed"]) == {"1", "2"}
+    by_name = {r["name"]: r for r in summary["runs"]}
+    assert len(by_name) == 12
+    for r in summary["runs"]:
+        assert r["status"] == "finished" and r["test_loss"] > 0 and r["val_loss"] > 0
+        assert r["lr"] in (1e-4, 1e-3, 0.01) and r["seed"] in (1, 2)
+        assert r["grad_spike_over"] == "every step" and r["grad_spike"] >= 1
+    assert p["arms"]["mhc"]["params"] > p["arms"]["residual"]["params"]
+    mhc_gap = by_name["mhc-lr0.001-seed1"]["test_loss"] - by_name["residual-lr0.001-seed1"]["test_loss"]
+    assert p["arms"]["mhc"]["gap_to_residual_at_common_lr"]["per_seed"]["1"] == pytest.approx(mhc_gap) or \
+        p["common_lr"] != 1e-3
+    diag = [json.loads(x) for x in (out / "runs" / "mhc-lr0.001-seed1" / "diagnostics.jsonl").read_text().splitlines()]
+    assert len(diag[-1]["layers"][0]["alpha"]) == 3
+    text = (out / "report.md").read_text()
+    assert "## Validation loss by learning rate" in text and "+" in text and "%)" in text  # params vs residual
+    for png in ("lr_sweep.png", "loss_bands.png", "connection_health.png", "grad_norm.png", "gains.png",
+                "h_res_heatmaps.png"):
+        assert (out / png).stat().st_size > 5000 and f"({png})" in text
+
+    # an interrupted comparison: one run never checkpointed, one stopped after its first checkpoint,
+    # one finished training but lost its test evaluation
+    runs = out / "runs"
+    kept = runs / "residual-lr0.0001-seed1"
+    kept_metrics = (kept / "metrics.jsonl").read_text()
+    gone, partial, untested = runs / "mhc-lr0.01-seed2", runs / "mhc-lr0.001-seed2", runs / "residual-lr0.01-seed1"
+    for ckpt in list_checkpoints(gone):
+        ckpt.unlink()
+    (gone / "result.json").unlink()
+    list_checkpoints(partial)[-1].unlink()
+    (partial / "result.json").unlink()
+    (untested / "result.json").unlink()
+    (out / "summary.json").unlink()
+    assert main(["compare", "--resume", str(out)]) == 0
+    resumed = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert (kept / "metrics.jsonl").read_text() == kept_metrics
+    for name in (gone.name, partial.name, untested.name, kept.name):
+        assert resumed[name]["status"] == "finished"
+        assert resumed[name]["test_loss"] == pytest.approx(by_name[name]["test_loss"], abs=1e-4), name
+    # resume with anything else is refused; a new compare never overwrites
+    assert main(["compare", "--resume", str(out), "--lrs", "1e-3"]) == 2
+    assert main(["compare", "--out", str(out), "--set", f"data={shakespeare}"]) == 2
+
+
+def test_diverged_arm_is_recorded_and_the_others_go_on(tmp_path, shakespeare, monkeypatch):
+    from torch_mhc.train import trainer
+
+    real_train = trainer.train
+
+    def train(cfg, run_dir, **kw):
+        if cfg.model.connection == "mhc" and cfg.lr > 5e-4:
+            raise DivergedError(3, "the loss is nan", cfg)
+        return real_train(cfg, run_dir, **kw)
+
+    monkeypatch.setattr(trainer, "train", train)
+    out = tmp_path / "cmp"
+    compare(None, ["residual", "mhc"], _sets(shakespeare), str(out), seeds=[1], lrs=[1e-3], log=lambda *_: None)
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["runs"]}
+    diverged = rows["mhc-lr0.001-seed1"]
+    assert diverged["status"] == "diverged" and "the loss is nan" in diverged["message"]
+    assert rows["mhc-lr0.001-seed1"]["test_loss"] is None and rows["residual-lr0.001-seed1"]["test_loss"] > 0
+    mhc = summary["protocol"]["arms"]["mhc"]
+    assert mhc["selected_lr"] is None and mhc["gap_to_residual"] is None
+    assert mhc["val_loss_by_lr"]["0.001"]["diverged"] == ["mhc-lr0.001-seed1"]
+    text = (out / "report.md").read_text()
+    assert "## Diverged runs" in text and "mhc-lr0.001-seed1: training diverged" in text
+
+
+def test_compare_bad_inputs(tmp_path, capsys):
+    assert main(["compare", "--modes", "residual,dense", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown mode 'dense'" in capsys.readouterr().err
+    assert main(["compare", "--lrs", "1e-3,fast", "--out", str(tmp_path / "r")]) == 2
+    assert "--lrs expects" in capsys.readouterr().err
+    assert main(["compare", "--lrs=-1e-3", "--out", str(tmp_path / "r")]) == 2
+    assert main(["compare", "--modes", "mhc", "--variant", "nocolon", "--out", str(tmp_path / "r")]) == 2
+    assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "plan.json not found" in capsys.readouterr().err
+    assert main(["compare", "--set", f"data={tmp_path / 'missing.txt'}", "--out", str(tmp_path / "r")]) == 2
+    assert not (tmp_path / "r" / "plan.json").exists()
+
+
+def test_a_really_diverging_arm(tmp_path, shakespeare):
+    """An arm whose loss is not finite at step 1 (absurd init) is recorded from the trainer's DivergedError."""
+    out = tmp_path / "cmp"
+    compare(None, ["residual"], _sets(shakespeare), str(out), variants=["boom:model.init_std=1e25"], lrs=[1e-3],
+            log=lambda *_: None)
+    rows = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert rows["boom"]["status"] == "diverged" and "training diverged at step 1" in rows["boom"]["message"]
+    assert rows["residual"]["status"] == "finished"
+    assert json.loads((out / "runs" / rows["boom"]["name"] / "result.json").read_text())["step"] == 1
