@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 import torch_mhc
 
 PKG = Path(torch_mhc.__file__).parent
@@ -29,8 +27,9 @@ def test_ops_imports_only_the_ground_floor():
         assert not bad, f"{path.name} imports {bad}"
 
 
-def test_numerics_imports_nothing_from_the_package():
-    assert imported_modules(PKG / "numerics.py") == set()
+def test_ground_floor_imports_nothing_from_the_package():
+    for name in ("numerics.py", "errors.py"):
+        assert imported_modules(PKG / name) == set(), name
 
 
 def room_of_module(module: str) -> str:
@@ -75,31 +74,16 @@ def test_find_cycle_on_handmade_graphs():
     assert find_cycle({"x": {"y"}, "y": {"y2"}, "y2": {"y"}}) == ["y", "y2", "y"]
 
 
-# Known cycles, to be removed (edge cut here: the first room's imports of the second): distributed/
-# imports train/ (config's UserError, ParallelConfig, build_config; train.checkpoint) while
-# train/trainer.py and train/config.py import distributed/.
-KNOWN_CYCLES = [("distributed", "train")]
-
-
-def without_known_cycles(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    """The graph less the edge ``lower -> upper`` of each known cycle ``(lower, upper)``."""
-    cut = {room: set(targets) for room, targets in graph.items()}
-    for lower, upper in KNOWN_CYCLES:
-        cut.get(lower, set()).discard(upper)
-    return cut
-
-
 def test_no_room_imports_a_room_that_imports_it_back():
-    graph = without_known_cycles(room_graph())
-    assert {"nn", "ops", "models", "train", "diagnostics", "reports", "integrations"} <= set(graph)
+    graph = room_graph()
+    assert {"nn", "ops", "models", "train", "diagnostics", "distributed", "reports", "integrations"} <= set(graph)
     cycle = find_cycle(graph)
     assert cycle is None, f"import cycle between folders: {' -> '.join(cycle)}"
 
 
-@pytest.mark.xfail(strict=True, reason="known cycle distributed <-> train (KNOWN_CYCLES); remove it, then this mark")
-def test_the_whole_package_is_acyclic():
-    cycle = find_cycle(room_graph())
-    assert cycle is None, f"import cycle between folders: {' -> '.join(cycle)}"
+def test_distributed_sits_below_train():
+    graph = room_graph()
+    assert "train" not in graph["distributed"] and "integrations" not in graph["train"]
 
 
 def test_diagnostics_sit_below_train_and_reports_above():

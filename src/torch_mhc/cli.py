@@ -14,7 +14,7 @@ from torch_mhc.train.config import UserError
 
 def _cmd_train(args) -> None:
     from torch_mhc.distributed import runtime
-    from torch_mhc.distributed.checkpoint import latest_any_checkpoint
+    from torch_mhc.train.checkpoint import latest_any_checkpoint
     from torch_mhc.train.trainer import resume_run, start_run
 
     if args.resume and args.config:
@@ -79,9 +79,23 @@ def _cmd_compare(args) -> None:
     print(f"report: {report}")
 
 
+def _cmd_memory(args) -> None:
+    from torch_mhc.distributed.memory import memory_table, parse_layout
+    from torch_mhc.train.config import build_config
+
+    cfg = build_config(config_file=args.config)
+    for text in args.layouts:
+        try:
+            parse_layout(text)
+        except (TypeError, ValueError) as e:
+            raise UserError(f"layout {text!r} is not KEY=VALUE[,KEY=VALUE] over dp_shard, dp_replicate, tp, pp, "
+                            f"dp_mode ({e}).") from None
+    print(args.config + ": " + "\n".join(memory_table(cfg, args.layouts)))
+
+
 def _cmd_export_weights(args) -> None:
-    from torch_mhc.distributed.checkpoint import export_weights, latest_any_checkpoint, read_trainer_state
-    from torch_mhc.train.checkpoint import load_checkpoint
+    from torch_mhc.distributed.checkpoint import export_weights, read_trainer_state
+    from torch_mhc.train.checkpoint import latest_any_checkpoint, load_checkpoint
 
     path = Path(args.checkpoint)
     if path.is_dir() and not (path / ".metadata").is_file():
@@ -185,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", default="", metavar="OUT",
                    help="finish an interrupted comparison: keep its finished runs, resume or restart the others")
     c.set_defaults(func=_cmd_compare)
+
+    mm = sub.add_parser("memory", parents=[common], help="estimated memory per GPU of a config under parallel layouts")
+    mm.add_argument("config", help="TOML or JSON training config, e.g. configs/paper-27b.toml")
+    mm.add_argument("layouts", nargs="+", metavar="LAYOUT", help="e.g. dp_shard=64 or tp=8,dp_shard=8")
+    mm.set_defaults(func=_cmd_memory)
 
     x = sub.add_parser("export-weights", parents=[common],
                        help="write a run's latest model weights (distributed or not) as one safetensors file")

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from torch_mhc.train.config import UserError
+from torch_mhc.errors import UserError
 
 DCP_RE = re.compile(r"^dcp_step_(\d+)$")
 TRAINER_FILE = "trainer.pt"
@@ -219,17 +219,3 @@ def export_weights(path: str | Path, out: str | Path) -> Path:
     save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(path)})
     os.replace(tmp, out)
     return out
-
-
-def latest_any_checkpoint(run_dir: str | Path) -> Path:
-    """The newest checkpoint of a run: a single-process ``step_*.pt`` file or a distributed
-    ``dcp_step_*`` directory (UserError, as for single-process runs, when there is none)."""
-    from torch_mhc.train.checkpoint import CKPT_RE, latest_checkpoint, list_checkpoints
-
-    dcps = list_dcp_checkpoints(run_dir)
-    if not dcps:
-        return latest_checkpoint(run_dir)
-    pts = list_checkpoints(run_dir)
-    if pts and int(CKPT_RE.match(pts[-1].name).group(1)) > int(DCP_RE.match(dcps[-1].name).group(1)):
-        return pts[-1]
-    return dcps[-1]

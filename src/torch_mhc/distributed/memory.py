@@ -1,7 +1,7 @@
 """Per-GPU memory estimate of a training config under a parallel layout (a planning aid, not a
 measurement): parameter, gradient and AdamW states, FSDP2's gathered blocks, and activations.
 
-    python -m torch_mhc.distributed.memory configs/paper-27b.toml dp_shard=64 tp=8,dp_shard=8
+    mhc memory configs/paper-27b.toml dp_shard=64 tp=8,dp_shard=8
 
 Model: bf16 compute (FSDP2 mixed precision: bf16 gathered params, fp32 master params, fp32 grads,
 fp32 AdamW moments = 16 bytes per parameter, divided over the shards). Activations are saved
@@ -15,13 +15,12 @@ rank. Pipeline (1F1B) stages hold 1/pp of the layers but up to pp micro-batches 
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 
 import torch
 
+from torch_mhc.distributed.mesh import ParallelConfig
 from torch_mhc.models.decoder import DecoderLM
-from torch_mhc.train.config import ParallelConfig, build_config
 
 GIB = 2**30
 
@@ -73,18 +72,14 @@ def parse_layout(text: str) -> ParallelConfig:
     return replace(ParallelConfig(), **{k: (v if k == "dp_mode" else int(v)) for k, v in values.items()})
 
 
-def main(argv: list[str]) -> None:
-    config, *layouts = argv
-    cfg = build_config(config_file=config)
-    print(f"{config}: seq_len {cfg.seq_len}, micro-batch 1 sequence per GPU (bf16, no recompute)")
-    print(f"{'layout':<34}{'GPUs':>6}{'states':>9}{'gathered':>10}{'activ.':>9}{'logits':>8}{'total GiB':>11}")
+def memory_table(train_cfg, layouts: list[str]) -> list[str]:
+    """The lines ``mhc memory`` prints: one per layout (``dp_shard=8``, ``tp=8,dp_shard=8``, ...)."""
+    lines = [f"seq_len {train_cfg.seq_len}, micro-batch 1 sequence per GPU (bf16, no recompute)",
+             f"{'layout':<34}{'GPUs':>6}{'states':>9}{'gathered':>10}{'activ.':>9}{'logits':>8}{'total GiB':>11}"]
     for text in layouts:
         par = parse_layout(text)
-        m = memory_per_gpu(cfg, par)
+        m = memory_per_gpu(train_cfg, par)
         gpus = par.dp_shard * par.dp_replicate * par.tp * par.pp
-        print(f"{text:<34}{gpus:>6}{m['states']:>9.1f}{m['gathered']:>10.1f}{m['activations']:>9.1f}"
-              f"{m['logits']:>8.1f}{m['total']:>11.1f}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+        lines.append(f"{text:<34}{gpus:>6}{m['states']:>9.1f}{m['gathered']:>10.1f}{m['activations']:>9.1f}"
+                     f"{m['logits']:>8.1f}{m['total']:>11.1f}")
+    return lines

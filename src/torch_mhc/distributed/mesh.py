@@ -15,10 +15,21 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from torch_mhc.train.config import UserError
+from torch_mhc.errors import UserError
 
 DP_MODES = ("fsdp", "ddp")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+@dataclass
+class ParallelConfig:
+    """How many processes do what (see README "Multi-GPU / multi-node"); one process: all 1."""
+
+    dp_shard: int = -1  # FSDP2 shard degree; -1: the world size / (dp_replicate * tp * pp)
+    dp_replicate: int = 1  # replicas of the sharded model (HSDP when dp_shard > 1 too; DDP with dp_mode=ddp)
+    tp: int = 1  # tensor (and sequence) parallel degree; must divide model.n_heads
+    pp: int = 1  # pipeline stages
+    dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
 
 
 @dataclass(frozen=True)

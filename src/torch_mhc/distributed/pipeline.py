@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
+from torch_mhc.errors import UserError
 from torch_mhc.models.decoder import lm_loss
-from torch_mhc.train.config import UserError
 
 
 class StreamStage(nn.Module):

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from torch_mhc.distributed.mesh import ParallelDims, global_rows, launched_distributed
-from torch_mhc.train.config import UserError
+from torch_mhc.errors import UserError
 
 
 @dataclass

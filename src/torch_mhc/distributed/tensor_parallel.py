@@ -30,7 +30,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from torch_mhc.train.config import UserError
+from torch_mhc.errors import UserError
 
 
 class FusedQKVColwise(ColwiseParallel):

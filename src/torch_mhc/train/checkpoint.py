@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torch_mhc.distributed.checkpoint import DCP_RE, list_dcp_checkpoints
 from torch_mhc.train.config import DivergedError, UserError
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -299,3 +300,15 @@ def load_model_state(model, state_dict: dict, path) -> None:
             f"checkpoint {path} does not fit this model (another model shape or connection): {detail}. "
             "Resume with the config the run was started with, or start a new run."
         ) from None
+
+
+def latest_any_checkpoint(run_dir: str | Path) -> Path:
+    """The newest checkpoint of a run: a single-process ``step_*.pt`` file or a distributed
+    ``dcp_step_*`` directory (UserError, as for single-process runs, when there is none)."""
+    dcps = list_dcp_checkpoints(run_dir)
+    if not dcps:
+        return latest_checkpoint(run_dir)
+    pts = list_checkpoints(run_dir)
+    if pts and int(CKPT_RE.match(pts[-1].name).group(1)) > int(DCP_RE.match(dcps[-1].name).group(1)):
+        return pts[-1]
+    return dcps[-1]

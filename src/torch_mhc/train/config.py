@@ -12,12 +12,9 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from torch_mhc.distributed.mesh import ParallelConfig
+from torch_mhc.errors import UserError
 from torch_mhc.models.decoder import ModelConfig
-
-
-class UserError(Exception):
-    """A problem with the user's input (config, data, run directory, checkpoint): reported in one
-    paragraph, exit code 2, no traceback."""
 
 
 class DivergedError(UserError):
@@ -41,17 +38,6 @@ class DivergedError(UserError):
             f"last finite ones. To continue, {' or '.join(hints) or 'change the settings'} and resume "
             "(`mhc train --resume RUN_DIR --set lr=...`), or start a new run."
         )
-
-
-@dataclass
-class ParallelConfig:
-    """How many processes do what (see README "Multi-GPU / multi-node"); one process: all 1."""
-
-    dp_shard: int = -1  # FSDP2 shard degree; -1: the world size / (dp_replicate * tp * pp)
-    dp_replicate: int = 1  # replicas of the sharded model (HSDP when dp_shard > 1 too; DDP with dp_mode=ddp)
-    tp: int = 1  # tensor (and sequence) parallel degree; must divide model.n_heads
-    pp: int = 1  # pipeline stages
-    dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
 
 
 @dataclass

@@ -23,6 +23,7 @@ from torch_mhc.distributed import runtime
 from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import (
+    latest_any_checkpoint,
     load_checkpoint,
     load_model_state,
     raise_if_disk_full,
@@ -393,7 +394,7 @@ def resume_run(run_dir: str, overrides: list[str], log=print, allow_data_change:
     if not runtime.is_main_process():
         log = lambda *args, **kwargs: None  # noqa: E731
     with runtime.claimed_on_main(lambda: claim_run_dir(run_dir)) as path:
-        ckpt_path = dcp_ckpt.latest_any_checkpoint(path)
+        ckpt_path = latest_any_checkpoint(path)
         if ckpt_path.is_dir():  # distributed (DCP): loaded into the parallelized model in setup
             state = {**dcp_ckpt.read_trainer_state(ckpt_path), "dcp_path": ckpt_path}
         else:
