@@ -8,6 +8,8 @@ Shapes: ``x`` is the residual state ``[..., n, C]``; coefficients come back in f
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from torch_mhc import ops
@@ -21,6 +23,14 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         return
     if not torch.isfinite(t).all():
         raise ValueError(f"non-finite values (NaN or Inf) in {what}")
+
+
+@functools.cache
+def alpha_columns(n: int, device: torch.device) -> torch.Tensor:
+    """Which alpha (0 pre, 1 post, 2 res) scales each of the ``2n + n^2`` coefficient columns. Built once per
+    (n, device), so the hot path makes no host-to-device copy; gathered with ``index_select``, whose backward
+    sums alpha's gradient in the same order as the former ``repeat_interleave`` (bit-identical curves)."""
+    return torch.tensor([0] * n + [1] * n + [2] * n * n, device=device)
 
 
 def mhc_coefficients(
@@ -50,8 +60,7 @@ def mhc_coefficients(
         if dynamic:
             xf = x.flatten(-2).to(cdt)
             inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-            a = alpha.to(cdt)  # per-column alpha (pre | post | res) from views: no host round trip
-            scale = torch.cat((a[0:1].expand(n), a[1:2].expand(n), a[2:3].expand(n * n)))
+            scale = alpha.to(cdt).index_select(0, alpha_columns(n, alpha.device))  # alpha of each column
             h = (xf @ phi.to(cdt)) * inv_rms * scale + bias.to(cdt)
         else:
             h = bias.to(cdt).expand(*x.shape[:-2], bias.shape[-1])
