@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from torch_mhc.ops.coefficients import _sinkhorn_pairs, coefficients_backward, coefficients_forward
-from torch_mhc.ops.streams import post_backward, post_forward, pre_backward, pre_forward
+from torch_mhc.ops.streams import FusedStreamPost, pre_backward, pre_forward
 
 
 def _owned_buffer(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -77,13 +77,11 @@ class FusedSublayerPost(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, link, h_post, h_res, f):
-        ctx.save_for_backward(x, h_post, h_res, f)
-        return post_forward(x, h_post, h_res, f)
+        return FusedStreamPost.forward(ctx, x, h_post, h_res, f)  # the plain post; only the gradient's route differs
 
     @staticmethod
     def backward(ctx, dout):
-        x, h_post, h_res, f = ctx.saved_tensors
-        dx, dhp, dhr, df = post_backward(x, h_post, h_res, f, dout)
+        dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)
         return None, dx, dhp, dhr, df
 
 
