@@ -24,3 +24,16 @@ def test_bench_scripts_run(name, args, tmp_path, monkeypatch):
     run_script(name, [*args, "--out", str(out)], monkeypatch)
     result = json.loads(out.read_text())
     assert result["rows"] and result["command"] and result["device"]
+
+
+def test_curve_equal_reports_the_first_difference(tmp_path, capsys):
+    curve = runpy.run_path(str(BENCH / "curve_equal.py"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, last_loss in ((a, 2.5), (b, 2.5000001)):
+        d.mkdir()
+        rows = [{"step": 1, "loss": 3.0, "lr": 1e-3}, {"step": 2, "loss": last_loss, "lr": 1e-3}]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"step\": 3, \"lo")
+    assert curve["differences"](curve["records"](a), curve["records"](a)) == (2, [])
+    assert curve["differences"](curve["records"](a), curve["records"](b)) == (2, [(2, "loss", 2.5, 2.5000001)])
+    assert curve["main"]([str(a), str(b)]) == 1 and "step 2 loss" in capsys.readouterr().out
+    assert curve["main"]([str(a), str(a)]) == 0

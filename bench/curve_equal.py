@@ -1,0 +1,55 @@
+"""Are two runs' training curves bit-identical? Compares metrics.jsonl of two run directories step by
+step (loss, grad norm, lr, validation loss, gains: every numeric field both records have) and prints the
+first differences. Used to check that a refactor leaves the CPU curve unchanged for a fixed seed:
+
+    mhc train --set run_name=a --set steps=40 --set log_every=1 ...   # before the change
+    mhc train --set run_name=b --set steps=40 --set log_every=1 ...   # after it
+    python bench/curve_equal.py runs/a runs/b                          # exit 0 when identical
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+KEYS = ("loss", "grad_norm", "lr", "val_loss", "max_composite_fwd_gain", "max_composite_bwd_gain")
+
+
+def records(run_dir: Path) -> dict[int, dict]:
+    """The last record of each step (a resumed run may log a step twice); a partial last line is skipped."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[r["step"]] = r
+    return out
+
+
+def differences(a: dict[int, dict], b: dict[int, dict], keys=KEYS) -> tuple[int, list[tuple[int, str, float, float]]]:
+    """(number of common steps, [(step, key, a, b) for every field that differs])."""
+    common = sorted(set(a) & set(b))
+    return len(common), [(s, k, a[s][k], b[s][k]) for s in common for k in keys
+                         if k in a[s] and k in b[s] and a[s][k] != b[s][k]]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_a", type=Path)
+    p.add_argument("run_b", type=Path)
+    args = p.parse_args(argv)
+    n, diff = differences(records(args.run_a), records(args.run_b))
+    if not n:
+        print("no common steps")
+        return 1
+    print(f"{n} common steps; {'identical' if not diff else f'{len(diff)} differing fields'}")
+    for step, key, va, vb in diff[:10]:
+        print(f"  step {step} {key}: {va!r} vs {vb!r}")
+    return 1 if diff else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
