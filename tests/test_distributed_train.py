@@ -54,6 +54,8 @@ def test_torchrun_train_matches_one_process_and_resumes(tmp_path, small_text):
                                torch.tensor(list(losses(one, "val_loss").values())), rtol=1e-5, atol=0)
     ckpts = sorted(q.name for q in (two / "checkpoints").iterdir())
     assert ckpts == ["dcp_step_0000003", "dcp_step_0000006"]
+    steps = [json.loads(line)["step"] for line in (two / "grad_norms.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # every step's norm, written by rank 0 alone
 
     # exact resume on the same world size: drop the last checkpoint, continue from step 3
     shutil.rmtree(two / "checkpoints" / "dcp_step_0000006")

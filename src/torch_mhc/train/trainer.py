@@ -324,7 +324,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         result = train_step(t, step, group_norms=log_now)
         tokens_since += tokens_per_step
         loss_val = result["loss"]
-        append_jsonl(run_dir / "grad_norms.jsonl", {"step": done, "grad_norm": result["grad_norm"]})  # spikes
+        if main:  # every step's norm (the same on every rank), for the spike statistic
+            append_jsonl(run_dir / "grad_norms.jsonl", {"step": done, "grad_norm": result["grad_norm"]})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_val:.3f}")
