@@ -10,23 +10,17 @@ first differences. Used to check that a refactor leaves the CPU curve unchanged 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from torch_mhc.reports.plots import read_jsonl
 
 KEYS = ("loss", "grad_norm", "lr", "val_loss", "max_composite_fwd_gain", "max_composite_bwd_gain")
 
 
 def records(run_dir: Path) -> dict[int, dict]:
-    """The last record of each step (a resumed run may log a step twice); a partial last line is skipped."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        out[r["step"]] = r
-    return out
+    """metrics.jsonl by step (``read_jsonl``: the last record per step, a partial last line skipped)."""
+    return {r["step"]: r for r in read_jsonl(run_dir / "metrics.jsonl")}
 
 
 def differences(a: dict[int, dict], b: dict[int, dict], keys=KEYS) -> tuple[int, list[tuple[int, str, float, float]]]:

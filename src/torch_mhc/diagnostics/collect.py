@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from torch_mhc.diagnostics.gains import (
     amax_gains,
@@ -129,11 +130,15 @@ def mean_stream_copy_dist(layers: list[dict]) -> float:
 
 def grad_norms_by_group(model) -> dict[str, float]:
     """L2 norm of the gradients per parameter role (``model.parameter_roles()``: embed, attn, ffn,
-    connection, head) as ``grad_norm_<role>``."""
+    connection, head) as ``grad_norm_<role>``. A sharded (DTensor) gradient counts whole: its sum of
+    squares is reduced over the ranks, so under FSDP/TP every rank must call this (a collective)."""
     roles = model.parameter_roles()
     groups: dict[str, float] = {}
     for name, p in model.named_parameters():
         if p.grad is not None:
+            s = p.grad.detach().float().square().sum()
+            if isinstance(s, DTensor):
+                s = s.full_tensor()
             role = roles[name][0]
-            groups[role] = groups.get(role, 0.0) + p.grad.detach().float().square().sum().item()
+            groups[role] = groups.get(role, 0.0) + s.item()
     return {f"grad_norm_{k}": v ** 0.5 for k, v in groups.items()}

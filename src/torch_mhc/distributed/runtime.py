@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from torch_mhc.distributed.mesh import ParallelDims, global_rows, launched_distributed
 from torch_mhc.errors import UserError
@@ -181,19 +180,6 @@ def mean_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
-
-
-def grad_norms_by_role(model) -> dict[str, float]:
-    """``grad_norm_<role>`` over all ranks' gradients (collective; plain or DTensor gradients)."""
-    roles = model.parameter_roles()
-    sums: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            s = p.grad.detach().float().square().sum()
-            s = s.full_tensor() if isinstance(s, DTensor) else s
-            role = roles[name][0]
-            sums[role] = sums.get(role, 0.0) + s
-    return {f"grad_norm_{k}": float(v) ** 0.5 for k, v in sums.items()}
 
 
 def after_backward(model, ctx: DistContext) -> None:

@@ -26,7 +26,6 @@ from torch_mhc.train.checkpoint import (
     latest_any_checkpoint,
     load_checkpoint,
     load_model_state,
-    raise_if_disk_full,
     save_checkpoint,
     set_rng_state,
 )
@@ -153,7 +152,7 @@ class MetricsWriter:
     """metrics.jsonl (one JSON object per line) plus TensorBoard events when tensorboard is installed."""
 
     def __init__(self, run_dir: Path):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        self.path = run_dir / "metrics.jsonl"
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -162,19 +161,13 @@ class MetricsWriter:
             self.tb = None
 
     def write(self, record: dict) -> None:
-        try:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        except OSError as e:
-            raise_if_disk_full(e, self.file.name)
-            raise
+        append_jsonl(self.path, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -272,9 +265,7 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
     if t.dist is not None:
         runtime.after_backward(t.model, t.dist)
         loss = runtime.mean_over_ranks(loss)
-    norms = {}
-    if group_norms:
-        norms = (grad_norms_by_group if t.dist is None else runtime.grad_norms_by_role)(t.model)
+    norms = grad_norms_by_group(t.model) if group_norms else {}
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     clip = torch.nn.utils.clip_grad_norm_ if t.dist is None else clip_grad_norm_
     grad_norm = float(clip(t.model.parameters(), max_norm))
