@@ -232,6 +232,21 @@ def test_diverged_arm_is_recorded_and_the_others_go_on(tmp_path, shakespeare, mo
     assert "## Diverged runs" in text and "mhc-lr0.001-seed1: training diverged" in text
 
 
+def test_jobs_run_the_cells_in_worker_processes(tmp_path, shakespeare):
+    """--jobs 2: the same runs, in two spawned processes, with the same results as one after another (up to CPU
+    thread count: the workers run with cores // 2 threads)."""
+    seq, par = tmp_path / "seq", tmp_path / "par"
+    compare(None, ["residual", "mhc"], _sets(shakespeare), str(seq), seeds=[1], lrs=[1e-3], log=lambda *_: None)
+    args = ["compare", "--modes", "residual,mhc", "--seeds", "1", "--lrs", "1e-3", "--out", str(par), "--jobs", "2"]
+    assert main(args + [x for kv in _sets(shakespeare) for x in ("--set", kv)]) == 0
+    rows = [{r["name"]: r for r in json.loads((d / "summary.json").read_text())["runs"]} for d in (seq, par)]
+    assert set(rows[0]) == set(rows[1]) == {"residual-lr0.001-seed1", "mhc-lr0.001-seed1"}
+    for name, r in rows[0].items():
+        assert rows[1][name]["status"] == "finished"
+        assert rows[1][name]["test_loss"] == pytest.approx(r["test_loss"], rel=1e-5), name
+    assert main(["compare", "--resume", str(par), "--jobs", "2"]) == 0  # all kept: nothing to run
+
+
 def test_compare_bad_inputs(tmp_path, capsys):
     assert main(["compare", "--modes", "residual,dense", "--out", str(tmp_path / "r")]) == 2
     assert "unknown mode 'dense'" in capsys.readouterr().err
@@ -241,6 +256,8 @@ def test_compare_bad_inputs(tmp_path, capsys):
     assert main(["compare", "--modes", "mhc", "--variant", "nocolon", "--out", str(tmp_path / "r")]) == 2
     assert main(["compare", "--resume", str(tmp_path / "nothing")]) == 2
     assert "plan.json not found" in capsys.readouterr().err
+    assert main(["compare", "--jobs", "0", "--out", str(tmp_path / "r")]) == 2
+    assert "--jobs must be an integer >= 1" in capsys.readouterr().err
     assert main(["compare", "--set", f"data={tmp_path / 'missing.txt'}", "--out", str(tmp_path / "r")]) == 2
     assert not (tmp_path / "r" / "plan.json").exists()
 

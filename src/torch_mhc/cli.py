@@ -75,7 +75,7 @@ def _cmd_compare(args) -> None:
         check_dir_path(args.out, "--out")
     modes = (args.modes or "residual,hc,mhc").split(",")
     report = compare(args.config, modes, args.set, args.out, variants=args.variant, seeds=seeds, lrs=lrs,
-                     resume=args.resume)
+                     resume=args.resume, jobs=args.jobs)
     print(f"report: {report}")
 
 
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="", help="report directory (default: OUT_DIR/compare-<timestamp>)")
     c.add_argument("--resume", default="", metavar="OUT",
                    help="finish an interrupted comparison: keep its finished runs, resume or restart the others")
+    c.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at once, each in its own process with cores/N CPU threads (default 1)")
     c.set_defaults(func=_cmd_compare)
 
     mm = sub.add_parser("memory", parents=[common], help="estimated memory per GPU of a config under parallel layouts")

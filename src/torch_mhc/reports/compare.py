@@ -6,6 +6,8 @@ The final figures are losses on a held-out test split (the last ``test_fraction`
 that neither training nor the selection read. Gaps to the residual arm are paired by seed: same
 seed, same trunk initialisation and data order. A run that diverges is recorded as such and the
 others go on; ``--resume OUT`` keeps the finished runs and resumes or restarts the others.
+``--jobs N`` runs N cells at once, each in its own process (CPU threads split between them); every run
+is the same as alone, except that its CPU thread count is the machine's cores / N.
 
 ``OUT/plan.json`` (what to run), ``OUT/runs/NAME/`` (one run each, with ``result.json`` once it is
 done), ``OUT/summary.json`` (one row per run and the ``protocol`` object), ``OUT/report.md`` and plots.
@@ -14,11 +16,14 @@ done), ``OUT/summary.json`` (one row per run and the ``protocol`` object), ``OUT
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -175,6 +180,33 @@ def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
     return result
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _execute_logged(cfg: TrainConfig, run_dir: Path) -> dict:
+    """:func:`execute` in a worker process, its log lines prefixed with the run's name."""
+    return execute(cfg, run_dir, log=lambda msg: print(f"[{run_dir.name}] {msg}", flush=True))
+
+
+def execute_all(cells: dict, runs_dir: Path, jobs: int = 1, log=print) -> dict:
+    """Bring every cell ``{key: TrainConfig}`` to its end (:func:`execute`) -> ``{key: result}``. With jobs > 1,
+    up to ``jobs`` runs at once in worker processes (spawned: no state shared with this one), each with
+    ``cores // jobs`` CPU threads. An error in one run (not a divergence, which is a result) stops the others,
+    whose checkpoints let ``--resume`` continue them."""
+    if jobs == 1 or len(cells) <= 1:
+        return {key: execute(cfg, runs_dir / cfg.run_name, log) for key, cfg in cells.items()}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {key: pool.submit(_execute_logged, cfg, runs_dir / cfg.run_name) for key, cfg in cells.items()}
+        try:
+            return {key: f.result() for key, f in futures.items()}
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def _last(records: list[dict], key: str):
     return next((r[key] for r in reversed(records) if key in r), None)
 
@@ -263,8 +295,11 @@ def build_protocol(plan: Plan, rows: list[dict], params: dict[str, int]) -> dict
 
 
 def compare(config: str | None, modes: list[str], overrides: list[str], out: str = "", variants: list[str] = (),
-            seeds: list[int] = (), lrs: list[float] = (), resume: str = "", log=print) -> Path:
-    """Run the protocol (or finish the one in ``resume``) and write summary.json, report.md and plots."""
+            seeds: list[int] = (), lrs: list[float] = (), resume: str = "", jobs: int = 1, log=print) -> Path:
+    """Run the protocol (or finish the one in ``resume``) and write summary.json, report.md and plots;
+    ``jobs`` runs at once (:func:`execute_all`)."""
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise UserError(f"--jobs must be an integer >= 1 (got {jobs!r}).")
     if resume:
         report_dir = Path(resume)
         plan = Plan.load(report_dir / PLAN)
@@ -292,16 +327,17 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
     if not resume:
         runs_dir.mkdir(parents=True, exist_ok=True)
         plan.save(report_dir / PLAN)
-    results = {key: execute(cfg, runs_dir / cfg.run_name, log) for key, cfg in cfgs.items()}
+    results = execute_all(cfgs, runs_dir, jobs, log)
+    extension = {}
     for arm, _ in plan.arms:  # a selected lr at an edge of the grid: one grid step further for that arm
         val = {lr: [_val_loss(runs_dir / plan.config(arm, lr, s, runs_dir).run_name, results[arm, lr, s])
                     for s in plan.seeds] for lr in plan.lrs}
         step = stats.extension(stats.select_lr(val), plan.lrs) if stats.select_lr(val) is not None else None
         if step is not None:
             log(f"== {arm}: best at the edge lr {stats.select_lr(val):g}; extending its grid to {step:g}")
-            for s in plan.seeds:
-                cfgs[arm, step, s] = plan.config(arm, step, s, runs_dir)
-                results[arm, step, s] = execute(cfgs[arm, step, s], runs_dir / cfgs[arm, step, s].run_name, log)
+            extension.update({(arm, step, s): plan.config(arm, step, s, runs_dir) for s in plan.seeds})
+    cfgs.update(extension)
+    results.update(execute_all(extension, runs_dir, jobs, log))
     rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a])
             for (a, lr, s), cfg in sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))]
     protocol = build_protocol(plan, rows, params)
