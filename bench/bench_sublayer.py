@@ -5,7 +5,8 @@ of the bandwidth floor over the measured time) and the ratio to the floor, for
   plain residual      y = x + F(x)              (x [T, C])
   reference           torch_mhc on the PyTorch reference path (unfused)
   compiled reference  torch.compile of the reference path
-  fused               torch_mhc's Triton kernels
+  fused               torch_mhc's Triton kernels, one sublayer (its read runs the coefficient GEMM)
+  fused, 4-stack      four chained sublayers, per sublayer (each post computes the next GEMM: read-ahead)
   liger               Liger-Kernel's fused mHC ops, when liger_kernel is installed
 and the floor: (3n+2)C forward and (6n+5)C forward+backward bf16 elements per token, over the
 copy bandwidth measured in the same run.
@@ -29,22 +30,26 @@ from pathlib import Path
 import torch
 
 from torch_mhc import ManifoldHyperConnection, ops
+from torch_mhc.nn import chain_reads
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def bytes_model(n: int, C: int, elt: int) -> dict:
-    """DRAM bytes per token of each launch of the fused path for one sublayer (F = identity), from what
-    each kernel reads and writes: state and f in the streams' dtype (``elt`` bytes), coefficients fp32.
-    ``floor`` is the spec's (3n+2)C forward and (6n+5)C forward+backward elements. The coefficient GEMMs
-    also re-read phi from L2 (every 32-token program reads all of it): listed apart, not DRAM."""
+    """DRAM bytes per token of each launch of the fused path for one sublayer inside a stack of connections
+    (F = identity), from what each kernel reads and writes: state and f in the streams' dtype (``elt`` bytes),
+    coefficients fp32. In a stack the previous sublayer's post computed this one's coefficient GEMM while it
+    wrote the state (read-ahead), and this post computes the next one's; the first sublayer of a stack runs
+    ``_gemm_fwd`` instead (``first_sublayer``). ``floor`` is the spec's (3n+2)C forward and (6n+5)C
+    forward+backward elements. Programs of the GEMMs also re-read phi from L2: listed apart, not DRAM."""
     M = 2 * n + n * n
     state, row, coefs = n * C * elt, C * elt, M * 4
+    read_ahead_tokens = 64 if n <= 4 else 32  # streams._read_ahead_blocks
     fwd = {
-        "_gemm_fwd": state + coefs + 4,  # x in; raw [M] and inv_rms out
         "_epilogue_fwd": coefs + 4 + (2 * n + n * n) * 4,  # raw, inv in; H_pre, H_post, H_res out
         "_pre_fwd": state + n * 4 + row,  # x, H_pre in; y out
-        "_post_fwd": state + row + (n + n * n) * 4 + state,  # x, f, H_post, H_res in; new state out
+        # x, f, H_post, H_res in; new state out, and the next sublayer's raw [M] and inv_rms
+        "_post_fwd (read-ahead)": state + row + (n + n * n) * 4 + state + coefs + 4,
     }
     bwd = {
         "_post_bwd": 2 * state + row + (n + n * n) * 4 + state + row + (n + n * n) * 4,  # x, dout, f in; dx, df out
@@ -55,18 +60,22 @@ def bytes_model(n: int, C: int, elt: int) -> dict:
         "_gemm_bwd": 2 * state + row + n * 4 + coefs + 4 + state,
     }
     return {"fwd": fwd, "bwd": bwd, "floor_fwd": (3 * n + 2) * C * elt, "floor_fwd_bwd": (6 * n + 5) * C * elt,
-            "phi_l2_per_token": {"_gemm_fwd": n * C * M * 4 / 32, "_gemm_bwd": 0}}
+            "first_sublayer": {"_gemm_fwd": state + coefs + 4},  # x in; raw [M] and inv_rms out
+            "phi_l2_per_token": {"_post_fwd (read-ahead)": n * C * M * 4 / read_ahead_tokens,
+                                 "_gemm_fwd": n * C * M * 4 / 64, "_gemm_bwd": 0}}
 
 
 def print_bytes_model(n: int, C: int, elt: int) -> dict:
     model = bytes_model(n, C, elt)
     fwd, bwd = sum(model["fwd"].values()), sum(model["bwd"].values())
-    print(f"bytes per token, n={n}, C={C} (model of what each launch reads and writes; GPU measurements pending):")
+    print(f"bytes per token, n={n}, C={C}, one sublayer inside a stack (model of what each launch reads and writes; "
+          f"GPU measurements pending):")
     for phase in ("fwd", "bwd"):
         for name, b in model[phase].items():
-            print(f"  {phase} {name:<22} {b:>9.0f} B  ({b / (C * elt):5.2f} C elements)")
+            print(f"  {phase} {name:<24} {b:>9.0f} B  ({b / (C * elt):5.2f} C elements)")
     print(f"  forward {fwd:.0f} B = {fwd / model['floor_fwd']:.2f}x its floor (3n+2)C; forward+backward "
-          f"{fwd + bwd:.0f} B = {(fwd + bwd) / model['floor_fwd_bwd']:.2f}x its floor (6n+5)C")
+          f"{fwd + bwd:.0f} B = {(fwd + bwd) / model['floor_fwd_bwd']:.2f}x its floor (6n+5)C; the first sublayer "
+          f"of a stack adds _gemm_fwd {model['first_sublayer']['_gemm_fwd']:.0f} B")
     return model
 
 
@@ -123,9 +132,33 @@ def make_cases(n: int, C: int, T: int, dtype, device, have_liger: bool, compile_
         cases["compiled reference"] = through("reference", torch.compile(conn))
     if device.type == "cuda" or ops.get_backend() == "triton":
         cases["fused"] = through("triton")
+        cases[f"fused, {STACK}-stack"] = stack_case(n, C, x0, grad)
     if have_liger:
         cases["liger"] = liger_case(n, C, T, dtype, device)
     return cases
+
+
+STACK = 4  # sublayers in the stack case; its times are per sublayer (total / STACK)
+
+
+def stack_case(n, C, x0, grad):
+    """STACK chained connections (F = identity), fused: the first reads with the coefficient GEMM, each post
+    computes the next one's (read-ahead). Timed whole; reported per sublayer."""
+    stack = [ManifoldHyperConnection(C, n, torch.nn.Identity(), layer_index=i).to(x0.device) for i in range(STACK)]
+    chain_reads(stack)
+    with torch.no_grad():
+        for conn in stack:
+            conn.phi.normal_(std=0.02)
+
+    def run(backward: bool):
+        y = x0.requires_grad_(backward)
+        with ops.use_backend("triton"):
+            for conn in stack:
+                y = conn(y)
+        if backward:
+            y.backward(grad)
+    run.sublayers = STACK
+    return run
 
 
 def liger_case(n, C, T, dtype, device):
@@ -177,8 +210,9 @@ def main(argv=None):
         cases = make_cases(args.n, C, args.tokens, dtype, device, have_liger, not args.no_compile)
         for label, fn in cases.items():
             try:
-                fwd = timer(lambda: fn(False), device, args.reps)
-                fb = timer(lambda: fn(True), device, args.reps)
+                per = getattr(fn, "sublayers", 1)
+                fwd = timer(lambda: fn(False), device, args.reps) / per
+                fb = timer(lambda: fn(True), device, args.reps) / per
             except Exception as e:  # noqa: BLE001 - report and keep measuring the others
                 print(f"C={C} {label}: failed ({type(e).__name__}: {e})")
                 continue

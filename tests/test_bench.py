@@ -37,3 +37,15 @@ def test_curve_equal_reports_the_first_difference(tmp_path, capsys):
     assert curve["differences"](curve["records"](a), curve["records"](b)) == (2, [(2, "loss", 2.5, 2.5000001)])
     assert curve["main"]([str(a), str(b)]) == 1 and "step 2 loss" in capsys.readouterr().out
     assert curve["main"]([str(a), str(a)]) == 0
+
+
+def test_bench_sublayer_fused_cases_through_the_interpreter(tmp_path, monkeypatch):
+    """The fused cases (one sublayer, and per sublayer of a read-ahead stack) run (interpreter, tiny shape)."""
+    from torch_mhc import ops
+
+    out = tmp_path / "r.json"
+    with ops.use_backend("triton"):
+        run_script("bench_sublayer.py", ["--tokens", "16", "--dims", "24", "--reps", "1", "--no-compile",
+                                         "--out", str(out)], monkeypatch)
+    impls = {r["impl"] for r in json.loads(out.read_text())["rows"]}
+    assert {"fused", "fused, 4-stack", "reference"} <= impls

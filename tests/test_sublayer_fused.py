@@ -82,8 +82,29 @@ def coefficients_alone(conn, s):
     return sum(weighted(h) for h in conn.coefficients(s))
 
 
+def read_ahead_chain(conn, s):
+    """The connection reads the states it writes (``next_reader`` = itself): each fused post computes the next
+    read's coefficient GEMM; the last post's read-ahead is never used."""
+    conn.next_reader = conn
+    try:
+        return weighted(conn(conn(conn(s))))
+    finally:
+        conn.next_reader, conn._read_ahead = None, None
+
+
+def read_ahead_state_changed(conn, s):
+    """The state is changed in place between the post and the next read: the read-ahead no longer matches it."""
+    conn.next_reader = conn
+    try:
+        s2 = conn(s)
+        s2.mul_(1.5)
+        return weighted(conn(s2))
+    finally:
+        conn.next_reader, conn._read_ahead = None, None
+
+
 USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_twice, pre_only, post_without_grad,
-        coefficients_alone]
+        coefficients_alone, read_ahead_chain, read_ahead_state_changed]
 
 
 @pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)
@@ -206,3 +227,90 @@ def test_reference_alpha_gradient_sums_as_before():
         before, alpha.grad = alpha.grad.clone(), None
         (h * alpha.index_select(0, Fm.alpha_columns(n, alpha.device)) * g).sum().backward()
         assert torch.equal(alpha.grad, before)
+
+
+class _CountLaunches:
+    """Stands in for a kernel: counts ``kernel[grid](...)`` launches and runs them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("use, gemms", [(read_ahead_chain, 1), (read_ahead_state_changed, 2),
+                                        (two_sublayers_same_conn, 2)], ids=lambda u: getattr(u, "__name__", u))
+def test_read_ahead_replaces_the_next_gemm(monkeypatch, use, gemms):
+    """With a next reader, the fused post computes its GEMM: the coefficient GEMM kernel runs only for the first
+    read (and again where the state changed after the post, or without a next reader)."""
+    from torch_mhc.ops import coefficients
+
+    counter = _CountLaunches(coefficients._gemm_fwd)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", counter)
+    conn = make_conn(4, 24, seed=7)
+    with ops.use_backend("triton"):
+        use(conn, torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(7)))
+    assert counter.launches == gemms
+
+
+@pytest.mark.parametrize("n, C, dtype", [(1, 24, torch.float32), (2, 40, torch.bfloat16), (4, 24, torch.float16),
+                                         (8, 16, torch.bfloat16)])
+def test_read_ahead_post_writes_the_same_state_and_the_next_gemm(n, C, dtype):
+    """The read-ahead post writes bit-for-bit the plain post's state, and its raw = state @ phi and inv_rms match
+    the float64 values of the stored (rounded) state and the coefficient GEMM kernel's."""
+    from torch_mhc.ops.coefficients import _sinkhorn_pairs, coefficients_forward
+
+    g = torch.Generator().manual_seed(n)
+    T, M = 21, 2 * n + n * n
+    x = torch.randn(T, n, C, generator=g).to(dtype)
+    f = torch.randn(T, C, generator=g).to(dtype)
+    h_post, h_res = torch.rand(T, n, generator=g) * 2, torch.rand(T, n, n, generator=g)
+    phi = torch.randn(n * C, M, generator=g) / (n * C) ** 0.5
+    plain = ops.fused_stream_post(x, h_post, h_res, f)
+    link = (x, x.new_empty(1).expand(T, n, C))
+    with ops.use_backend("triton"):
+        out, ahead = ops.fused_sublayer_post(link, h_post, h_res, f, read_ahead=(phi, 1e-6))
+    assert torch.equal(out, plain)
+    s = out.double().reshape(T, n * C)
+    raw, inv = s @ phi.double(), torch.rsqrt(s.square().mean(-1) + 1e-6)
+    assert rel_err(ahead.raw, raw) < 2e-5 and rel_err(ahead.inv, inv) < 2e-5
+    *_, (_, _, raw_k, inv_k) = coefficients_forward(out.view(T, n * C), phi, torch.zeros(M), torch.ones(3), n,
+                                                    _sinkhorn_pairs(3, False), 1e-6, False)
+    assert rel_err(ahead.raw, raw_k) < 2e-5 and rel_err(ahead.inv, inv_k) < 2e-5
+    assert ahead.matches(out, phi, 1e-6)
+    assert not ahead.matches(out, phi, 1e-5) and not ahead.matches(out.clone(), phi, 1e-6)
+    phi.add_(0)  # a new version of phi
+    assert not ahead.matches(out, phi, 1e-6)
+
+
+def test_decoder_reads_ahead_through_its_stack(monkeypatch):
+    """DecoderLM chains its connections: one coefficient GEMM launch per forward (the first read), whatever the
+    depth; gradients still match the reference path; a pipeline stage does not read ahead into the next stage."""
+    from torch_mhc.distributed.pipeline import StreamStage
+    from torch_mhc.models import DecoderLM, ModelConfig
+    from torch_mhc.ops import coefficients
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(dim=24, n_layers=3, n_heads=2, max_seq_len=8, connection="mhc", n_streams=4))
+    conns = model.connections()
+    assert [c.next_reader for c in conns] == conns[1:] + [None]
+    assert all(name.count("next_reader") == 0 for name, _ in model.named_modules())
+    copy = __import__("copy").deepcopy(model).connections()  # a copy's connections chain among themselves
+    assert [c.next_reader for c in copy] == copy[1:] + [None]
+    counter = _CountLaunches(coefficients._gemm_fwd)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", counter)
+    idx = torch.randint(0, 256, (2, 8))
+    grads = {}
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        with ops.use_backend(backend):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        grads[backend] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    assert counter.launches == 1
+    for k, g in grads["reference"].items():
+        assert rel_err(grads["triton"][k], g) < 1e-3, k
+    StreamStage(model, 0, 2)
+    assert conns[3].next_reader is None and conns[2].next_reader is conns[3]

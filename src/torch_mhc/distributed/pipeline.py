@@ -15,6 +15,7 @@ from torch.distributed.pipelining import PipelineStage
 
 from torch_mhc.errors import UserError
 from torch_mhc.models.decoder import lm_loss
+from torch_mhc.nn import chain_reads
 
 
 class StreamStage(nn.Module):
@@ -28,6 +29,7 @@ class StreamStage(nn.Module):
         self.first, self.last = start == 0, stop == len(model.blocks)
         self._model = (model,)  # not a submodule: only this stage's modules are registered below
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(start, stop)})
+        chain_reads([c for b in self.blocks.values() for c in (b.attn, b.ffn)])  # no read-ahead into another stage
         if self.first:
             self.embed = model.embed
         if self.last:

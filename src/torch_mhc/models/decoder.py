@@ -22,6 +22,7 @@ from torch_mhc.nn import (
     ManifoldHyperConnection,
     Residual,
     StreamConnection,
+    chain_reads,
     expand_streams,
     merge_streams,
 )
@@ -205,6 +206,7 @@ class DecoderLM(nn.Module):
             self.head_merge = HyperHead(cfg.dim, cfg.streams) if cfg.merge == "head" and cfg.streams > 1 else None
             self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        chain_reads(self.connections())  # fused kernels: each post computes its reader's GEMM (nn.connections)
         half = (cfg.dim // cfg.n_heads) // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)

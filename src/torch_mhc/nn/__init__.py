@@ -6,6 +6,7 @@ from torch_mhc.nn.connections import (
     ManifoldHyperConnection,
     Residual,
     StreamConnection,
+    chain_reads,
 )
 from torch_mhc.nn.sinkhorn import sinkhorn
 from torch_mhc.nn.streams import HyperHead, expand_streams, merge_streams
@@ -17,6 +18,7 @@ __all__ = [
     "ManifoldHyperConnection",
     "Residual",
     "StreamConnection",
+    "chain_reads",
     "expand_streams",
     "merge_streams",
     "sinkhorn",

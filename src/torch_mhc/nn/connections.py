@@ -104,10 +104,14 @@ class StreamConnection(nn.Module):
                 f"got {tuple(sublayer_output.shape)}"
             )
 
+    def write(self, state: ConnectionState, sublayer_output: torch.Tensor) -> torch.Tensor:
+        """The new streams ``H_res @ streams + H_post^T F`` (``post`` without its checks)."""
+        return Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link)
+
     def post(self, state: ConnectionState, sublayer_output: torch.Tensor) -> torch.Tensor:
         """(state, F's output ``[..., dim]``) -> new streams ``[..., n, dim]``."""
         self.check_output(state, sublayer_output)
-        out = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link)
+        out = self.write(state, sublayer_output)
         rc = recompute.active()
         if rc is not None and torch.is_grad_enabled():
             rc.register(out, state.streams, state.h_post, state.h_res, sublayer_output)
@@ -209,6 +213,8 @@ class ManifoldHyperConnection(StreamConnection):
             self.fn = nn.Parameter(torch.empty(width, n * dim))
             self.base = nn.Parameter(torch.empty(width))
             self.scale = nn.Parameter(torch.empty(3))
+        self.next_reader: ManifoldHyperConnection | None = None  # see chain_reads (not a submodule)
+        self._read_ahead = None  # the GEMM of our read, computed by the previous connection's fused post
         self.reset_parameters()
 
     @torch.no_grad()
@@ -247,12 +253,37 @@ class ManifoldHyperConnection(StreamConnection):
             return self.phi, self.bias, self.alpha
         return self.fn.t(), self.base, self.scale
 
+    def __setattr__(self, name, value):
+        if name == "next_reader":  # a reference, not a child: kept out of modules(), state_dict() and .to()
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def fused_read(self) -> bool:
+        """Whether the read is the fused sublayer's (dynamic, every mapping learned) when the kernels run."""
+        return self.dynamic and len(self.learn) == len(MAPPINGS)
+
     def read(self, streams):
-        if not (self.dynamic and len(self.learn) == len(MAPPINGS)):
+        if not self.fused_read():
             return super().read(streams)
+        ahead, self._read_ahead = self._read_ahead, None
         phi, bias, alpha = self.projection()
         return Fm.mhc_sublayer_pre(streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps,
-                                   variant=self.variant)
+                                   variant=self.variant, read_ahead=ahead)
+
+    def write(self, state, sublayer_output):
+        """With the kernels and a next reader (:func:`chain_reads`), the post also computes the next
+        connection's coefficient GEMM on the state it writes (one pass over the state less per sublayer)."""
+        nxt = self.next_reader
+        if state.link is None or nxt is None or torch.compiler.is_compiling():
+            return super().write(state, sublayer_output)
+        phi = nxt.projection()[0]
+        if (not nxt.fused_read() or (nxt.n, nxt.dim) != (self.n, self.dim) or type(phi.data) is not torch.Tensor
+                or phi.device != state.streams.device):  # e.g. an FSDP-sharded phi (DTensor) is not read ahead
+            return super().write(state, sublayer_output)
+        out, nxt._read_ahead = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output,
+                                              link=state.link, read_ahead=(phi, nxt.eps))
+        return out
 
     def coefficients(self, streams):
         """streams ``[..., n, dim]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""
@@ -325,3 +356,14 @@ class HyperConnection(StreamConnection):
             streams, self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
             self.scale, eps=self.eps,
         )
+
+
+def chain_reads(connections: list[StreamConnection]) -> None:
+    """Tell each mHC connection which one reads the state it writes: the next in ``connections`` (depth
+    order), if that is a dynamic mHC connection too. With the fused kernels a post then computes its reader's
+    coefficient GEMM while it writes the state; the reader uses it only if it gets that very state (anything
+    in between that changes or replaces the state makes it compute its own). Results are the same function
+    of the inputs either way (the GEMM's sums run in another order: rounding-level differences)."""
+    for conn, nxt in zip(connections, list(connections[1:]) + [None]):
+        if isinstance(conn, ManifoldHyperConnection):
+            conn.next_reader = nxt if isinstance(nxt, ManifoldHyperConnection) else None

@@ -77,15 +77,17 @@ def mhc_coefficients(
 
 def mhc_sublayer_pre(
     x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int = 20,
-    eps: float = 1e-6, variant: str = "paper",
+    eps: float = 1e-6, variant: str = "paper", read_ahead=None,
 ):
     """The read half of a dynamic mHC sublayer: x ``[..., n, C]`` -> (sublayer input ``[..., C]``,
     fp32 (H_pre, H_post, H_res), link). ``link`` is None on the reference path; with the kernels it ties this
     read to :func:`stream_post` (pass it as ``link=``) so that the sublayer's three gradient terms of x are
-    summed in one buffer instead of by autograd (see :mod:`torch_mhc.ops.sublayer`)."""
+    summed in one buffer instead of by autograd (see :mod:`torch_mhc.ops.sublayer`). ``read_ahead``: what the
+    fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None."""
     if ops.should_fuse(x):
         with no_autocast(x):
-            return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+            return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
+                                          read_ahead=read_ahead)
     coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
     return stream_pre(x, coeffs[0]), coeffs, None
 
@@ -135,11 +137,18 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 
 def stream_post(
-    x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None
-) -> torch.Tensor:
+    x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None, read_ahead=None
+):
     """New state ``H_res x + H_post^T F``: x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``,
     f_out ``[..., C]`` -> ``[..., n, C]`` in x's dtype (accumulated in fp32). ``link``: from
-    :func:`mhc_sublayer_pre` on the same x (x's gradient then goes back through it)."""
+    :func:`mhc_sublayer_pre` on the same x (x's gradient then goes back through it). ``read_ahead`` =
+    (phi, eps) of the next mHC sublayer, with a ``link``: returns (new state, its read-ahead for that sublayer's
+    :func:`mhc_sublayer_pre`), the next GEMM computed in the same pass; without a link, (new state, None)."""
+    if read_ahead is not None:
+        if link is None:
+            return stream_post(x, h_post, h_res, f_out), None
+        with no_autocast(x):
+            return ops.fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=read_ahead)
     if link is not None:
         with no_autocast(x):
             return ops.fused_sublayer_post(link, h_post, h_res, f_out)

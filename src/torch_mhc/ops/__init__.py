@@ -85,18 +85,20 @@ def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 
 
 def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int,
-                       eps: float, variant: str):
+                       eps: float, variant: str, read_ahead=None):
     """x ``[..., n, C]`` -> (y ``[..., C]``, fp32 (H_pre, H_post, H_res), link): coefficients and pre in one
     autograd Function whose backward takes post's dx through ``link`` and adds pre's and the coefficient
-    GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`."""
+    GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`.
+    ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi)."""
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
-    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, read_ahead=read_ahead)
 
 
-def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor) -> torch.Tensor:
+def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None):
     """(link from :func:`fused_sublayer_pre`, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]``) ->
-    new state ``[..., n, C]``; its backward hands dx to the pre half instead of to autograd."""
+    new state ``[..., n, C]``; its backward hands dx to the pre half instead of to autograd. With
+    ``read_ahead`` = (phi, eps) of the next sublayer: (new state, ReadAhead for its ``fused_sublayer_pre``)."""
     from torch_mhc.ops.sublayer import fused_sublayer_post as impl
 
-    return impl(link, h_post, h_res, f_out)
+    return impl(link, h_post, h_res, f_out, read_ahead=read_ahead)

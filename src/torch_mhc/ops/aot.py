@@ -122,10 +122,12 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
             torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
 
 
-def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True) -> torch.Tensor:
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True,
+                     read_ahead=None) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
-    sublayer Functions with one dx buffer (what connections run); False: the separate ops (coefficients, pre,
-    post: what code calling them directly, and recompute's rebuild, run)."""
+    sublayer Functions with one dx buffer (what connections run), the post reading ahead for a next sublayer
+    with the same phi (what a stack of connections runs), the read taking ``read_ahead`` if given; False: the
+    separate ops (coefficients, pre, post: what code calling them directly, and recompute's rebuild, run)."""
     from torch_mhc.ops import (
         fused_mhc_coefficients,
         fused_stream_post,
@@ -135,16 +137,34 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     )
 
     if fused:
-        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-        return fused_sublayer_post(link, h_post, h_res, y)
+        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
+                                                         read_ahead=read_ahead)
+        return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))[0]
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
     return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
 
 
+def state_in_a_stack(x, phi, bias, alpha, variant: str, iters: int):
+    """A state as a sublayer inside a stack gets it: written by the previous sublayer's read-ahead post (here one
+    with the same phi). -> (the state as a fresh leaf [T, n, C], its ReadAhead)."""
+    from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
+
+    with torch.no_grad():
+        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+        state, ahead = fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))
+    return state.detach().requires_grad_(), ahead  # detach() keeps storage and version: the read-ahead matches
+
+
 def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True) -> None:
-    """Forward and backward of :func:`sublayer_forward` on fresh inputs."""
-    out = sublayer_forward(*sublayer_inputs(n, C, T, dtype), variant, iters, fused)
+    """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: the first sublayer of a stack
+    (its read runs the coefficient GEMM) and one inside it (its read takes the previous post's read-ahead)."""
+    x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype)
+    out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused)
     out.backward(torch.ones_like(out))
+    if fused:
+        state, ahead = state_in_a_stack(x, phi, bias, alpha, variant, iters)
+        out = sublayer_forward(state, phi, bias, alpha, variant, iters, fused, read_ahead=ahead)
+        out.backward(torch.ones_like(out))
 
 
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
@@ -154,7 +174,8 @@ _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias",
 
 def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
                        iters: int = 20, fused: bool = True) -> dict:
-    """Kernel launches and ATen ops of one sublayer (:func:`run_sublayer`), forward and backward separately:
+    """Kernel launches and ATen ops of one sublayer (:func:`sublayer_forward`; fused: one inside a stack of
+    connections, whose state the previous post wrote with a read-ahead), forward and backward separately:
     ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
     ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full passes over
     the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a
@@ -183,12 +204,17 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
     result = {p: {"launches": [], "state_ops": [], "other_ops": [], "syncs": []} for p in ("fwd", "bwd")}
     inputs, grad = sublayer_inputs(n, C, T, dtype), torch.ones(T, n, C, dtype=dtype)
     with LaunchRecorder() as rec:
+        ahead = None
+        if fused:  # a sublayer inside a stack: its state comes from the previous sublayer's read-ahead post
+            inputs[0], ahead = state_in_a_stack(*inputs, variant, iters)
+        start = len(rec.calls)
         with Count(result["fwd"]):
-            out = sublayer_forward(*inputs, variant, iters, fused)
-        result["fwd"]["launches"] = rec.calls[:]
+            out = sublayer_forward(*inputs, variant, iters, fused, read_ahead=ahead)
+        result["fwd"]["launches"] = rec.calls[start:]
+        start = len(rec.calls)
         with Count(result["bwd"]):
             out.backward(grad)
-        result["bwd"]["launches"] = rec.calls[len(result["fwd"]["launches"]):]
+        result["bwd"]["launches"] = rec.calls[start:]
     return result
 
 

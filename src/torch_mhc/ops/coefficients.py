@@ -287,20 +287,24 @@ def _sinkhorn_pairs(iters: int, v4: bool) -> int:
     return pairs
 
 
-def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, v4: bool):
+def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, v4: bool, raw_inv=None):
     """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n], saved): fp32; ``saved`` is what
-    :func:`coefficients_backward` needs besides x2d and phi (fp32 bias and alpha, raw GEMM output, inv_rms)."""
+    :func:`coefficients_backward` needs besides x2d and phi (fp32 bias and alpha, raw GEMM output, inv_rms).
+    ``raw_inv``: (x2d @ phi [T, M], inv_rms [T]) already computed (by the previous sublayer's read-ahead post)."""
     T, K = x2d.shape
     M = 2 * n + n * n
     dev = x2d.device
-    raw = torch.empty(T, M, device=dev, dtype=torch.float32)
-    inv = torch.empty(T, device=dev, dtype=torch.float32)
-    bt, bk, warps = GEMM_FWD_BLOCKS[n]
-    if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
-        bt = 32
-    _gemm_fwd[(triton.cdiv(T, bt),)](
-        x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
-        BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+    if raw_inv is not None:
+        raw, inv = raw_inv
+    else:
+        raw = torch.empty(T, M, device=dev, dtype=torch.float32)
+        inv = torch.empty(T, device=dev, dtype=torch.float32)
+        bt, bk, warps = GEMM_FWD_BLOCKS[n]
+        if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
+            bt = 32
+        _gemm_fwd[(triton.cdiv(T, bt),)](
+            x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
+            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
     bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
     post = torch.empty(T, n, device=dev, dtype=torch.float32)

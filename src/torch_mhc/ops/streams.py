@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from torch_mhc.ops.blocks import token_block as _token_block
+from torch_mhc.ops.coefficients import PREC
 
 
 @triton.jit
@@ -101,9 +102,19 @@ def _pre_bwd(x_ptr, h_ptr, dy_ptr, dx_ptr, dh_ptr, T, C, N: tl.constexpr, BT: tl
 
 
 @triton.jit(do_not_specialize=["T"])
-def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, phi_ptr, raw_ptr, inv_ptr, T, C, M, stride_pk, stride_pm, eps,
+              N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PROJ: tl.constexpr, BM: tl.constexpr,
+              PREC: tl.constexpr):
+    """New state out = H_res x + H_post^T f. PROJ (read-ahead): also the next sublayer's coefficient GEMM on the
+    state just written, raw = out @ phi [T, M] and inv_rms [T] (from the stored, rounded values, as ``_gemm_fwd``
+    computes them), each chunk read back from L2 right after it is stored: the next sublayer does not read the
+    state from DRAM for its GEMM."""
     rows64, rmask = _token_block(T, BT)
     hp = _coefs(hp_ptr, rows64, rmask, N)
+    if PROJ:
+        ms = tl.arange(0, BM)
+        acc = tl.zeros((BT, BM), dtype=tl.float32)
+        ss = tl.zeros((BT,), dtype=tl.float32)
     for c0 in range(0, C, BC):
         offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
         x = _load_streams(x_ptr, offs, mask, C, N)
@@ -113,6 +124,18 @@ def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, T, C, N: tl.constexpr, BT: 
             for j in tl.static_range(N):
                 out += _coef(hr_ptr, rows64, rmask, N * N, i * N + j)[:, None] * x[j]
             tl.store(out_ptr + offs + i * C, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if PROJ:  # read the chunk just stored back (L2, not DRAM): the GEMM's tile layout stays its own
+            tl.debug_barrier()
+            for i in tl.static_range(N):
+                s = tl.load(out_ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32)
+                ks = i * C + c0 + tl.arange(0, BC)  # rows of phi: stream i, this chunk's channels
+                p = tl.load(phi_ptr + ks[:, None] * stride_pk + ms[None, :] * stride_pm,
+                            mask=((c0 + tl.arange(0, BC)) < C)[:, None] & (ms < M)[None, :], other=0.0)
+                acc = tl.dot(s, p.to(tl.float32), acc, input_precision=PREC)
+                ss += tl.sum(s * s, axis=1)
+    if PROJ:
+        tl.store(raw_ptr + rows64[:, None] * M + ms[None, :], acc, mask=rmask[:, None] & (ms < M)[None, :])
+        tl.store(inv_ptr + rows64, 1.0 / tl.sqrt(ss / (N * C) + eps), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -163,6 +186,18 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     return max(1, min(cap, tile // bc)), bc, 4
 
 
+# Read-ahead post (the next GEMM fused in): tl.dot needs tiles of at least 16 x 16, and every program reads
+# all of phi (from L2) once per BT tokens, so more tokens and fewer channels per chunk than the plain post,
+# and 8 warps. The GEMM re-loads the chunk it just stored (an L2 hit) rather than taking the stored values
+# from registers: sharing one tile between the stores and tl.dot pulled the dot's layout into the elementwise
+# code (216-255 registers and spills at n = 4 and 8). C not a multiple of 16 (scalar loads, an address each):
+# 16 tokens. Compile gate, sm_90 / sm_80: n = 4 at 80-100 registers, n = 8 at about 100-110.
+def _read_ahead_blocks(n: int, C: int) -> tuple[int, int, int]:
+    if C % 16:
+        return 16, 16, 8
+    return (64 if n <= 4 else 32), 16, 8
+
+
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
     t = t.reshape(*shape)
     return t if t.is_contiguous() else t.contiguous()
@@ -188,13 +223,26 @@ def pre_backward(x: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor, write_d
     return dx, dh
 
 
-def post_forward(x, h_post, h_res, f):
-    """x [T, n, C], h_post [T, n], h_res [T, n, n] (fp32), f [T, C] -> H_res x + H_post^T f [T, n, C]."""
+def post_forward(x, h_post, h_res, f, read_ahead=None):
+    """x [T, n, C], h_post [T, n], h_res [T, n, n] (fp32), f [T, C] -> H_res x + H_post^T f [T, n, C].
+    ``read_ahead`` = (phi [n*C, M], eps) of the next sublayer: also return its GEMM on the new state,
+    (raw [T, M], inv_rms [T]) fp32, computed from the stored values in the same pass."""
     T, n, C = x.shape
     out = torch.empty_like(x)
-    bt, bc, warps = _blocks(n, C)
-    _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
-    return out
+    if read_ahead is None:
+        bt, bc, warps = _blocks(n, C)
+        _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, out, out, out, T, C, 1, 1, 1, 0.0,
+                                         N=n, BT=bt, BC=bc, PROJ=False, BM=16, PREC=PREC, num_warps=warps)
+        return out
+    phi, eps = read_ahead
+    M = phi.shape[1]
+    raw = torch.empty(T, M, device=x.device, dtype=torch.float32)
+    inv = torch.empty(T, device=x.device, dtype=torch.float32)
+    bt, bc, warps = _read_ahead_blocks(n, C)
+    _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, phi, raw, inv, T, C, M, phi.stride(0), phi.stride(1),
+                                     eps, N=n, BT=bt, BC=bc, PROJ=True, BM=max(16, triton.next_power_of_2(M)),
+                                     PREC=PREC, num_warps=warps)
+    return out, (raw, inv)
 
 
 def post_backward(x, h_post, h_res, f, dout):

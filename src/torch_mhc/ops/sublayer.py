@@ -16,14 +16,22 @@ Autograd stays exact: x's gradient from this sublayer is ``post + pre + GEMM`` w
 consumers' gradients are added by autograd as usual). If post never ran backward (post not called, called
 under no_grad, or backward not reaching it) the link gradient is None and the GEMM writes a fresh dx;
 if post ran twice on the same state autograd sums the two link gradients into a fresh buffer first.
+
+Read-ahead (across sublayers): a post given the next sublayer's (phi, eps) also computes that sublayer's
+coefficient GEMM and inverse RMS on the state it writes, while the tile is in registers, and returns them
+as a :class:`ReadAhead`; the next :class:`FusedSublayerPre` takes them instead of reading the state again for
+its GEMM, when they were computed from that very state and phi (same storage, shape, strides and version).
+They are plain values (no gradient path): the next sublayer's backward treats raw as ``x @ phi`` as before.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from torch_mhc.ops.coefficients import _sinkhorn_pairs, coefficients_backward, coefficients_forward
-from torch_mhc.ops.streams import FusedStreamPost, pre_backward, pre_forward
+from torch_mhc.ops.streams import FusedStreamPost, post_forward, pre_backward, pre_forward
 
 
 def _owned_buffer(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -36,15 +44,36 @@ def _owned_buffer(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | 
     return g
 
 
+def _identity(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same values for the read-ahead: storage, layout, dtype and version."""
+    return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version
+
+
+@dataclass
+class ReadAhead:
+    """The next sublayer's GEMM on a state, computed by the post that wrote it: raw = state @ phi [T, M] and
+    inv_rms [T] (fp32). ``state`` keeps the state's storage alive, so its identity cannot be reused."""
+
+    state: torch.Tensor
+    state_id: tuple
+    phi_id: tuple
+    eps: float
+    raw: torch.Tensor
+    inv: torch.Tensor
+
+    def matches(self, x3: torch.Tensor, phi: torch.Tensor, eps: float) -> bool:
+        return _identity(x3) == self.state_id and _identity(phi) == self.phi_id and eps == self.eps
+
+
 class FusedSublayerPre(torch.autograd.Function):
     """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n], link [T, n, C])."""
 
     @staticmethod
-    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool):
+    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None):
         T, n, C = x.shape
         pairs = _sinkhorn_pairs(iters, v4)
         x2d = x.view(T, n * C)
-        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, n, pairs, eps, v4)
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, n, pairs, eps, v4, raw_inv)
         y = pre_forward(x, pre)
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
@@ -68,21 +97,31 @@ class FusedSublayerPre(torch.autograd.Function):
             x.view(T, n * C), phi, saved, n, pairs, eps, v4, dpre, dpost, dres,
             dx=None if dx is None else dx.view(T, n * C), pre_term=pre_term)
         return (dx.view(T, n, C), dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 class FusedSublayerPost(torch.autograd.Function):
     """(x [T, n, C], link [T, n, C], H_post [T, n], H_res [T, n, n], f [T, C]) -> H_res x + H_post^T f [T, n, C].
-    x's gradient leaves through ``link`` (to :class:`FusedSublayerPre`), none through ``x``."""
+    x's gradient leaves through ``link`` (to :class:`FusedSublayerPre`), none through ``x``. With
+    ``read_ahead`` = (phi, eps) of the next sublayer, also (raw [T, M], inv_rms [T]): no gradient."""
 
     @staticmethod
-    def forward(ctx, x, link, h_post, h_res, f):
-        return FusedStreamPost.forward(ctx, x, h_post, h_res, f)  # the plain post; only the gradient's route differs
+    def forward(ctx, x, link, h_post, h_res, f, read_ahead=None):
+        ctx.save_for_backward(x, h_post, h_res, f)
+        ctx.set_materialize_grads(False)
+        result = post_forward(x, h_post, h_res, f, read_ahead)
+        if read_ahead is None:
+            return result
+        out, (raw, inv) = result
+        ctx.mark_non_differentiable(raw, inv)
+        return out, raw, inv
 
     @staticmethod
-    def backward(ctx, dout):
-        dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)
-        return None, dx, dhp, dhr, df
+    def backward(ctx, dout, *_):
+        if dout is None:
+            return None, None, None, None, None, None
+        dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)  # the plain post's backward, dx to the link
+        return None, dx, dhp, dhr, df, None
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -90,23 +129,31 @@ def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: str):
+def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, read_ahead=None):
     """x ``[..., n, C]`` -> (y ``[..., C]``, (H_pre, H_post, H_res) fp32 ``[..., n]``/``[..., n, n]``, link).
 
-    ``link`` = (x as ``[T, n, C]`` contiguous, the link tensor): pass it to :func:`fused_sublayer_post`."""
+    ``link`` = (x as ``[T, n, C]`` contiguous, the link tensor): pass it to :func:`fused_sublayer_post`.
+    ``read_ahead``: a :class:`ReadAhead` from the post that wrote x; used only if it matches x and phi."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x3 = _flat(x, -1, n, C)
-    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4")
+    raw_inv = None
+    if read_ahead is not None and read_ahead.matches(x3, phi, eps):
+        raw_inv = (read_ahead.raw, read_ahead.inv)
+    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4",
+                                                     raw_inv)
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)), (x3, link)
 
 
-def fused_sublayer_post(link, h_post, h_res, f_out):
+def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None):
     """(link from :func:`fused_sublayer_pre`, H_post ``[..., n]``, H_res ``[..., n, n]``, f ``[..., C]``) ->
-    new state ``[..., n, C]``."""
+    new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead)."""
     x3, link_t = link
     _, n, C = x3.shape
     lead = f_out.shape[:-1]
-    out = FusedSublayerPost.apply(x3, link_t, _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n),
-                                  _flat(f_out, -1, C))
-    return out.view(*lead, n, C)
+    args = (x3, link_t, _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n), _flat(f_out, -1, C))
+    if read_ahead is None:
+        return FusedSublayerPost.apply(*args).view(*lead, n, C)
+    phi, eps = read_ahead
+    out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps))
+    return out.view(*lead, n, C), ReadAhead(out, _identity(out), _identity(phi), eps, raw, inv)
