@@ -44,7 +44,7 @@ def bytes_model(n: int, C: int, elt: int) -> dict:
     forward+backward elements. Programs of the GEMMs also re-read phi from L2: listed apart, not DRAM."""
     M = 2 * n + n * n
     state, row, coefs = n * C * elt, C * elt, M * 4
-    read_ahead_tokens = 64 if n <= 4 else 32  # streams._read_ahead_blocks
+    read_ahead_tokens = 64 if n <= 4 else 32  # streams._read_ahead_blocks at large T
     fwd = {
         "_epilogue_fwd": coefs + 4 + (2 * n + n * n) * 4,  # raw, inv in; H_pre, H_post, H_res out
         "_pre_fwd": state + n * 4 + row,  # x, H_pre in; y out

@@ -230,6 +230,11 @@ GATE_CASES = [
     for variant in ("paper", "deepseek-v4")
     for iters, T in ((20, 48), (1, 1))
     if not (variant == "deepseek-v4" and iters == 1 and C != 1024)  # the V4 start with 1 iteration: one C suffices
+] + [  # token counts large enough for the read-ahead post's larger token blocks (C = 16: aligned, and cheap)
+    dict(n=n, C=16, T=T, dtype=dtype, variant="paper", iters=20, fused=True)
+    for n in (1, 2, 4, 8)
+    for T in (8448, 16896)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
 ]
 
 

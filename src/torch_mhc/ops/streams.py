@@ -190,12 +190,21 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # all of phi (from L2) once per BT tokens, so more tokens and fewer channels per chunk than the plain post,
 # and 8 warps. The GEMM re-loads the chunk it just stored (an L2 hit) rather than taking the stored values
 # from registers: sharing one tile between the stores and tl.dot pulled the dot's layout into the elementwise
-# code (216-255 registers and spills at n = 4 and 8). C not a multiple of 16 (scalar loads, an address each):
-# 16 tokens. Compile gate, sm_90 / sm_80: n = 4 at 80-100 registers, n = 8 at about 100-110.
-def _read_ahead_blocks(n: int, C: int) -> tuple[int, int, int]:
-    if C % 16:
-        return 16, 16, 8
-    return (64 if n <= 4 else 32), 16, 8
+# code (216-255 registers and spills at n = 4 and 8). Tokens per program: 64 (n = 8: 32) while that still
+# gives FILL programs (two per SM of an H100), fewer for fewer tokens (down to 16), so small batches still
+# fill the GPU; 16 when C is not a multiple of 16 (scalar loads, an address each). Compile gate, sm_90 /
+# sm_80, bf16: n = 4 at 86 / 100 registers, n = 8 at 103 / 128.
+FILL = 264
+
+
+def _read_ahead_blocks(n: int, C: int, T: int) -> tuple[int, int, int]:
+    bt = 16
+    if C % 16 == 0:
+        for cand in ((64, 32) if n <= 4 else (32,)):
+            if triton.cdiv(T, cand) >= FILL:
+                bt = cand
+                break
+    return bt, 16, 8
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -238,7 +247,7 @@ def post_forward(x, h_post, h_res, f, read_ahead=None):
     M = phi.shape[1]
     raw = torch.empty(T, M, device=x.device, dtype=torch.float32)
     inv = torch.empty(T, device=x.device, dtype=torch.float32)
-    bt, bc, warps = _read_ahead_blocks(n, C)
+    bt, bc, warps = _read_ahead_blocks(n, C, T)
     _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, phi, raw, inv, T, C, M, phi.stride(0), phi.stride(1),
                                      eps, N=n, BT=bt, BC=bc, PROJ=True, BM=max(16, triton.next_power_of_2(M)),
                                      PREC=PREC, num_warps=warps)
