@@ -152,18 +152,24 @@ def test_rejects_other_models_and_mismatched_eps():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_fused_kernels_inside_deepseek_v4():
-    """The Triton path (interpreted on CPU) inside the patched model matches the reference path."""
+def test_fused_kernels_inside_deepseek_v4(monkeypatch):
+    """The Triton path (interpreted on CPU) inside the patched model matches the reference path; the
+    connections are chained, so only the first read launches the coefficient GEMM (read-ahead)."""
     from torch_mhc import ops
+    from torch_mhc.ops import coefficients
 
     torch.manual_seed(0)
     config = tiny_config(num_hidden_layers=1, layer_types=["heavily_compressed_attention"], mlp_layer_types=["moe"])
     fused = apply_mhc_kernels(transformers.DeepseekV4ForCausalLM(config))
     reference = copy.deepcopy(fused)
     ids = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    gemm, launches = coefficients._gemm_fwd, []
+    monkeypatch.setattr(coefficients, "_gemm_fwd", type("Count", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or gemm[grid]})())
     with ops.use_backend("triton"):
         out = fused(ids, labels=ids)
         out.loss.backward()
+    assert len(launches) == 1
     ref = reference(ids, labels=ids)
     ref.loss.backward()
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ import types
 
 from torch import nn
 
-from torch_mhc.nn import HyperHead, ManifoldHyperConnection
+from torch_mhc.nn import HyperHead, ManifoldHyperConnection, chain_reads
 
 
 class DeepseekV4HyperHead(HyperHead):
@@ -83,4 +83,5 @@ def apply_mhc_kernels(model: nn.Module) -> nn.Module:
             layer.forward = types.MethodType(_decoder_layer_forward, layer)
     if isinstance(base.hc_head, v4.DeepseekV4HyperHead):
         base.hc_head = DeepseekV4HyperHead(base.hc_head)
+    chain_reads([c for layer in base.layers for c in (layer.attn_hc, layer.ffn_hc)])  # read-ahead (design.md)
     return model
