@@ -40,6 +40,25 @@ def make_coeff_inputs(T, n, C, dtype, seed):
     return [t.to(DEVICE).requires_grad_() for t in (x, phi, bias, alpha)]
 
 
+def check_coefficients(inputs, iters, variant, grad_seed):
+    """Fused coefficients and their gradients (random output gradients) against the float64 reference."""
+    x, phi, bias, alpha = inputs
+    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+    ref = Fm.mhc_coefficients(x.double(), phi.double(), bias.double(), alpha.double(), iters=iters, eps=1e-6,
+                              variant=variant)
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.float32
+        assert rel_err(a, b) < COEFF_TOL
+    gen = torch.Generator().manual_seed(grad_seed)
+    grads = [torch.randn(r.shape, generator=gen, dtype=r.dtype).to(DEVICE) for r in ref]
+    g_got = torch.autograd.grad(got, (x, phi, bias, alpha), [g.float() for g in grads])
+    g_ref = torch.autograd.grad(ref, (x, phi, bias, alpha), grads)
+    for name, a, b in zip(("x", "phi", "bias", "alpha"), g_got, g_ref):
+        assert a.dtype == (x.dtype if name == "x" else torch.float32)
+        tol = STREAM_TOL[x.dtype] if name == "x" and x.dtype != torch.float32 else COEFF_TOL
+        assert rel_err(a, b) < tol, name
+
+
 @pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("T, C", SHAPES)
@@ -49,21 +68,8 @@ def test_coefficients(variant, n, T, C, dtype):
         pytest.skip("covered by smaller shapes")
     if dtype == torch.float16 and n != 4:
         pytest.skip("fp16 loads are the bf16 code path; one n suffices")
-    x, phi, bias, alpha = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
-    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant=variant)
-    ref = Fm.mhc_coefficients(x.double(), phi.double(), bias.double(), alpha.double(), iters=20, eps=1e-6,
-                              variant=variant)
-    for a, b in zip(got, ref):
-        assert a.dtype == torch.float32
-        assert rel_err(a, b) < COEFF_TOL
-    gen = torch.Generator().manual_seed(n)
-    grads = [torch.randn(r.shape, generator=gen, dtype=r.dtype).to(DEVICE) for r in ref]
-    g_got = torch.autograd.grad(got, (x, phi, bias, alpha), [g.float() for g in grads])
-    g_ref = torch.autograd.grad(ref, (x, phi, bias, alpha), grads)
-    for name, a, b in zip(("x", "phi", "bias", "alpha"), g_got, g_ref):
-        assert a.dtype == (dtype if name == "x" else torch.float32)
-        tol = STREAM_TOL[dtype] if name == "x" and dtype != torch.float32 else COEFF_TOL
-        assert rel_err(a, b) < tol, name
+    inputs = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
+    check_coefficients(inputs, 20, variant, grad_seed=n)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
@@ -149,17 +155,7 @@ def test_coefficients_sinkhorn_edges(variant, iters, large_logits):
     if large_logits:
         with torch.no_grad():
             bias[2 * n :] += 70.0 + 3 * torch.arange(n * n, dtype=torch.float32, device=DEVICE)
-    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-    ref = Fm.mhc_coefficients(x.double(), phi.double(), bias.double(), alpha.double(), iters=iters, eps=1e-6,
-                              variant=variant)
-    for a, b in zip(got, ref):
-        assert rel_err(a, b) < COEFF_TOL
-    gen = torch.Generator().manual_seed(iters)
-    grads = [torch.randn(r.shape, generator=gen, dtype=r.dtype).to(DEVICE) for r in ref]
-    g_got = torch.autograd.grad(got, (x, phi, bias, alpha), [g.float() for g in grads])
-    g_ref = torch.autograd.grad(ref, (x, phi, bias, alpha), grads)
-    for name, a, b in zip(("x", "phi", "bias", "alpha"), g_got, g_ref):
-        assert rel_err(a, b) < COEFF_TOL, name
+    check_coefficients((x, phi, bias, alpha), iters, variant, grad_seed=iters)
 
 
 @pytest.mark.parametrize("n", [2, 8])
