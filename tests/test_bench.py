@@ -37,6 +37,9 @@ def test_curve_equal_reports_the_first_difference(tmp_path, capsys):
     assert curve["differences"](curve["records"](a), curve["records"](b)) == (2, [(2, "loss", 2.5, 2.5000001)])
     assert curve["main"]([str(a), str(b)]) == 1 and "step 2 loss" in capsys.readouterr().out
     assert curve["main"]([str(a), str(a)]) == 0
+    assert curve["main"]([str(a), str(b), "--rtol", "1e-6"]) == 0  # 4e-8 relative: within
+    assert curve["main"]([str(a), str(b), "--rtol", "1e-9"]) == 1
+    assert curve["main"]([str(a), str(b), "--keys", "lr"]) == 0  # only the lr compared: equal
 
 
 def test_bench_sublayer_fused_cases_through_the_interpreter(tmp_path, monkeypatch):
