@@ -132,26 +132,29 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
         fused_mhc_coefficients,
         fused_stream_post,
         fused_stream_pre,
-        fused_sublayer_post,
-        fused_sublayer_pre,
     )
 
     if fused:
-        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
-                                                         read_ahead=read_ahead)
-        return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))[0]
+        return _stacked_sublayer(x, phi, bias, alpha, variant, iters, read_ahead)[0]
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
     return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
+
+
+def _stacked_sublayer(x, phi, bias, alpha, variant: str, iters: int, read_ahead=None):
+    """One fused sublayer (F = identity) as in a stack of connections whose next one has the same phi:
+    -> (new state, its ReadAhead for the next sublayer)."""
+    from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
+
+    y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
+                                                     read_ahead=read_ahead)
+    return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))
 
 
 def state_in_a_stack(x, phi, bias, alpha, variant: str, iters: int):
     """A state as a sublayer inside a stack gets it: written by the previous sublayer's read-ahead post (here one
     with the same phi). -> (the state as a fresh leaf [T, n, C], its ReadAhead)."""
-    from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
-
     with torch.no_grad():
-        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-        state, ahead = fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))
+        state, ahead = _stacked_sublayer(x, phi, bias, alpha, variant, iters)
     return state.detach().requires_grad_(), ahead  # detach() keeps storage and version: the read-ahead matches
 
 

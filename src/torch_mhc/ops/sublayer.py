@@ -18,10 +18,11 @@ under no_grad, or backward not reaching it) the link gradient is None and the GE
 if post ran twice on the same state autograd sums the two link gradients into a fresh buffer first.
 
 Read-ahead (across sublayers): a post given the next sublayer's (phi, eps) also computes that sublayer's
-coefficient GEMM and inverse RMS on the state it writes, while the tile is in registers, and returns them
-as a :class:`ReadAhead`; the next :class:`FusedSublayerPre` takes them instead of reading the state again for
-its GEMM, when they were computed from that very state and phi (same storage, shape, strides and version).
-They are plain values (no gradient path): the next sublayer's backward treats raw as ``x @ phi`` as before.
+coefficient GEMM and inverse RMS on the state it writes, in the same kernel (each chunk read back from L2
+right after it is stored, not from DRAM), and returns them as a :class:`ReadAhead`; the next
+:class:`FusedSublayerPre` takes them instead of reading the state again for its GEMM, when they were computed
+from that very state and phi (same storage, shape, strides and version). They are plain values (no gradient
+path): the next sublayer's backward treats raw as ``x @ phi`` as before.
 """
 
 from __future__ import annotations
