@@ -7,6 +7,8 @@ of the bandwidth floor over the measured time) and the ratio to the floor, for
   compiled reference  torch.compile of the reference path
   fused               torch_mhc's Triton kernels, one sublayer (its read runs the coefficient GEMM)
   fused, 4-stack      four chained sublayers, per sublayer (each post computes the next GEMM: read-ahead)
+  fused, 4-stack, chained backward   the same under torch_mhc.nn.chained_backward (each post's backward also
+                      sums its reader's terms of the state gradient: what `mhc train` runs)
   liger               Liger-Kernel's fused mHC ops, when liger_kernel is installed
 and the floor: (3n+2)C forward and (6n+5)C forward+backward bf16 elements per token, over the
 copy bandwidth measured in the same run.
@@ -20,6 +22,7 @@ Writes bench/results/sublayer-<device>-<date>.json with the device, versions and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from torch_mhc import ManifoldHyperConnection, ops
-from torch_mhc.nn import chain_reads
+from torch_mhc.nn import chain_reads, chained_backward
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,22 +62,36 @@ def bytes_model(n: int, C: int, elt: int) -> dict:
         # once per token: the n K-slices of a token range run side by side, so the other streams hit L2.
         "_gemm_bwd": 2 * state + row + n * 4 + coefs + 4 + state,
     }
-    return {"fwd": fwd, "bwd": bwd, "floor_fwd": (3 * n + 2) * C * elt, "floor_fwd_bwd": (6 * n + 5) * C * elt,
+    # Chained backward (n <= 4): this post's backward also sums the next sublayer's terms of dout (its post's dx,
+    # H_pre dy, draw @ phi^T, the RMS term on the state recomputed from x and f), so the next sublayer's GEMM
+    # backward reads x only for dphi and no dx of the state is written and read back.
+    bwd_chained = {
+        # x, f, H_post, H_res; the next sublayer's post dx, dy, H_pre, draw, coef in; dx, df, dH_post, dH_res out
+        "_post_bwd_chain": 2 * state + row + (n + n * n) * 4 + row + n * 4 + coefs + 4 + state + row
+        + (n + n * n) * 4,
+        "_pre_bwd": bwd["_pre_bwd"],
+        "_epilogue_bwd": bwd["_epilogue_bwd"],
+        "_gemm_bwd (dphi only)": state + coefs,  # x, draw in; dphi partials per token range (not per token)
+    }
+    return {"fwd": fwd, "bwd": bwd, "bwd_chained": bwd_chained, "floor_fwd": (3 * n + 2) * C * elt,
+            "floor_fwd_bwd": (6 * n + 5) * C * elt,
             "first_sublayer": {"_gemm_fwd": state + coefs + 4},  # x in; raw [M] and inv_rms out
             "phi_l2_per_token": {"_post_fwd (read-ahead)": n * C * M * 4 / read_ahead_tokens,
+                                 "_post_bwd_chain": n * C * M * 4 / read_ahead_tokens,
                                  "_gemm_fwd": n * C * M * 4 / 64, "_gemm_bwd": 0}}
 
 
 def print_bytes_model(n: int, C: int, elt: int) -> dict:
     model = bytes_model(n, C, elt)
-    fwd, bwd = sum(model["fwd"].values()), sum(model["bwd"].values())
+    fwd, bwd, chained = (sum(model[k].values()) for k in ("fwd", "bwd", "bwd_chained"))
     print(f"bytes per token, n={n}, C={C}, one sublayer inside a stack (model of what each launch reads and writes; "
           f"GPU measurements pending):")
-    for phase in ("fwd", "bwd"):
+    for phase in ("fwd", "bwd", "bwd_chained"):
         for name, b in model[phase].items():
             print(f"  {phase} {name:<24} {b:>9.0f} B  ({b / (C * elt):5.2f} C elements)")
     print(f"  forward {fwd:.0f} B = {fwd / model['floor_fwd']:.2f}x its floor (3n+2)C; forward+backward "
-          f"{fwd + bwd:.0f} B = {(fwd + bwd) / model['floor_fwd_bwd']:.2f}x its floor (6n+5)C; the first sublayer "
+          f"{fwd + bwd:.0f} B = {(fwd + bwd) / model['floor_fwd_bwd']:.2f}x its floor (6n+5)C, with chained backward "
+          f"{fwd + chained:.0f} B = {(fwd + chained) / model['floor_fwd_bwd']:.2f}x; the first sublayer "
           f"of a stack adds _gemm_fwd {model['first_sublayer']['_gemm_fwd']:.0f} B")
     return model
 
@@ -133,6 +150,7 @@ def make_cases(n: int, C: int, T: int, dtype, device, have_liger: bool, compile_
     if device.type == "cuda" or ops.get_backend() == "triton":
         cases["fused"] = through("triton")
         cases[f"fused, {STACK}-stack"] = stack_case(n, C, x0, grad)
+        cases[f"fused, {STACK}-stack, chained backward"] = stack_case(n, C, x0, grad, chained=True)
     if have_liger:
         cases["liger"] = liger_case(n, C, T, dtype, device)
     return cases
@@ -141,9 +159,9 @@ def make_cases(n: int, C: int, T: int, dtype, device, have_liger: bool, compile_
 STACK = 4  # sublayers in the stack case; its times are per sublayer (total / STACK)
 
 
-def stack_case(n, C, x0, grad):
+def stack_case(n, C, x0, grad, chained: bool = False):
     """STACK chained connections (F = identity), fused: the first reads with the coefficient GEMM, each post
-    computes the next one's (read-ahead). Timed whole; reported per sublayer."""
+    computes the next one's (read-ahead); ``chained``: under chained_backward. Timed whole; reported per sublayer."""
     stack = [ManifoldHyperConnection(C, n, torch.nn.Identity(), layer_index=i).to(x0.device) for i in range(STACK)]
     chain_reads(stack)
     with torch.no_grad():
@@ -152,7 +170,7 @@ def stack_case(n, C, x0, grad):
 
     def run(backward: bool):
         y = x0.requires_grad_(backward)
-        with ops.use_backend("triton"):
+        with ops.use_backend("triton"), chained_backward() if chained else contextlib.nullcontext():
             for conn in stack:
                 y = conn(y)
         if backward:

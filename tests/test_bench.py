@@ -43,7 +43,8 @@ def test_curve_equal_reports_the_first_difference(tmp_path, capsys):
 
 
 def test_bench_sublayer_fused_cases_through_the_interpreter(tmp_path, monkeypatch):
-    """The fused cases (one sublayer, and per sublayer of a read-ahead stack) run (interpreter, tiny shape)."""
+    """The fused cases (one sublayer, and per sublayer of a read-ahead stack, with and without chained backward)
+    run (interpreter, tiny shape)."""
     from torch_mhc import ops
 
     out = tmp_path / "r.json"
@@ -51,4 +52,4 @@ def test_bench_sublayer_fused_cases_through_the_interpreter(tmp_path, monkeypatc
         run_script("bench_sublayer.py", ["--tokens", "16", "--dims", "24", "--reps", "1", "--no-compile",
                                          "--out", str(out)], monkeypatch)
     impls = {r["impl"] for r in json.loads(out.read_text())["rows"]}
-    assert {"fused", "fused, 4-stack", "reference"} <= impls
+    assert {"fused", "fused, 4-stack", "fused, 4-stack, chained backward", "reference"} <= impls

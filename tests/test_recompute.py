@@ -1,3 +1,4 @@
+import contextlib
 import gc
 
 import pytest
@@ -6,6 +7,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from torch_mhc import ManifoldHyperConnection, expand_streams, ops
 from torch_mhc.models import DecoderLM, ModelConfig
+from torch_mhc.nn import chain_reads, chained_backward
 from torch_mhc.nn.recompute import optimal_interval, stream_recompute
 
 
@@ -26,15 +28,20 @@ def run_stack(conns, x, every):
     return h, states
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "triton-chained"])
 @pytest.mark.parametrize("every", [1, 2, 3, 8])
 def test_recompute_exact_and_drops_states(backend, every):
-    if backend == "triton":
+    """Same gradients bit for bit with and without recompute; triton-chained: connections chained (read-ahead)
+    under chained_backward, whose posts recompute the state in their backward kernel."""
+    if backend.startswith("triton"):
         pytest.importorskip("triton")
     torch.manual_seed(0)
     C, n, L = 16, 4, 8
     subs = [torch.nn.Sequential(torch.nn.RMSNorm(C), torch.nn.Linear(C, C), torch.nn.Tanh()) for _ in range(L)]
     conns = [ManifoldHyperConnection(C, n, s, layer_index=i) for i, s in enumerate(subs)]
+    chained = backend == "triton-chained"
+    if chained:
+        chain_reads(conns)
     with torch.no_grad():
         for c in conns:
             c.phi.normal_(std=0.1)
@@ -42,7 +49,7 @@ def test_recompute_exact_and_drops_states(backend, every):
     x = torch.randn(2, 5, C, requires_grad=True)
     params = [x] + [p for c in conns for p in c.parameters()]
     grads = {}
-    with ops.use_backend(backend):
+    with ops.use_backend(backend.split("-")[0]), (chained_backward() if chained else contextlib.nullcontext()):
         for mode in (0, every):
             out, states = run_stack(conns, x, mode)
             gc.collect()

@@ -1,11 +1,15 @@
 """The fused sublayer (one dx buffer: post's backward hands dx to the pre half, which adds pre's and the
 coefficient GEMM's terms in place) against the float64 reference path, in every way a state can be used."""
 
+import json
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mhc import ManifoldHyperConnection, ops
+from torch_mhc.nn import chained_backward
 from torch_mhc.nn import functional as Fm
 
 pytest.importorskip("triton")
@@ -103,8 +107,39 @@ def read_ahead_state_changed(conn, s):
         conn.next_reader, conn._read_ahead = None, None
 
 
+def chained(conn, s):
+    """Chained backward: each read leaves its terms of the state's gradient to the post that wrote the state."""
+    with chained_backward():
+        return read_ahead_chain(conn, s)
+
+
+def chained_state_also_used(conn, s):
+    """A state between two chained sublayers also feeds something else: its gradient reaches the post as the sum
+    of that consumer's and the read's (zero) stand-in; the post adds the read's terms."""
+    conn.next_reader = conn
+    try:
+        with chained_backward():
+            s2 = conn(s)
+            return weighted(conn(s2)) + 0.3 * weighted(s2.square())
+    finally:
+        conn.next_reader, conn._read_ahead = None, None
+
+
+def chained_state_hooked(conn, s):
+    """A hook that changes the state's gradient: the read must not defer (the hook has to see the whole gradient)."""
+    conn.next_reader = conn
+    try:
+        with chained_backward():
+            s2 = conn(s)
+            s2.register_hook(lambda g: 1.5 * g)
+            return weighted(conn(conn(s2)))
+    finally:
+        conn.next_reader, conn._read_ahead = None, None
+
+
 USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_twice, pre_only, post_without_grad,
-        coefficients_alone, read_ahead_chain, read_ahead_state_changed]
+        coefficients_alone, read_ahead_chain, read_ahead_state_changed, chained, chained_state_also_used,
+        chained_state_hooked]
 
 
 @pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)
@@ -120,15 +155,15 @@ def test_fused_sublayer_matches_reference(use, n):
         assert rel_err(a, b) < 1e-3, i
 
 
+@pytest.mark.parametrize("use", [state_feeds_two_consumers, chained_state_also_used], ids=lambda u: u.__name__)
 @pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
 @pytest.mark.parametrize("n", [2, 8])
-def test_fused_sublayer_bf16_and_variants(variant, n):
+def test_fused_sublayer_bf16_and_variants(variant, n, use):
     C, x0 = 40, torch.randn(7, n, 40, generator=torch.Generator().manual_seed(n))
     conn = make_conn(n, C, variant, seed=n)
     conn.sublayer = torch.nn.Tanh()  # compare the connection's parameters only (no bf16 Linear)
-    got = grads_of(conn, x0, "triton", torch.bfloat16, state_feeds_two_consumers)
-    ref = grads_of(conn.double(), x0.to(torch.bfloat16).double(), "reference", torch.float64,
-                   state_feeds_two_consumers)
+    got = grads_of(conn, x0, "triton", torch.bfloat16, use)
+    ref = grads_of(conn.double(), x0.to(torch.bfloat16).double(), "reference", torch.float64, use)
     assert got[0].dtype == torch.bfloat16
     # x: one rounding of the summed dx to bf16 (and the bf16 sublayer); parameters: fp32 sums of rounded terms
     assert rel_err(got[0], ref[0]) < 2 ** -5
@@ -136,14 +171,15 @@ def test_fused_sublayer_bf16_and_variants(variant, n):
         assert rel_err(a, b) < 2e-2
 
 
-def test_fused_sublayer_is_deterministic():
+@pytest.mark.parametrize("use", [state_feeds_two_consumers, chained], ids=lambda u: u.__name__)
+def test_fused_sublayer_is_deterministic(use):
     """Bit-identical gradients run to run (no atomics; each dx element written by one program)."""
     x0 = torch.randn(19, 4, 24, generator=torch.Generator().manual_seed(3))
     runs = []
     for _ in range(2):
         conn = make_conn(4, 24, seed=3)
         conn.sublayer = torch.nn.Tanh()
-        runs.append(grads_of(conn, x0, "triton", torch.bfloat16, state_feeds_two_consumers))
+        runs.append(grads_of(conn, x0, "triton", torch.bfloat16, use))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -230,14 +266,18 @@ def test_reference_alpha_gradient_sums_as_before():
 
 
 class _CountLaunches:
-    """Stands in for a kernel: counts ``kernel[grid](...)`` launches and runs them."""
+    """Stands in for a kernel: counts ``kernel[grid](...)`` launches (keeping their keyword arguments) and runs them."""
 
     def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
+        self.kernel, self.launches, self.kwargs = kernel, 0, []
 
     def __getitem__(self, grid):
         self.launches += 1
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 
 
 @pytest.mark.parametrize("use, gemms", [(read_ahead_chain, 1), (read_ahead_state_changed, 2),
@@ -287,7 +327,8 @@ def test_read_ahead_post_writes_the_same_state_and_the_next_gemm(n, C, dtype):
 
 def test_decoder_reads_ahead_through_its_stack(monkeypatch):
     """DecoderLM chains its connections: one coefficient GEMM launch per forward (the first read), whatever the
-    depth; gradients still match the reference path; a pipeline stage does not read ahead into the next stage."""
+    depth; under chained_backward every post but the last sums its reader's gradient terms; gradients still
+    match the reference path; a pipeline stage does not read ahead into the next stage."""
     from torch_mhc.distributed.pipeline import StreamStage
     from torch_mhc.models import DecoderLM, ModelConfig
     from torch_mhc.ops import coefficients
@@ -299,18 +340,104 @@ def test_decoder_reads_ahead_through_its_stack(monkeypatch):
     assert all(name.count("next_reader") == 0 for name, _ in model.named_modules())
     copy = __import__("copy").deepcopy(model).connections()  # a copy's connections chain among themselves
     assert [c.next_reader for c in copy] == copy[1:] + [None]
+    from torch_mhc.ops import streams
+
     counter = _CountLaunches(coefficients._gemm_fwd)
     monkeypatch.setattr(coefficients, "_gemm_fwd", counter)
+    chain = _CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     idx = torch.randint(0, 256, (2, 8))
     grads = {}
-    for backend in ("triton", "reference"):
+    for backend in ("triton", "triton-chained", "reference"):
         model.zero_grad()
-        with ops.use_backend(backend):
-            loss = model(idx, idx)[1]
+        with ops.use_backend(backend.split("-")[0]):
+            with chained_backward() if backend.endswith("chained") else __import__("contextlib").nullcontext():
+                loss = model(idx, idx)[1]
         loss.backward()
         grads[backend] = {k: p.grad.clone() for k, p in model.named_parameters()}
-    assert counter.launches == 1
+    assert counter.launches == 2  # the first read of each triton forward
+    assert chain.launches == len(conns) - 1  # every post but the last sums its reader's terms
     for k, g in grads["reference"].items():
         assert rel_err(grads["triton"][k], g) < 1e-3, k
+        assert rel_err(grads["triton-chained"][k], g) < 1e-3, k
     StreamStage(model, 0, 2)
     assert conns[3].next_reader is None and conns[2].next_reader is conns[3]
+
+
+@pytest.mark.parametrize("n, use, chained_posts", [
+    (4, read_ahead_chain, 0), (4, chained, 2), (4, chained_state_also_used, 1), (4, chained_state_hooked, 1),
+    (1, chained, 2), (8, chained, 0)], ids=lambda u: getattr(u, "__name__", str(u)))
+def test_chained_backward_sums_the_state_gradient_in_the_post(monkeypatch, n, use, chained_posts):
+    """Under chained_backward each chained post's backward runs the chained kernel (the hooked state's does not;
+    n = 8 keeps the plain backward), and then the reader's GEMM backward writes no dx."""
+    from torch_mhc.ops import coefficients, streams
+
+    chain = _CountLaunches(streams._post_bwd_chain)
+    gemm = _CountLaunches(coefficients._gemm_bwd)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
+    monkeypatch.setattr(coefficients, "_gemm_bwd", gemm)
+    conn = make_conn(n, 24, seed=7)
+    x = torch.randn(5, n, 24, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    with ops.use_backend("triton"):
+        use(conn, x).backward()
+    assert chain.launches == chained_posts
+    sublayers = {read_ahead_chain: 3, chained: 3, chained_state_also_used: 2, chained_state_hooked: 3}[use]
+    assert gemm.launches == sublayers
+    assert [k["DX"] for k in gemm.kwargs].count(False) == chained_posts
+
+
+def test_chained_backward_retain_grad():
+    """retain_grad on a chained state: the read falls back, and the state's gradient is the whole one."""
+    conn = make_conn(4, 24, seed=11)
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(11))
+
+    def run(backend: str):
+        conn.next_reader = conn
+        try:
+            x = x0.clone().requires_grad_()
+            with ops.use_backend(backend), chained_backward():
+                s2 = conn(x * 1.25)
+                s2.retain_grad()
+                weighted(conn(s2)).backward()
+            return s2.grad, x.grad
+        finally:
+            conn.next_reader, conn._read_ahead = None, None
+
+    for a, b in zip(run("triton"), run("reference")):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_chained_backward_leaves_terms_only_for_its_own_post():
+    """Terms left by a read in a backward that stops there (autograd.grad of that sublayer's phi only) are never
+    used by a later backward that reaches the writing post without going through the read."""
+    a, b = make_conn(4, 24, seed=12), make_conn(4, 24, seed=13)
+    a.next_reader = b
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(12))
+    results = {}
+    for backend in ("triton", "reference"):
+        x = x0.clone().requires_grad_()
+        with ops.use_backend(backend), chained_backward():
+            s2 = a(x * 1.25)
+            out = b(s2)
+        torch.autograd.grad(weighted(out), [b.projection()[0]], retain_graph=True)  # b's read leaves its terms
+        results[backend] = torch.autograd.grad(weighted(s2.square()), [x])[0]
+    assert rel_err(results["triton"], results["reference"]) < 1e-4
+
+
+def test_trainer_runs_chained_backward(monkeypatch, tmp_path):
+    """`mhc train` with the kernels: its forward and backward run under chained_backward (the default job's model,
+    2 layers = 4 chained connections, 2 steps through the interpreter), and the loss is finite."""
+    from conftest import TINY
+    from torch_mhc.cli import main
+    from torch_mhc.ops import streams
+
+    chain = _CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
+    sets = [*TINY, "model.n_layers=2", "steps=2", "eval_every=100", "diag_every=100", "ckpt_every=100",
+            f"out_dir={tmp_path}"]
+    with ops.use_backend("triton"):
+        assert main(["train", *[a for s in sets for a in ("--set", s)]]) == 0
+    assert chain.launches == 2 * 3  # per step: every post but the last of the 4 connections
+    lines = next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    assert losses and all(math.isfinite(v) for v in losses)

@@ -7,6 +7,7 @@ from torch_mhc.nn.connections import (
     Residual,
     StreamConnection,
     chain_reads,
+    chained_backward,
 )
 from torch_mhc.nn.sinkhorn import sinkhorn
 from torch_mhc.nn.streams import HyperHead, expand_streams, merge_streams
@@ -19,6 +20,7 @@ __all__ = [
     "Residual",
     "StreamConnection",
     "chain_reads",
+    "chained_backward",
     "expand_streams",
     "merge_streams",
     "sinkhorn",

@@ -14,6 +14,7 @@ through ``H_pre``, runs F once, writes back through ``H_post`` and mixes through
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -282,7 +283,8 @@ class ManifoldHyperConnection(StreamConnection):
                 or phi.device != state.streams.device):  # e.g. an FSDP-sharded phi (DTensor) is not read ahead
             return super().write(state, sublayer_output)
         out, nxt._read_ahead = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output,
-                                              link=state.link, read_ahead=(phi, nxt.eps))
+                                              link=state.link, read_ahead=(phi, nxt.eps),
+                                              chain_backward=bool(_chained))
         return out
 
     def coefficients(self, streams):
@@ -356,6 +358,26 @@ class HyperConnection(StreamConnection):
             streams, self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
             self.scale, eps=self.eps,
         )
+
+
+_chained: list[bool] = []
+
+
+@contextlib.contextmanager
+def chained_backward():
+    """Forwards run inside this scope let the fused kernels skip writing the gradient of each state between two
+    chained mHC sublayers (:func:`chain_reads`): the reader's backward leaves its terms to the backward of the post
+    that wrote the state, which sums them in its own pass (one write and one read of ``[T, n, C]`` less per
+    sublayer). The trainer runs its forward and backward inside it. The price: those states' gradients are never
+    materialised, so do not ask for them (``torch.autograd.grad`` with respect to a state between two sublayers
+    would return zeros); ``register_hook`` or ``retain_grad`` on such a state turns the deferral off for it.
+    Parameter and input gradients are the same function either way (summed in another order: rounding-level
+    differences). No effect on the reference path."""
+    _chained.append(True)
+    try:
+        yield
+    finally:
+        _chained.pop()
 
 
 def chain_reads(connections: list[StreamConnection]) -> None:

@@ -137,18 +137,22 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 
 def stream_post(
-    x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None, read_ahead=None
+    x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None, read_ahead=None,
+    chain_backward: bool = False,
 ):
     """New state ``H_res x + H_post^T F``: x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``,
     f_out ``[..., C]`` -> ``[..., n, C]`` in x's dtype (accumulated in fp32). ``link``: from
     :func:`mhc_sublayer_pre` on the same x (x's gradient then goes back through it). ``read_ahead`` =
     (phi, eps) of the next mHC sublayer, with a ``link``: returns (new state, its read-ahead for that sublayer's
-    :func:`mhc_sublayer_pre`), the next GEMM computed in the same pass; without a link, (new state, None)."""
+    :func:`mhc_sublayer_pre`), the next GEMM computed in the same pass; without a link, (new state, None).
+    ``chain_backward`` (with a read-ahead): that read's backward leaves the state's gradient terms to this post's
+    backward (see :func:`torch_mhc.nn.chained_backward`)."""
     if read_ahead is not None:
         if link is None:
             return stream_post(x, h_post, h_res, f_out), None
         with no_autocast(x):
-            return ops.fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=read_ahead)
+            return ops.fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=read_ahead,
+                                           chain_backward=chain_backward)
     if link is not None:
         with no_autocast(x):
             return ops.fused_sublayer_post(link, h_post, h_res, f_out)

@@ -95,10 +95,12 @@ def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, a
     return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, read_ahead=read_ahead)
 
 
-def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None):
+def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None,
+                        chain_backward: bool = False):
     """(link from :func:`fused_sublayer_pre`, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]``) ->
     new state ``[..., n, C]``; its backward hands dx to the pre half instead of to autograd. With
-    ``read_ahead`` = (phi, eps) of the next sublayer: (new state, ReadAhead for its ``fused_sublayer_pre``)."""
+    ``read_ahead`` = (phi, eps) of the next sublayer: (new state, ReadAhead for its ``fused_sublayer_pre``).
+    ``chain_backward``: that read's backward leaves the state's gradient to this post's backward."""
     from torch_mhc.ops.sublayer import fused_sublayer_post as impl
 
-    return impl(link, h_post, h_res, f_out, read_ahead=read_ahead)
+    return impl(link, h_post, h_res, f_out, read_ahead=read_ahead, chain_backward=chain_backward)

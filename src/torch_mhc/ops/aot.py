@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -38,7 +39,7 @@ TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 # too few warps to keep enough loads in flight (128: 4 programs of 4 warps per SM). n = 8's post
 # backward holds [BT, 8, 8] dH_res sums and 8 streams of x and dout per chunk: 192. Every kernel, GEMMs
 # and epilogues included, must compile without spills.
-STREAM_KERNELS = ("_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd")
+STREAM_KERNELS = ("_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd", "_post_bwd_chain")
 STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -123,11 +124,12 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
 
 
 def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True,
-                     read_ahead=None) -> torch.Tensor:
+                     read_ahead=None, chain_backward: bool = False) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
     sublayer Functions with one dx buffer (what connections run), the post reading ahead for a next sublayer
     with the same phi (what a stack of connections runs), the read taking ``read_ahead`` if given; False: the
-    separate ops (coefficients, pre, post: what code calling them directly, and recompute's rebuild, run)."""
+    separate ops (coefficients, pre, post: what code calling them directly, and recompute's rebuild, run).
+    ``chain_backward``: the post's read-ahead carries a handoff (``torch_mhc.nn.chained_backward``)."""
     from torch_mhc.ops import (
         fused_mhc_coefficients,
         fused_stream_post,
@@ -135,38 +137,45 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     )
 
     if fused:
-        return _stacked_sublayer(x, phi, bias, alpha, variant, iters, read_ahead)[0]
+        return _stacked_sublayer(x, phi, bias, alpha, variant, iters, read_ahead, chain_backward)[0]
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
     return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
 
 
-def _stacked_sublayer(x, phi, bias, alpha, variant: str, iters: int, read_ahead=None):
+def _stacked_sublayer(x, phi, bias, alpha, variant: str, iters: int, read_ahead=None, chain_backward=False):
     """One fused sublayer (F = identity) as in a stack of connections whose next one has the same phi:
     -> (new state, its ReadAhead for the next sublayer)."""
     from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
 
     y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
                                                      read_ahead=read_ahead)
-    return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6))
+    return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6), chain_backward=chain_backward)
 
 
-def state_in_a_stack(x, phi, bias, alpha, variant: str, iters: int):
-    """A state as a sublayer inside a stack gets it: written by the previous sublayer's read-ahead post (here one
-    with the same phi). -> (the state as a fresh leaf [T, n, C], its ReadAhead)."""
-    with torch.no_grad():
-        state, ahead = _stacked_sublayer(x, phi, bias, alpha, variant, iters)
-    return state.detach().requires_grad_(), ahead  # detach() keeps storage and version: the read-ahead matches
+def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True) -> torch.Tensor:
+    """Fused sublayers in a row (F = identity), ``layers`` = [(phi, bias, alpha)] one per sublayer: each post reads
+    ahead for the next sublayer's phi, each read takes the previous post's read-ahead and, with ``chain_backward``,
+    leaves its state gradient to that post's backward. -> the last state."""
+    from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
+
+    ahead = None
+    for i, (phi, bias, alpha) in enumerate(layers):
+        nxt = layers[i + 1][0] if i + 1 < len(layers) else phi
+        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
+                                                         read_ahead=ahead)
+        x, ahead = fused_sublayer_post(link, h_post, h_res, y, read_ahead=(nxt, 1e-6), chain_backward=chain_backward)
+    return x
 
 
 def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True) -> None:
-    """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: the first sublayer of a stack
-    (its read runs the coefficient GEMM) and one inside it (its read takes the previous post's read-ahead)."""
+    """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: also two chained sublayers (the
+    first runs the coefficient GEMM; the second's read takes the first post's read-ahead and leaves its state
+    gradient to the first post's chained backward)."""
     x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype)
     out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused)
     out.backward(torch.ones_like(out))
     if fused:
-        state, ahead = state_in_a_stack(x, phi, bias, alpha, variant, iters)
-        out = sublayer_forward(state, phi, bias, alpha, variant, iters, fused, read_ahead=ahead)
+        out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype)[1:]], variant, iters)
         out.backward(torch.ones_like(out))
 
 
@@ -177,12 +186,24 @@ _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias",
 
 def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat16, variant: str = "paper",
                        iters: int = 20, fused: bool = True) -> dict:
-    """Kernel launches and ATen ops of one sublayer (:func:`sublayer_forward`; fused: one inside a stack of
-    connections, whose state the previous post wrote with a read-ahead), forward and backward separately:
-    ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "syncs": [...]}}``. ``state_ops`` are the ATen
-    ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full passes over
-    the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that copy a
-    value to the host or a Python list to the device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
+    """Kernel launches and ATen ops of one sublayer, forward and backward separately:
+    ``{"fwd"|"bwd": {"launches": [...], "state_ops": [...], "other_ops": [...], "syncs": [...]}}``. Fused: a
+    sublayer inside a stack of connections under chained backward, measured as what a third chained sublayer
+    adds to two (:func:`chain`; lists sorted); otherwise one sublayer of the separate ops. ``state_ops`` are the
+    ATen ops that read or write the state (``[T, n, C]`` or ``[T, n*C]``; views and allocations excluded): full
+    passes over the state outside the kernels; ``other_ops`` the remaining PyTorch glue; ``syncs`` are ops that
+    copy a value to the host or a Python list to the device (``_local_scalar_dense``, ``lift_fresh``, ``item``)."""
+    if not fused:
+        return _count_ops(lambda x, *p: sublayer_forward(x, *p, variant, iters, False), n, C, T, dtype, 1)
+    two, three = (_count_ops(lambda x, *layers: chain(x, list(layers), variant, iters), n, C, T, dtype, k)
+                  for k in (2, 3))
+    return {phase: {key: sorted((Counter(three[phase][key]) - Counter(two[phase][key])).elements())
+                    for key in three[phase]} for phase in three}
+
+
+def _count_ops(forward, n: int, C: int, T: int, dtype, k: int) -> dict:
+    """Counts of ``forward(x, *params)`` and its backward; params: one (phi, bias, alpha) (k = 1, unpacked) or
+    k of them (one tuple per sublayer)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     state = T * n * C
@@ -205,15 +226,14 @@ def count_sublayer_ops(n: int = 4, C: int = 64, T: int = 32, dtype=torch.bfloat1
             return out
 
     result = {p: {"launches": [], "state_ops": [], "other_ops": [], "syncs": []} for p in ("fwd", "bwd")}
-    inputs, grad = sublayer_inputs(n, C, T, dtype), torch.ones(T, n, C, dtype=dtype)
+    x, *params = sublayer_inputs(n, C, T, dtype)
+    inputs = [x, *params] if k == 1 else [x, tuple(params)] + [tuple(sublayer_inputs(n, C, T, dtype)[1:])
+                                                                  for _ in range(k - 1)]
+    grad = torch.ones(T, n, C, dtype=dtype)
     with LaunchRecorder() as rec:
-        ahead = None
-        if fused:  # a sublayer inside a stack: its state comes from the previous sublayer's read-ahead post
-            inputs[0], ahead = state_in_a_stack(*inputs, variant, iters)
-        start = len(rec.calls)
         with Count(result["fwd"]):
-            out = sublayer_forward(*inputs, variant, iters, fused, read_ahead=ahead)
-        result["fwd"]["launches"] = rec.calls[start:]
+            out = forward(*inputs)
+        result["fwd"]["launches"] = list(rec.calls)
         start = len(rec.calls)
         with Count(result["bwd"]):
             out.backward(grad)

@@ -223,9 +223,10 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
 
 @triton.jit(do_not_specialize=["T", "T_PER"])
 def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy_ptr, T, K, M, C, stride_pk,
-              stride_pm, T_PER, N: tl.constexpr, ACCUM: tl.constexpr, FOLD_PRE: tl.constexpr,
+              stride_pm, T_PER, N: tl.constexpr, ACCUM: tl.constexpr, FOLD_PRE: tl.constexpr, DX: tl.constexpr,
               BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
     """One pass over x: dx = draw @ phi^T + coef * x, and dphi partial sums over this program's tokens.
+    Without DX only dphi (the previous sublayer's chained post backward computes this dx, see ops/sublayer.py).
 
     FOLD_PRE adds pre's term H_pre[t, i] dy[t, c] (x column k = i * C + c; hpre [T, N], dy [T, C]); ACCUM adds
     the dx already in dx_ptr (post's term) and writes the sum back in place: each element is read and written
@@ -247,16 +248,17 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
         xmask = rmask[:, None] & kmask[None, :]
         x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
         d = tl.load(draw_ptr + rows64[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
-        c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
-        dx = tl.dot(d, tl.trans(p), input_precision=PREC) + c[:, None] * x
-        if FOLD_PRE:
-            stream = ks // C
-            hp = tl.load(hpre_ptr + rows64[:, None] * N + stream[None, :], mask=xmask, other=0.0)
-            dy = tl.load(dy_ptr + rows64[:, None] * C + (ks - stream * C)[None, :], mask=xmask, other=0.0)
-            dx += hp * dy.to(tl.float32)
-        if ACCUM:
-            dx += tl.load(dx_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows64[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
+        if DX:
+            c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+            dx = tl.dot(d, tl.trans(p), input_precision=PREC) + c[:, None] * x
+            if FOLD_PRE:
+                stream = ks // C
+                hp = tl.load(hpre_ptr + rows64[:, None] * N + stream[None, :], mask=xmask, other=0.0)
+                dy = tl.load(dy_ptr + rows64[:, None] * C + (ks - stream * C)[None, :], mask=xmask, other=0.0)
+                dx += hp * dy.to(tl.float32)
+            if ACCUM:
+                dx += tl.load(dx_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows64[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
         acc = tl.dot(tl.trans(x), d, acc, input_precision=PREC)
     out = dphi_ptr + pid_t.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :]
     tl.store(out, acc, mask=kmask[:, None] & cmask[None, :])
@@ -315,16 +317,13 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
     return pre, post, res, (bias32, alpha32, raw, inv)
 
 
-def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: bool, dpre, dpost, dres,
-                          dx=None, pre_term=None):
-    """Gradients (fp32 [T, n], [T, n], [T, n, n], any may be None) -> (dx [T, n*C] in x's dtype, dphi, dbias,
-    dalpha in fp32). ``dx``: a [T, n*C] buffer already holding another term of x's gradient, which the GEMM
-    backward adds to in place (and returns). ``pre_term``: (H_pre [T, n], dy [T, C]), pre's term H_pre[i] dy,
-    added in the same pass over x."""
+def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, dpre, dpost, dres):
+    """Gradients of (H_pre [T, n], H_post [T, n], H_res [T, n, n]; fp32, any may be None) -> (draw [T, M],
+    coef [T], dbias [M], dalpha [3]), fp32: dL/draw, the RMS term of dx per element of x (dx = draw @ phi^T
+    + coef * x), and the bias and alpha gradients. K = n * C."""
     bias32, alpha32, raw, inv = saved
-    T, K = x2d.shape
-    M = 2 * n + n * n
-    dev = x2d.device
+    T, M = raw.shape
+    dev = raw.device
     dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
     dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
     dres = torch.zeros(T, n, n, device=dev) if dres is None else dres.float().contiguous()
@@ -338,23 +337,42 @@ def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: b
     _epilogue_bwd[(n_epi,)](
         raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
         eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
+    return draw, coef, dbias_part.sum(0), dalpha_part.sum(0)
+
+
+def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx: bool = True):
+    """x2d [T, n*C], draw [T, M], coef [T] -> (dx [T, n*C] in x's dtype or None without ``write_dx``, dphi
+    [n*C, M] fp32), one pass over x. ``dx``: a buffer already holding another term of x's gradient, added to
+    in place (and returned). ``pre_term``: (H_pre [T, n], dy [T, C]), pre's term H_pre[i] dy, added too."""
+    T, K = x2d.shape
+    M = draw.shape[1]
     accum = dx is not None
-    if not accum:
+    if write_dx and not accum:
         dx = torch.empty_like(x2d)
     h_pre, dy = pre_term if pre_term is not None else (draw, draw)  # unused pointers without FOLD_PRE
     bt, bk, warps = GEMM_BWD_BLOCKS[n]
-    if pre_term is not None and (n > 1 or K % 16):  # the fold's gathers of H_pre and dy: 16 tokens (compile
-        bt //= 2  # gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 spill at n = 1 on sm_80)
+    if write_dx and pre_term is not None and (n > 1 or K % 16):  # the fold's gathers of H_pre and dy: 16 tokens
+        bt //= 2  # (compile gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 at n = 1 on sm_80)
     n_k = triton.cdiv(K, bk)
     n_tblocks = triton.cdiv(T, bt)
     split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
     t_per = triton.cdiv(n_tblocks, split_t) * bt
     split_t = triton.cdiv(T, t_per)
-    dphi_part = torch.empty(split_t, K, M, device=dev, dtype=torch.float32)
+    dphi_part = torch.empty(split_t, K, M, device=x2d.device, dtype=torch.float32)
     _gemm_bwd[(n_k, split_t)](
-        x2d, phi, draw, coef, dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0), phi.stride(1), t_per,
-        N=n, ACCUM=accum, FOLD_PRE=pre_term is not None, BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
-    return dx, dphi_part.sum(0), dbias_part.sum(0), dalpha_part.sum(0)
+        x2d, phi, draw, coef, x2d if dx is None else dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0),
+        phi.stride(1), t_per, N=n, ACCUM=accum and write_dx, FOLD_PRE=write_dx and pre_term is not None,
+        DX=write_dx, BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+    return dx, dphi_part.sum(0)
+
+
+def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: bool, dpre, dpost, dres,
+                          dx=None, pre_term=None):
+    """Gradients (fp32 [T, n], [T, n], [T, n, n], any may be None) -> (dx [T, n*C] in x's dtype, dphi, dbias,
+    dalpha in fp32): :func:`epilogue_backward` then :func:`gemm_backward` (``dx``, ``pre_term``: see there)."""
+    draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, x2d.shape[1], dpre, dpost, dres)
+    dx, dphi = gemm_backward(x2d, phi, draw, coef, n, dx=dx, pre_term=pre_term)
+    return dx, dphi, dbias, dalpha
 
 
 class FusedCoefficients(torch.autograd.Function):

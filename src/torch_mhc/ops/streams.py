@@ -68,6 +68,16 @@ def _load_streams(ptr, offs, mask, C, N: tl.constexpr):
     return out
 
 
+@triton.jit
+def _state_stream(hp_i, f, hr_ptr, rows64, rmask, x, ROW: tl.constexpr, N: tl.constexpr):
+    """Stream ROW of the new state, H_post[ROW] f + sum_j H_res[ROW, j] x_j, fp32 [BT, BC] (before rounding): one
+    function for the forward post and the chained backward's recomputation, so both do the same arithmetic."""
+    out = hp_i[:, None] * f
+    for j in tl.static_range(N):
+        out += _coef(hr_ptr, rows64, rmask, N * N, ROW * N + j)[:, None] * x[j]
+    return out
+
+
 @triton.jit(do_not_specialize=["T"])
 def _pre_fwd(x_ptr, h_ptr, y_ptr, T, C, N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     rows64, rmask = _token_block(T, BT)
@@ -120,9 +130,7 @@ def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, phi_ptr, raw_ptr, inv_ptr, 
         x = _load_streams(x_ptr, offs, mask, C, N)
         f = tl.load(f_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
         for i in tl.static_range(N):
-            out = hp[i][:, None] * f
-            for j in tl.static_range(N):
-                out += _coef(hr_ptr, rows64, rmask, N * N, i * N + j)[:, None] * x[j]
+            out = _state_stream(hp[i], f, hr_ptr, rows64, rmask, x, i, N)
             tl.store(out_ptr + offs + i * C, out.to(out_ptr.dtype.element_ty), mask=mask)
         if PROJ:  # read the chunk just stored back (L2, not DRAM): the GEMM's tile layout stays its own
             tl.debug_barrier()
@@ -174,6 +182,65 @@ def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, d
     tl.store(dhr_ptr + r3 * (N * N) + s3 * N + s1[None, None, :], dhr, mask=m3r)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_ptr, coef_ptr, phi_ptr,
+                    dx_ptr, df_ptr, dhp_ptr, dhr_ptr, sc_ptr, T, C, M, stride_pk, stride_pm,
+                    N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+    """Post backward of sublayer l with the gradient of its output state s summed in the same pass, instead of
+    read from a buffer the next sublayer (m) wrote: dout_i = g_i + H_pre_m[i] dy_m + (draw_m @ phi_m^T)_i
+    + coef_m s_i, where g holds the rest (m's post term, other consumers of s), and s_i is recomputed from
+    x and f exactly as the forward post stored it. Then dx_j = sum_i H_res[i, j] dout_i, df = sum_i H_post[i]
+    dout_i, dH_post[i] = sum_c dout_i f, dH_res[i, j] = sum_c dout_i x_j (per token, over all C)."""
+    rows64, rmask = _token_block(T, BT)
+    hp = _coefs(hp_ptr, rows64, rmask, N)
+    hq = _coefs(hq_ptr, rows64, rmask, N)
+    ms = tl.arange(0, BM)
+    d = tl.load(draw_ptr + rows64[:, None] * M + ms[None, :], mask=rmask[:, None] & (ms < M)[None, :], other=0.0)
+    coef = tl.load(coef_ptr + rows64, mask=rmask, other=0.0)
+    dhp = _zeros(BT, N)
+    dhr = _zeros(BT, N * N)
+    sc = sc_ptr + tl.program_id(0).to(tl.int64) * (N * BT * BC)
+    for c0 in range(0, C, BC):
+        offs, offs_row, mask = _tile(rows64, rmask, c0, C, N, BC)
+        cs = c0 + tl.arange(0, BC)
+        sc_offs = tl.arange(0, BT)[:, None] * BC + tl.arange(0, BC)[None, :]
+        # The GEMM term goes through a per-program scratch (L1/L2), as the read-ahead post re-reads its chunk: adding
+        # the dot's result to the elementwise terms directly pulled its layout into them (n = 4: 255 registers).
+        for i in tl.static_range(N):
+            p = tl.load(phi_ptr + (i * C + cs)[None, :] * stride_pk + ms[:, None] * stride_pm,
+                        mask=(ms < M)[:, None] & (cs < C)[None, :], other=0.0)  # [BM, BC]: phi_m^T, stream i
+            tl.store(sc + i * BT * BC + sc_offs, tl.dot(d, p.to(tl.float32), input_precision=PREC))
+        tl.debug_barrier()
+        x = _load_streams(x_ptr, offs, mask, C, N)
+        f = tl.load(f_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs_row, mask=mask, other=0.0).to(tl.float32)
+        g = ()
+        for i in tl.static_range(N):
+            s = _state_stream(hp[i], f, hr_ptr, rows64, rmask, x, i, N).to(x_ptr.dtype.element_ty).to(tl.float32)
+            gi = tl.load(sc + i * BT * BC + sc_offs) + coef[:, None] * s + hq[i][:, None] * dy
+            g = g + (gi + tl.load(g_ptr + offs + i * C, mask=mask, other=0.0).to(tl.float32),)
+        tl.debug_barrier()
+        df = hp[0][:, None] * g[0]
+        for i in tl.static_range(1, N):
+            df += hp[i][:, None] * g[i]
+        tl.store(df_ptr + offs_row, df.to(df_ptr.dtype.element_ty), mask=mask)
+        new_dhp = ()
+        new_dhr = ()
+        for i in tl.static_range(N):
+            new_dhp = new_dhp + (dhp[i] + tl.sum(g[i] * f, axis=1),)
+            for j in tl.static_range(N):
+                new_dhr = new_dhr + (dhr[i * N + j] + tl.sum(g[i] * x[j], axis=1),)
+        dhp = new_dhp
+        dhr = new_dhr
+        for j in tl.static_range(N):
+            dx = _coef(hr_ptr, rows64, rmask, N * N, j)[:, None] * g[0]
+            for i in tl.static_range(1, N):
+                dx += _coef(hr_ptr, rows64, rmask, N * N, i * N + j)[:, None] * g[i]
+            tl.store(dx_ptr + offs + j * C, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    _store_coefs(dhp_ptr, dhp, rows64, rmask, N)
+    _store_coefs(dhr_ptr, dhr, rows64, rmask, N * N)
+
+
 # Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. Pre and post forward and pre
 # backward: 1024 elements per stream (n = 8: 512), 8 per thread at 4 warps (16-byte bf16 loads). Post
 # backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
@@ -195,6 +262,9 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # fill the GPU; 16 when C is not a multiple of 16 (scalar loads, an address each). Compile gate, sm_90 /
 # sm_80, bf16: n = 4 at 86 / 100 registers, n = 8 at 103 / 128.
 FILL = 264
+# The chained post backward holds n^2 dH_res sums and 2n tiles per chunk: n = 8 compiles to 226-255 registers
+# (spills with 32 or 64 tokens), so n = 8 keeps the plain backward (the read writes its own dx).
+CHAIN_MAX_STREAMS = 4
 
 
 def _read_ahead_blocks(n: int, C: int, T: int) -> tuple[int, int, int]:
@@ -263,6 +333,28 @@ def post_backward(x, h_post, h_res, f, dout):
     bt, bc, warps = _blocks(n, C, post_bwd=True)
     _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
                                      N=n, BT=bt, BC=bc, num_warps=warps)
+    return dx, dhp, dhr, df
+
+
+def post_backward_chain(x, h_post, h_res, f, g, nxt):
+    """Post backward with the next sublayer's terms of dout summed in (:func:`_post_bwd_chain`): x [T, n, C],
+    h_post [T, n], h_res [T, n, n] (fp32), f [T, C], g [T, n, C] (the rest of dout), ``nxt`` = (dy [T, C],
+    H_pre [T, n], draw [T, M], coef [T], phi [n*C, M]) of the next sublayer -> as :func:`post_backward`."""
+    T, n, C = x.shape
+    dy, h_pre, draw, coef, phi = nxt
+    M = draw.shape[1]
+    dx, df = torch.empty_like(x), torch.empty_like(f)
+    dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
+    dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
+    bt, bc, warps = _read_ahead_blocks(n, C, T)  # tl.dot tiles again: compile gate, n = 4: 102-128 registers,
+    if x.dtype == torch.float32:  # except fp32 streams with 64 tokens: 153 on sm_90
+        bt = min(bt, 32)
+    grid = triton.cdiv(T, bt)
+    scratch = torch.empty(grid, n, bt, bc, device=x.device, dtype=torch.float32)
+    _post_bwd_chain[(grid,)](
+        x, f, h_post, h_res, g, dy, h_pre, draw, coef, phi, dx, df, dhp, dhr, scratch, T, C, M, phi.stride(0),
+        phi.stride(1),
+        N=n, BT=bt, BC=bc, BM=max(16, triton.next_power_of_2(M)), PREC=PREC, num_warps=warps)
     return dx, dhp, dhr, df
 
 

@@ -23,16 +23,41 @@ right after it is stored, not from DRAM), and returns them as a :class:`ReadAhea
 :class:`FusedSublayerPre` takes them instead of reading the state again for its GEMM, when they were computed
 from that very state and phi (same storage, shape, strides and version). They are plain values (no gradient
 path): the next sublayer's backward treats raw as ``x @ phi`` as before.
+
+Chained backward (under ``torch_mhc.nn.chained_backward()``, when the read took the read-ahead of the post
+that wrote its state): the read's backward (sublayer m) computes dphi, dbias, dalpha and its coefficient
+gradients but not the state's gradient dx_m; it leaves the terms of dx_m (post's, pre's H_pre dy, the GEMM's
+draw @ phi^T, the RMS term) in a :class:`Handoff` and returns a stride-0 zero for the state. The post that
+wrote the state (sublayer l) runs next and sums those terms into its dout inside its own kernel
+(``_post_bwd_chain``), recomputing the state from its inputs: dx_m is never written to memory nor read back,
+and m's GEMM backward reads x only for dphi. The state's gradient is then not materialised anywhere, hence
+the explicit scope; hooks and ``retain_grad`` on the state the model saw make the read fall back. n <= 4 only
+(n = 8's chained kernel does not fit the register budget).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from torch_mhc.ops.coefficients import _sinkhorn_pairs, coefficients_backward, coefficients_forward
-from torch_mhc.ops.streams import FusedStreamPost, post_forward, pre_backward, pre_forward
+from torch_mhc.ops.coefficients import (
+    _sinkhorn_pairs,
+    coefficients_backward,
+    coefficients_forward,
+    epilogue_backward,
+    gemm_backward,
+)
+from torch_mhc.ops.streams import (
+    CHAIN_MAX_STREAMS,
+    FusedStreamPost,
+    post_backward_chain,
+    post_forward,
+    pre_backward,
+    pre_forward,
+)
 
 
 def _owned_buffer(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
@@ -50,10 +75,56 @@ def _identity(t: torch.Tensor) -> tuple:
     return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t._version
 
 
+class Handoff:
+    """From the read of sublayer m to the post of sublayer l that wrote m's state (chained backward): m's
+    terms of the state's gradient, tagged with the backward (graph task) that produced them.
+    ``terms`` = (g [T, n, C] (post's term, or None), dy [T, C], H_pre [T, n], draw [T, M], coef [T], phi)."""
+
+    def __init__(self):
+        self.visible: weakref.ref | None = None  # the state tensor the model code got
+        self.hooks: dict | None = None  # its ``_backward_hooks``, which outlive it (they sit on its grad_fn)
+        self.task = -1
+        self.terms: tuple | None = None
+        self.zero: torch.Tensor | None = None  # the stride-0 zero m returned as the state's gradient
+
+    def watch(self, state: torch.Tensor) -> None:
+        """Remember the state the model code gets, and its hook dict: created here as ``register_hook`` would,
+        so hooks registered later land in this dict even if the tensor is gone by the backward."""
+        self.visible = weakref.ref(state)
+        if state._backward_hooks is None:
+            state._backward_hooks = OrderedDict()
+            state.grad_fn._register_hook_dict(state)
+        self.hooks = state._backward_hooks
+
+    def observed(self) -> bool:
+        """Whether someone asked to see the state's gradient (a hook, ``retain_grad``): then no deferral."""
+        v = None if self.visible is None else self.visible()
+        return bool(self.hooks) or (v is not None and v.retains_grad)
+
+    def leave(self, terms: tuple, like: torch.Tensor) -> torch.Tensor:
+        """Keep m's terms for this backward; -> the stride-0 zero to return as the state's gradient."""
+        self.task, self.terms = torch._C._current_graph_task_id(), terms
+        self.zero = torch.zeros(1, dtype=like.dtype, device=like.device).expand(like.shape)
+        return self.zero
+
+    def take(self, dout: torch.Tensor | None):
+        """In l's post backward: -> (m's terms or None, the rest of dout or None). Terms left by another
+        backward (e.g. an ``autograd.grad`` that stopped at m) are dropped, never used."""
+        terms, self.terms = self.terms, None
+        if terms is None or self.task != torch._C._current_graph_task_id():
+            return None, dout
+        if dout is not None and dout.stride() == (0,) * dout.dim() and dout.data_ptr() == self.zero.data_ptr():
+            dout = None  # only m's zero: nothing else used the state
+        self.zero = None
+        return terms, dout
+
+
 @dataclass
 class ReadAhead:
     """The next sublayer's GEMM on a state, computed by the post that wrote it: raw = state @ phi [T, M] and
-    inv_rms [T] (fp32). ``state`` keeps the state's storage alive, so its identity cannot be reused."""
+    inv_rms [T] (fp32). ``state`` keeps the state's storage alive, so its identity cannot be reused.
+    ``handoff``: set under chained backward (the read passes it on when it reads exactly the tensor the model
+    got from the post)."""
 
     state: torch.Tensor
     state_id: tuple
@@ -61,6 +132,7 @@ class ReadAhead:
     eps: float
     raw: torch.Tensor
     inv: torch.Tensor
+    handoff: Handoff | None = None
 
     def matches(self, x3: torch.Tensor, phi: torch.Tensor, eps: float) -> bool:
         return _identity(x3) == self.state_id and _identity(phi) == self.phi_id and eps == self.eps
@@ -70,7 +142,7 @@ class FusedSublayerPre(torch.autograd.Function):
     """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n], link [T, n, C])."""
 
     @staticmethod
-    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None):
+    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None, handoff=None):
         T, n, C = x.shape
         pairs = _sinkhorn_pairs(iters, v4)
         x2d = x.view(T, n * C)
@@ -79,6 +151,7 @@ class FusedSublayerPre(torch.autograd.Function):
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
         ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
+        ctx.handoff = handoff
         ctx.set_materialize_grads(False)
         return y, pre, post, res, link
 
@@ -94,11 +167,19 @@ class FusedSublayerPre(torch.autograd.Function):
             dpre = dpre if dpre_out is None else dpre + dpre_out
             pre_term = (pre, dy)
         dx = _owned_buffer(dlink, x)
-        dx, dphi, dbias, dalpha = coefficients_backward(
-            x.view(T, n * C), phi, saved, n, pairs, eps, v4, dpre, dpost, dres,
-            dx=None if dx is None else dx.view(T, n * C), pre_term=pre_term)
+        x2d = x.view(T, n * C)
+        handoff = ctx.handoff
+        if handoff is not None and ctx.needs_input_grad[0] and not handoff.observed():
+            draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, n * C, dpre, dpost, dres)
+            _, dphi = gemm_backward(x2d, phi, draw, coef, n, write_dx=False)
+            dy = dy if dy is not None else x.new_zeros(T, C)
+            dx = handoff.leave((dx, dy, pre, draw, coef, phi), x)
+        else:
+            dx, dphi, dbias, dalpha = coefficients_backward(
+                x2d, phi, saved, n, pairs, eps, v4, dpre, dpost, dres,
+                dx=None if dx is None else dx.view(T, n * C), pre_term=pre_term)
         return (dx.view(T, n, C), dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class FusedSublayerPost(torch.autograd.Function):
@@ -107,8 +188,9 @@ class FusedSublayerPost(torch.autograd.Function):
     ``read_ahead`` = (phi, eps) of the next sublayer, also (raw [T, M], inv_rms [T]): no gradient."""
 
     @staticmethod
-    def forward(ctx, x, link, h_post, h_res, f, read_ahead=None):
+    def forward(ctx, x, link, h_post, h_res, f, read_ahead=None, handoff=None):
         ctx.save_for_backward(x, h_post, h_res, f)
+        ctx.handoff = handoff
         ctx.set_materialize_grads(False)
         result = post_forward(x, h_post, h_res, f, read_ahead)
         if read_ahead is None:
@@ -119,10 +201,22 @@ class FusedSublayerPost(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, *_):
-        if dout is None:
-            return None, None, None, None, None, None
-        dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)  # the plain post's backward, dx to the link
-        return None, dx, dhp, dhr, df, None
+        terms = None
+        if ctx.handoff is not None:
+            terms, dout = ctx.handoff.take(dout)
+        if terms is None:
+            if dout is None:
+                return None, None, None, None, None, None, None
+            dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)  # the plain post's backward, dx to the link
+            return None, dx, dhp, dhr, df, None, None
+        x, h_post, h_res, f = ctx.saved_tensors  # chained: the next sublayer's terms of dout summed in here
+        g, *nxt = terms
+        if dout is not None:
+            g = dout if g is None else g + dout
+        if g is None:
+            g = torch.zeros_like(x)
+        dx, dhp, dhr, df = post_backward_chain(x, h_post, h_res, f, g.contiguous(), nxt)
+        return None, dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df, None, None
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -138,17 +232,21 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: 
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x3 = _flat(x, -1, n, C)
-    raw_inv = None
+    raw_inv = handoff = None
     if read_ahead is not None and read_ahead.matches(x3, phi, eps):
         raw_inv = (read_ahead.raw, read_ahead.inv)
+        h = read_ahead.handoff
+        if h is not None and h.visible is not None and h.visible() is x:  # the very tensor the post returned
+            handoff = h
     y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4",
-                                                     raw_inv)
+                                                     raw_inv, handoff)
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)), (x3, link)
 
 
-def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None):
+def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backward: bool = False):
     """(link from :func:`fused_sublayer_pre`, H_post ``[..., n]``, H_res ``[..., n, n]``, f ``[..., C]``) ->
-    new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead)."""
+    new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead).
+    ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring)."""
     x3, link_t = link
     _, n, C = x3.shape
     lead = f_out.shape[:-1]
@@ -156,5 +254,9 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None):
     if read_ahead is None:
         return FusedSublayerPost.apply(*args).view(*lead, n, C)
     phi, eps = read_ahead
-    out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps))
-    return out.view(*lead, n, C), ReadAhead(out, _identity(out), _identity(phi), eps, raw, inv)
+    handoff = Handoff() if chain_backward and n <= CHAIN_MAX_STREAMS and torch.is_grad_enabled() else None
+    out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff)
+    state = out.view(*lead, n, C)
+    if handoff is not None:
+        handoff.watch(state)
+    return state, ReadAhead(out, _identity(out), _identity(phi), eps, raw, inv, handoff)

@@ -22,6 +22,7 @@ from torch_mhc.distributed import checkpoint as dcp_ckpt
 from torch_mhc.distributed import runtime
 from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
 from torch_mhc.models.decoder import DecoderLM
+from torch_mhc.nn import chained_backward
 from torch_mhc.train.checkpoint import (
     latest_any_checkpoint,
     load_checkpoint,
@@ -238,9 +239,11 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
 
 
 def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
-    """One micro-batch ``x, y [B, T]`` of ``accum``: forward, backward of ``loss / accum``; returns the loss."""
+    """One micro-batch ``x, y [B, T]`` of ``accum``: forward, backward of ``loss / accum``; returns the loss.
+    Under ``chained_backward``: nothing here asks for the gradient of a state between two sublayers."""
     try:
-        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None):
+        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None), \
+                chained_backward():
             _, loss = t.step_model(x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True))
     except ValueError as e:  # HC / mHC check their coefficients (nn.functional.check_finite)
         if not str(e).startswith("non-finite values"):
