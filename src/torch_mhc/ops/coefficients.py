@@ -7,8 +7,8 @@ Forward, two kernels:
      on each token's n x n block in registers.
 Backward, two kernels:
   1. ``_epilogue_bwd``: sigmoid derivatives and the Sinkhorn backward in O(iters): the forward is
-     recomputed once, keeping each step's n-vector of column/row sums (the only thing a step needs to
-     be undone: its input is its output times those sums), then swept back; it also applies the
+     recomputed once, keeping each step's n-vector of column/row sums in registers (the only thing a step
+     needs to be undone: its input is its output times those sums), then swept back; it also applies the
      alpha/inv_rms chain rule (``draw``, the per-token RMS coefficient) and writes per-program partial
      sums for the bias and alpha gradients (reduced in a fixed order: deterministic, no atomics);
   2. ``_gemm_bwd``: one pass over x gives both ``dx = draw @ phi^T + c * x`` and partial ``dphi = x^T draw``.
@@ -137,16 +137,16 @@ def _step_bwd_row(g, y, den):
     return g, y * den[:, :, None]
 
 
-@triton.jit(do_not_specialize=["T", "PAIRS"])
+@triton.jit(do_not_specialize=["T"])
 def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, draw_ptr, coef_ptr,
-                  dbias_ptr, dalpha_ptr, sums_ptr, T, M, K, PAIRS, eps,
+                  dbias_ptr, dalpha_ptr, T, M, K, eps, PAIRS: tl.constexpr,
                   N: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
     """From the gradients of (H_pre, H_post, H_res): draw [T, M] = dL/draw, coef [T] (the RMS term of dx,
     per element of x), and this program's partial sums of dbias [M] and dalpha [3].
 
-    Sinkhorn backward in O(steps): one recomputation of the forward stores each step's sums (an
-    n-vector per token and step, in ``sums`` [T, 2 * PAIRS + V4, N], written and read back by this
-    program only, so it stays in cache), then each step is undone from its output: input = output * sums.
+    Sinkhorn backward in O(steps), on chip: one recomputation of the forward keeps each step's sums (an
+    n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one compilation
+    per iteration count), then each step is undone from its output: input = output * sums.
     """
     rows64, rmask = token_block(T, BT)
     i = tl.arange(0, N)
@@ -159,30 +159,26 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
 
     # Sinkhorn: recompute once, keeping the sums; then sweep back.
     LEAD: tl.constexpr = 1 if V4 else 0
-    NSUMS = 2 * PAIRS + LEAD
-    sums = sums_ptr + rows64[:, None] * NSUMS * N + i[None, :]
     m0 = _sk_start(L, eps, V4, SAFE_MAX)
     m = m0
+    sums = ()
     if V4:
         den = _row_sums(m, eps)
-        tl.store(sums, den, mask=rmask[:, None])
+        sums = sums + (den,)
         m = m / den[:, :, None]
-    for p in range(PAIRS):
-        s = LEAD + 2 * p
+    for p in tl.static_range(PAIRS):
         den = _col_sums(m, eps)
-        tl.store(sums + s * N, den, mask=rmask[:, None])
+        sums = sums + (den,)
         m = m / den[:, None, :]
         den = _row_sums(m, eps)
-        tl.store(sums + (s + 1) * N, den, mask=rmask[:, None])
+        sums = sums + (den,)
         m = m / den[:, :, None]
-    tl.debug_barrier()  # the sums were stored by other threads of this program
     g = tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0)
-    for q in range(PAIRS):
-        s = LEAD + 2 * (PAIRS - 1 - q)
-        g, m = _step_bwd_row(g, m, tl.load(sums + (s + 1) * N, mask=rmask[:, None], other=1.0))
-        g, m = _step_bwd_col(g, m, tl.load(sums + s * N, mask=rmask[:, None], other=1.0))
+    for q in tl.static_range(PAIRS):
+        g, m = _step_bwd_row(g, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
+        g, m = _step_bwd_col(g, m, sums[LEAD + 2 * (PAIRS - 1 - q)])
     if V4:
-        g, m = _step_bwd_row(g, m, tl.load(sums, mask=rmask[:, None], other=1.0))
+        g, m = _step_bwd_row(g, m, sums[0])
         e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
         sm = e / tl.sum(e, axis=1)[:, None, :]
         dL = sm * (g - tl.sum(g * sm, axis=1)[:, None, :])
@@ -333,10 +329,9 @@ def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, d
     coef = torch.empty(T, device=dev, dtype=torch.float32)
     dbias_part = torch.empty(n_epi, M, device=dev, dtype=torch.float32)
     dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
-    sums = torch.empty(T, 2 * pairs + v4, n, device=dev, dtype=torch.float32)
     _epilogue_bwd[(n_epi,)](
-        raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, sums, T, M, K, pairs,
-        eps, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
+        raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, T, M, K, eps,
+        PAIRS=pairs, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
     return draw, coef, dbias_part.sum(0), dalpha_part.sum(0)
 
 
