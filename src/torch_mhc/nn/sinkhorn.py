@@ -71,13 +71,14 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
     if start == "softmax":
         return _from_work(aux * (g - (g * aux).sum(dim=COL, keepdim=True)))
     g = g * m0
-    active = aux > 0  # [1, 1, ...]: the shift follows the largest logit, its share of the gradient goes there
-    if active.any():
-        n = L.shape[0]
-        flat = g.flatten(0, 1)
-        total = flat.sum(dim=0, keepdim=True) * active.flatten(0, 1)
-        g = flat.scatter_add(0, L.flatten(0, 1).argmax(dim=0, keepdim=True), -total).unflatten(0, (n, n))
-    return _from_work(g)
+    # Where the shift is on ([1, 1, ...] aux > 0) it follows the (first) largest logit: minus the total gradient
+    # goes there. Selected with a mask rather than under `if active.any()`: no value read back to the host.
+    n = L.shape[0]
+    flat = g.flatten(0, 1)
+    top = L.flatten(0, 1).argmax(dim=0, keepdim=True)
+    entry = torch.arange(n * n, device=L.device).view(-1, *([1] * (flat.dim() - 1)))
+    hit = (entry == top) & (aux > 0).flatten(0, 1)
+    return _from_work(torch.where(hit, flat - flat.sum(dim=0, keepdim=True), flat).unflatten(0, (n, n)))
 
 
 class SinkhornFunction(torch.autograd.Function):
