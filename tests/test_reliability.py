@@ -440,6 +440,25 @@ def test_partial_metrics_line_on_resume_and_plot(trained, tmp_path, capsys):
     assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2, 3, 4, 6, 8]
 
 
+def test_full_disk_in_tensorboard_names_the_folder(tmp_path, small_text, capsys, monkeypatch):
+    """TensorBoard's writer hits a full disk: exit 2 naming the run's tb folder, no traceback, checkpoints intact."""
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    real = SummaryWriter.add_scalar
+
+    def fills_up(self, tag, value, step, *args, **kwargs):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, tag, value, step, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", fills_up)
+    err = expect_error(capsys, ["train", *sets(tmp_path, small_text, "run_name=tbfull")], "the disk is full")
+    run_dir = tmp_path / "runs" / "tbfull"
+    assert str(run_dir / "tb") in err and "Traceback" not in err
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000003.pt"]
+
+
 def test_full_disk_during_training(tmp_path, small_text, capsys, monkeypatch):
     real = ckpt.atomic_save
     calls = []

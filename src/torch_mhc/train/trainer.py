@@ -27,6 +27,7 @@ from torch_mhc.train.checkpoint import (
     latest_any_checkpoint,
     load_checkpoint,
     load_model_state,
+    raise_if_disk_full,
     save_checkpoint,
     set_rng_state,
 )
@@ -154,23 +155,32 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "metrics.jsonl"
+        self.tb_dir = run_dir / "tb"
         try:
             from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tb"))
         except ImportError:
             self.tb = None
+        else:
+            self.tb = self._tb(lambda: SummaryWriter(str(self.tb_dir)))
+
+    def _tb(self, call):
+        """A TensorBoard call; a full disk (raised here or by its writer thread's last write) names the folder."""
+        try:
+            return call()
+        except OSError as e:
+            raise_if_disk_full(e, self.tb_dir)
+            raise
 
     def write(self, record: dict) -> None:
         append_jsonl(self.path, record)
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
+                    self._tb(lambda k=k, v=v: self.tb.add_scalar(k, v, record["step"]))
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            self._tb(self.tb.close)
 
 
 @dataclass
