@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 8 in one call, for a lent H100/H200 (one `device` run; about 10 minutes):
 #   1. the kernel tests at full size on CUDA (tests/test_ops.py adds CUDA shapes, incl. T = 4099, C = 7168);
-#   2. bench_sublayer.py: one sublayer and a read-ahead 4-stack against the bandwidth floor, + Liger if installed;
+#   2. bench_sublayer.py: one sublayer, a read-ahead 4-stack and a chained-backward 4-stack against the bandwidth
+#      floor, + Liger if installed;
 #   3. bench_model.py: dense decoder step time and peak memory, residual vs mHC vs mHC + recompute;
 #   4. the default job for 200 steps through the kernels and through the reference path: the loss curves
 #      must agree within bf16 noise (curve_equal.py --rtol).
