@@ -65,7 +65,7 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, baseline: str | None) ->
     paths.append(out / "loss.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    if baseline in runs:
+    if baseline in runs and len(runs) > 1:  # a gap needs a run besides the baseline
         fig, ax = plt.subplots(figsize=(7, 4.5))
         base = dict(zip(*_series(runs[baseline], "loss")))
         for label, recs in runs.items():
