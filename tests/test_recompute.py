@@ -30,9 +30,10 @@ def run_stack(conns, x, every):
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "triton-chained"])
 @pytest.mark.parametrize("every", [1, 2, 3, 8])
-def test_recompute_exact_and_drops_states(backend, every):
+def test_recompute_exact_and_drops_states(backend, every, monkeypatch):
     """Same gradients bit for bit with and without recompute; triton-chained: connections chained (read-ahead)
-    under chained_backward, whose posts recompute the state in their backward kernel."""
+    under chained_backward, whose posts recompute the state in their backward kernel (checked to run, and
+    against the reference path)."""
     if backend.startswith("triton"):
         pytest.importorskip("triton")
     torch.manual_seed(0)
@@ -40,8 +41,14 @@ def test_recompute_exact_and_drops_states(backend, every):
     subs = [torch.nn.Sequential(torch.nn.RMSNorm(C), torch.nn.Linear(C, C), torch.nn.Tanh()) for _ in range(L)]
     conns = [ManifoldHyperConnection(C, n, s, layer_index=i) for i, s in enumerate(subs)]
     chained = backend == "triton-chained"
+    launches = []
     if chained:
         chain_reads(conns)
+        from torch_mhc.ops import streams
+
+        kernel = streams._post_bwd_chain
+        monkeypatch.setattr(streams, "_post_bwd_chain", type("Counted", (), {
+            "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
     with torch.no_grad():
         for c in conns:
             c.phi.normal_(std=0.1)
@@ -62,6 +69,13 @@ def test_recompute_exact_and_drops_states(backend, every):
     assert alive_rc == (L - 1) // every  # with it, one state every `every` sublayers
     for a, b in zip(g_full, g_rc):
         assert torch.equal(a, b)
+    if chained:
+        assert len(launches) == 2 * (L - 1)  # every post but the last, with and without recompute
+        with ops.use_backend("reference"):
+            out, _ = run_stack(conns, x, 0)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()
+        for a, b in zip(g_full, torch.autograd.grad(loss, params)):
+            assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() < 1e-4
 
 
 def test_model_recompute_same_loss_and_grads():

@@ -443,3 +443,177 @@ def test_trainer_runs_chained_backward(monkeypatch, tmp_path):
     lines = next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
     assert losses and all(math.isfinite(v) for v in losses)
+
+
+def _chain_of(k, n=4, C=24, seed=0):
+    """k chained connections (distinct parameters), as DecoderLM chains them."""
+    from torch_mhc.nn import chain_reads
+
+    conns = [make_conn(n, C, seed=seed + i) for i in range(k)]
+    chain_reads(conns)
+    return conns
+
+
+def test_chained_backward_with_nothing_requiring_grad():
+    """A frozen trunk (nothing requires grad) under the scope: same state, no handoff, no error."""
+    conns = _chain_of(3)
+    for c in conns:
+        c.requires_grad_(False)
+    x = torch.randn(5, 4, 24)
+    with ops.use_backend("triton"):
+        plain = conns[2](conns[1](conns[0](x)))
+        with chained_backward():
+            chained_out = conns[2](conns[1](conns[0](x)))
+    assert torch.equal(plain, chained_out) and not chained_out.requires_grad
+
+
+def test_one_read_ahead_given_to_two_reads():
+    """The functional API lets code hand one read-ahead to two reads of a state: the first read claims the
+    handoff, the second keeps its own dx; gradients match the reference."""
+    g = torch.Generator().manual_seed(21)
+    n, C, M = 4, 24, 24
+    phi = (torch.randn(n * C, M, generator=g) * 0.3).requires_grad_()
+    bias_a, bias_b = torch.randn(M, generator=g).requires_grad_(), torch.randn(M, generator=g).requires_grad_()
+    alpha = torch.full((3,), 0.5).requires_grad_()
+    x0 = torch.randn(5, n, C, generator=g)
+    results = {}
+    for backend, chain in (("reference", False), ("triton", True)):
+        x = x0.clone().requires_grad_()
+        with ops.use_backend(backend):
+            y, (_, h_post, h_res), link = Fm.mhc_sublayer_pre(x, phi, bias_a, alpha)
+            s1, ahead = Fm.stream_post(x, h_post, h_res, torch.tanh(y), link=link, read_ahead=(phi, 1e-6),
+                                       chain_backward=chain)
+            ya, _, _ = Fm.mhc_sublayer_pre(s1, phi, bias_a, alpha, read_ahead=ahead)
+            yb, _, _ = Fm.mhc_sublayer_pre(s1, phi, bias_b, alpha, read_ahead=ahead)
+            loss = weighted(ya) + 0.7 * weighted(yb.square())
+        results[backend] = torch.autograd.grad(loss, [x, phi, bias_a, bias_b, alpha])
+    for a, b in zip(results["triton"], results["reference"]):
+        assert rel_err(a, b) < 1e-4
+
+
+def test_concurrent_backwards_over_one_graph():
+    """Two backward passes over one graph (threads, retain_graph) interleaved between a read's backward and its
+    writer's: each finds its own terms (kept per graph task). The order is forced with a side consumer of the
+    state whose backward waits in thread A until thread B has finished."""
+    import threading
+
+    a_waiting, b_done = threading.Event(), threading.Event()
+
+    class Pause(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            if threading.current_thread().name == "A":
+                a_waiting.set()
+                b_done.wait(timeout=60)
+            return grad
+
+    conns = _chain_of(3, seed=30)
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(30))
+    results = {}
+    for backend in ("reference", "triton"):
+        x = x0.clone().requires_grad_()
+        with ops.use_backend(backend), chained_backward():
+            s1 = conns[0](x * 1.25)
+            side = 0.3 * weighted(Pause.apply(s1).square())  # made before the read: its backward runs after it
+            loss = weighted(conns[2](conns[1](s1))) + side
+        params = [x] + list(conns[0].parameters())
+        out = {}
+        a_waiting.clear()
+        b_done.clear()
+
+        def task(name):
+            out[name] = torch.autograd.grad(loss, params, retain_graph=True)
+            if name == "B":
+                b_done.set()
+
+        ta = threading.Thread(target=task, args=("A",), name="A")
+        ta.start()
+        assert a_waiting.wait(timeout=60)
+        tb = threading.Thread(target=task, args=("B",), name="B")
+        tb.start()
+        tb.join()
+        ta.join()
+        results[backend] = out
+    for name in ("A", "B"):
+        for a, b in zip(results["triton"][name], results["reference"]["A"]):
+            assert rel_err(a, b) < 1e-4, name
+
+
+def test_chained_scope_is_per_thread(monkeypatch):
+    """Another thread inside chained_backward() does not chain this thread's forward (no handoff is made)."""
+    import threading
+
+    from torch_mhc.ops import sublayer
+
+    made = []
+    init = sublayer.Handoff.__init__
+    monkeypatch.setattr(sublayer.Handoff, "__init__", lambda self: (init(self), made.append(1))[0])
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        with chained_backward():
+            inside.set()
+            release.wait(30)
+
+    conns = _chain_of(3, seed=40)
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert inside.wait(30)
+    try:
+        with ops.use_backend("triton"):
+            conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+    finally:
+        release.set()
+        thread.join()
+    assert made == []
+    with ops.use_backend("triton"), chained_backward():
+        conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+    assert len(made) == 2  # the first two posts' read-aheads (the last connection has no reader)
+
+
+def test_chained_backward_leaves_no_terms_behind(monkeypatch):
+    """A backward that does not reach the writing post (autograd.grad of the reader's phi only) does not defer:
+    no handoff holds terms afterwards, and none outlives the graph without the cyclic GC."""
+    import gc
+    import weakref
+
+    from torch_mhc.ops import sublayer
+
+    made = []
+    init = sublayer.Handoff.__init__
+    monkeypatch.setattr(sublayer.Handoff, "__init__", lambda self: (init(self), made.append(weakref.ref(self)))[0])
+    conns = _chain_of(3, seed=50)
+    gc.disable()
+    try:
+        with ops.use_backend("triton"), chained_backward():
+            out = conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+        torch.autograd.grad(weighted(out), [conns[2].projection()[0]])
+        assert len(made) == 2 and all(not h().pending for h in made)
+        del out
+        assert all(h() is None for h in made)
+    finally:
+        gc.enable()
+
+
+def test_chained_backward_deepseek_v4_fp32():
+    """The V4 layout (phi stored transposed) through chained posts, against float64 (fp32: tight)."""
+    conns = [make_conn(4, 24, "deepseek-v4", seed=60 + i) for i in range(3)]
+    from torch_mhc.nn import chain_reads
+
+    chain_reads(conns)
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(60))
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        for c in conns:
+            c.to(dtype)
+        x = x0.to(dtype).requires_grad_()
+        with ops.use_backend(backend), chained_backward():
+            out = conns[2](conns[1](conns[0](x)))
+        results[backend] = torch.autograd.grad(weighted(out), [x] + [p for c in conns for p in c.parameters()])
+    assert rel_err(results["triton"][0], results["reference"][0]) < TOL[torch.float32]
+    for a, b in zip(results["triton"][1:], results["reference"][1:]):
+        assert rel_err(a, b) < 1e-3

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -284,7 +285,7 @@ class ManifoldHyperConnection(StreamConnection):
             return super().write(state, sublayer_output)
         out, nxt._read_ahead = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output,
                                               link=state.link, read_ahead=(phi, nxt.eps),
-                                              chain_backward=bool(_chained))
+                                              chain_backward=getattr(_chained, "depth", 0) > 0)
         return out
 
     def coefficients(self, streams):
@@ -360,24 +361,28 @@ class HyperConnection(StreamConnection):
         )
 
 
-_chained: list[bool] = []
+_chained = threading.local()  # per thread: a forward in another thread is not chained by this one's scope
 
 
 @contextlib.contextmanager
 def chained_backward():
-    """Forwards run inside this scope let the fused kernels skip writing the gradient of each state between two
-    chained mHC sublayers (:func:`chain_reads`): the reader's backward leaves its terms to the backward of the post
-    that wrote the state, which sums them in its own pass (one write and one read of ``[T, n, C]`` less per
-    sublayer). The trainer runs its forward and backward inside it. The price: those states' gradients are never
-    materialised, so do not ask for them (``torch.autograd.grad`` with respect to a state between two sublayers
-    would return zeros); ``register_hook`` or ``retain_grad`` on such a state turns the deferral off for it.
-    Parameter and input gradients are the same function either way (summed in another order: rounding-level
-    differences). No effect on the reference path."""
-    _chained.append(True)
+    """Forwards run inside this scope (in this thread) let the fused kernels skip writing the gradient of each
+    state between two chained mHC sublayers (:func:`chain_reads`): the reader's backward leaves its terms to the
+    backward of the post that wrote the state, which sums them in its own pass (one write and one read of
+    ``[T, n, C]`` less per sublayer). The scope is read at forward time; the backward may run anywhere. The
+    trainer runs each micro-batch's forward inside it. The price: those states' gradients are never
+    materialised, so do not ask for them: ``torch.autograd.grad`` (or ``backward(inputs=...)``) with respect to
+    a state between two sublayers returns zeros, and hooks on autograd graph nodes (``grad_fn.register_hook``,
+    ``register_prehook``) around such a state see zeros and cannot change the deferred terms. Tensor hooks
+    (``register_hook``) and ``retain_grad`` on the state are detected and turn the deferral off for it, and so do
+    module backward hooks (they hand the reader a new tensor). Otherwise parameter and input gradients are the
+    same function either way (summed in another order: rounding-level differences). n <= 4; no effect on the
+    reference path."""
+    _chained.depth = getattr(_chained, "depth", 0) + 1
     try:
         yield
     finally:
-        _chained.pop()
+        _chained.depth -= 1
 
 
 def chain_reads(connections: list[StreamConnection]) -> None:

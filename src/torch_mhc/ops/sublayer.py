@@ -31,8 +31,9 @@ draw @ phi^T, the RMS term) in a :class:`Handoff` and returns a stride-0 zero fo
 wrote the state (sublayer l) runs next and sums those terms into its dout inside its own kernel
 (``_post_bwd_chain``), recomputing the state from its inputs: dx_m is never written to memory nor read back,
 and m's GEMM backward reads x only for dphi. The state's gradient is then not materialised anywhere, hence
-the explicit scope; hooks and ``retain_grad`` on the state the model saw make the read fall back. n <= 4 only
-(n = 8's chained kernel does not fit the register budget).
+the explicit scope; tensor hooks and ``retain_grad`` on the state the model saw, a second read of it, or a
+backward that will not run the writing post make the read fall back (docs/design.md lists what it cannot
+see). n <= 4 only (n = 8's chained kernel does not fit the register budget).
 """
 
 from __future__ import annotations
@@ -77,15 +78,16 @@ def _identity(t: torch.Tensor) -> tuple:
 
 class Handoff:
     """From the read of sublayer m to the post of sublayer l that wrote m's state (chained backward): m's
-    terms of the state's gradient, tagged with the backward (graph task) that produced them.
-    ``terms`` = (g [T, n, C] (post's term, or None), dy [T, C], H_pre [T, n], draw [T, M], coef [T], phi)."""
+    terms of the state's gradient, kept per backward (graph task), so that backward passes over one graph
+    that run at the same time (threads, ``retain_graph``) each find their own. Terms, per task: (g [T, n, C]
+    (m's post term, or None), dy [T, C], H_pre [T, n], draw [T, M], coef [T], phi), all without autograd
+    history (no reference back to m's node), and the stride-0 zero m returned as the state's gradient."""
 
     def __init__(self):
         self.visible: weakref.ref | None = None  # the state tensor the model code got
         self.hooks: dict | None = None  # its ``_backward_hooks``, which outlive it (they sit on its grad_fn)
-        self.task = -1
-        self.terms: tuple | None = None
-        self.zero: torch.Tensor | None = None  # the stride-0 zero m returned as the state's gradient
+        self.claimed = False  # one read per handoff: a second read of the same state keeps its own dx
+        self.pending: dict[int, tuple] = {}  # graph task id -> (terms, zero)
 
     def watch(self, state: torch.Tensor) -> None:
         """Remember the state the model code gets, and its hook dict: created here as ``register_hook`` would,
@@ -96,26 +98,34 @@ class Handoff:
             state.grad_fn._register_hook_dict(state)
         self.hooks = state._backward_hooks
 
+    def claim(self, x: torch.Tensor) -> bool:
+        """Whether the read of ``x`` takes this handoff: x must be the very tensor the post returned, and no other
+        read may have taken it."""
+        if self.claimed or self.visible is None or self.visible() is not x:
+            return False
+        self.claimed = True
+        return True
+
     def observed(self) -> bool:
-        """Whether someone asked to see the state's gradient (a hook, ``retain_grad``): then no deferral."""
+        """Whether someone asked to see the state's gradient (a tensor hook, ``retain_grad``): then no deferral."""
         v = None if self.visible is None else self.visible()
         return bool(self.hooks) or (v is not None and v.retains_grad)
 
     def leave(self, terms: tuple, like: torch.Tensor) -> torch.Tensor:
         """Keep m's terms for this backward; -> the stride-0 zero to return as the state's gradient."""
-        self.task, self.terms = torch._C._current_graph_task_id(), terms
-        self.zero = torch.zeros(1, dtype=like.dtype, device=like.device).expand(like.shape)
-        return self.zero
+        zero = torch.zeros(1, dtype=like.dtype, device=like.device).expand(like.shape)
+        terms = tuple(None if t is None else t.detach() for t in terms)
+        self.pending[torch._C._current_graph_task_id()] = (terms, zero)
+        return zero
 
     def take(self, dout: torch.Tensor | None):
-        """In l's post backward: -> (m's terms or None, the rest of dout or None). Terms left by another
-        backward (e.g. an ``autograd.grad`` that stopped at m) are dropped, never used."""
-        terms, self.terms = self.terms, None
-        if terms is None or self.task != torch._C._current_graph_task_id():
+        """In l's post backward: -> (m's terms of this backward or None, the rest of dout or None)."""
+        entry = self.pending.pop(torch._C._current_graph_task_id(), None)
+        if entry is None:
             return None, dout
-        if dout is not None and dout.stride() == (0,) * dout.dim() and dout.data_ptr() == self.zero.data_ptr():
+        terms, zero = entry
+        if dout is not None and dout.stride() == (0,) * dout.dim() and dout.data_ptr() == zero.data_ptr():
             dout = None  # only m's zero: nothing else used the state
-        self.zero = None
         return terms, dout
 
 
@@ -123,8 +133,8 @@ class Handoff:
 class ReadAhead:
     """The next sublayer's GEMM on a state, computed by the post that wrote it: raw = state @ phi [T, M] and
     inv_rms [T] (fp32). ``state`` keeps the state's storage alive, so its identity cannot be reused.
-    ``handoff``: set under chained backward (the read passes it on when it reads exactly the tensor the model
-    got from the post)."""
+    ``handoff``: set under chained backward (the first read of exactly the tensor the model got from the post
+    claims it)."""
 
     state: torch.Tensor
     state_id: tuple
@@ -142,7 +152,7 @@ class FusedSublayerPre(torch.autograd.Function):
     """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n], link [T, n, C])."""
 
     @staticmethod
-    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None, handoff=None):
+    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None, chain=None):
         T, n, C = x.shape
         pairs = _sinkhorn_pairs(iters, v4)
         x2d = x.view(T, n * C)
@@ -151,7 +161,7 @@ class FusedSublayerPre(torch.autograd.Function):
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
         ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
-        ctx.handoff = handoff
+        ctx.chain = chain  # (Handoff, the state's grad_fn) or None
         ctx.set_materialize_grads(False)
         return y, pre, post, res, link
 
@@ -168,8 +178,10 @@ class FusedSublayerPre(torch.autograd.Function):
             pre_term = (pre, dy)
         dx = _owned_buffer(dlink, x)
         x2d = x.view(T, n * C)
-        handoff = ctx.handoff
-        if handoff is not None and ctx.needs_input_grad[0] and not handoff.observed():
+        handoff, node = ctx.chain or (None, None)
+        # defer only if the writing post runs in this backward (not, e.g., in an autograd.grad of our phi alone)
+        if (handoff is not None and ctx.needs_input_grad[0] and not handoff.observed()
+                and torch._C._will_engine_execute_node(node)):
             draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, n * C, dpre, dpost, dres)
             _, dphi = gemm_backward(x2d, phi, draw, coef, n, write_dx=False)
             dy = dy if dy is not None else x.new_zeros(T, C)
@@ -232,14 +244,14 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: 
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x3 = _flat(x, -1, n, C)
-    raw_inv = handoff = None
+    raw_inv = chain = None
     if read_ahead is not None and read_ahead.matches(x3, phi, eps):
         raw_inv = (read_ahead.raw, read_ahead.inv)
         h = read_ahead.handoff
-        if h is not None and h.visible is not None and h.visible() is x:  # the very tensor the post returned
-            handoff = h
+        if h is not None and torch.is_grad_enabled() and h.claim(x):
+            chain = (h, x.grad_fn)
     y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4",
-                                                     raw_inv, handoff)
+                                                     raw_inv, chain)
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)), (x3, link)
 
 
@@ -257,6 +269,8 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
     handoff = Handoff() if chain_backward and n <= CHAIN_MAX_STREAMS and torch.is_grad_enabled() else None
     out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff)
     state = out.view(*lead, n, C)
+    if handoff is not None and state.grad_fn is None:  # nothing requires grad (e.g. a frozen trunk): no backward
+        handoff = None
     if handoff is not None:
         handoff.watch(state)
     return state, ReadAhead(out, _identity(out), _identity(phi), eps, raw, inv, handoff)
