@@ -72,6 +72,26 @@ def test_coefficients(variant, n, T, C, dtype):
     check_coefficients(inputs, 20, variant, grad_seed=n)
 
 
+@pytest.mark.parametrize("n, T, C", [(4, 5, 1000), (1, 70, 4096), (8, 3, 520)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_coefficients_split_k(n, T, C, dtype, monkeypatch):
+    """Few tokens, long rows: the forward GEMM splits K over programs (partials summed in a fixed order), checked
+    to happen, against float64; and the same values as the unsplit kernel up to summation order."""
+    from torch_mhc.ops import coefficients
+
+    bt, bk, _ = coefficients.GEMM_FWD_BLOCKS[n]
+    bt = 32 if (n * C) % 16 else bt
+    assert coefficients.gemm_fwd_split(-(-T // bt), n * C, bk)[0] > 1
+    inputs = make_coeff_inputs(T, n, C, dtype, seed=n + C)
+    check_coefficients(inputs, 20, "paper", grad_seed=n)
+    x, phi, bias, alpha = inputs
+    split = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
+    monkeypatch.setattr(coefficients, "gemm_fwd_split", lambda n_t, K, bk: (1, K))
+    whole = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
+    for a, b in zip(split, whole):
+        assert rel_err(a, b) < COEFF_TOL
+
+
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("T, C", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -26,9 +26,12 @@ from torch_mhc.numerics import COL, EXP_SAFE_MAX, ROW, sinkhorn_steps
 from torch_mhc.ops.blocks import load_vec, mat_offsets, token_block
 
 
-@triton.jit(do_not_specialize=["T"])
-def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, eps,
-              BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr):
+@triton.jit(do_not_specialize=["T"])  # K_PER: its 16-divisibility keeps the loads vectorised
+def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, eps, K_PER,
+              BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """raw = x @ phi [T, M] and inv_rms [T] for BT tokens over columns [pid_1 * K_PER, +K_PER) of x. SPLIT (small
+    token counts, several programs per token block): raw_ptr/inv_ptr take this slice's partial x @ phi [S, T, M]
+    and sum of squares [S, T], reduced afterwards in a fixed order."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     rmask = rows < T
     rows64 = rows.to(tl.int64)
@@ -36,8 +39,11 @@ def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, e
     cmask = cols < M
     acc = tl.zeros((BT, BM), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
+    # K_PER is K, or (SPLIT) a multiple of BK: slice pid_1 covers [pid_1 * K_PER, +K_PER) and no other slice's
+    # columns. The loop runs from 0 either way: runtime loop starts took the unsplit kernel from 95 to 251 registers.
+    k_begin = tl.program_id(1) * K_PER if SPLIT else 0
+    for k0 in range(0, K_PER, BK):
+        ks = k_begin + k0 + tl.arange(0, BK)
         kmask = ks < K
         x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         x = x.to(tl.float32)
@@ -45,9 +51,14 @@ def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, e
                     mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(x, p, acc, input_precision=PREC)
         ss += tl.sum(x * x, axis=1)
-    inv = 1.0 / tl.sqrt(ss / K + eps)
-    tl.store(raw_ptr + rows64[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-    tl.store(inv_ptr + rows, inv, mask=rmask)
+    if SPLIT:
+        part = tl.program_id(1).to(tl.int64) * T
+        tl.store(raw_ptr + (part + rows64[:, None]) * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        tl.store(inv_ptr + part + rows64, ss, mask=rmask)
+    else:
+        inv = 1.0 / tl.sqrt(ss / K + eps)
+        tl.store(raw_ptr + rows64[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+        tl.store(inv_ptr + rows, inv, mask=rmask)
 
 
 @triton.jit
@@ -268,7 +279,21 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
 GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4)}
 GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
 EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8}
+FILL = 264  # programs that fill an H100 (2 per SM)
 PREC = "tf32"  # the interpreter ignores it (exact fp32): the same launch on the CPU and on the GPU
+
+
+def gemm_fwd_split(n_t: int, K: int, bk: int) -> tuple[int, int]:
+    """(K slices, columns per slice) of the forward coefficient GEMM: with fewer than half of FILL token blocks
+    (e.g. 2048 tokens: 32 blocks for 132 SMs of an H100), K is split so that about FILL programs run, each over at
+    least 4 K steps; otherwise (1, K)."""
+    if 2 * n_t >= FILL:
+        return 1, K
+    split = min(triton.cdiv(FILL, n_t), K // (4 * bk))
+    if split < 2:
+        return 1, K
+    k_per = triton.cdiv(triton.cdiv(K, split), bk) * bk
+    return triton.cdiv(K, k_per), k_per
 
 
 def _block_m(m: int) -> int:
@@ -300,9 +325,20 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
         bt, bk, warps = GEMM_FWD_BLOCKS[n]
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
-        _gemm_fwd[(triton.cdiv(T, bt),)](
-            x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps,
-            BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+        n_t = triton.cdiv(T, bt)
+        split, k_per = gemm_fwd_split(n_t, K, bk)
+        if split == 1:
+            _gemm_fwd[(n_t, 1)](
+                x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps, K,
+                BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, SPLIT=False, num_warps=warps)
+        else:  # few token blocks: K slices side by side fill the GPU; partials summed in a fixed order
+            raw_part = torch.empty(split, T, M, device=dev, dtype=torch.float32)
+            ss_part = torch.empty(split, T, device=dev, dtype=torch.float32)
+            _gemm_fwd[(n_t, split)](
+                x2d, phi, raw_part, ss_part, T, K, M, phi.stride(0), phi.stride(1), eps, k_per,
+                BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, SPLIT=True, num_warps=warps)
+            torch.sum(raw_part, 0, out=raw)
+            torch.sum(ss_part, 0, out=inv).div_(K).add_(eps).sqrt_().reciprocal_()
     bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
     post = torch.empty(T, n, device=dev, dtype=torch.float32)
@@ -350,7 +386,7 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
         bt //= 2  # (compile gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 at n = 1 on sm_80)
     n_k = triton.cdiv(K, bk)
     n_tblocks = triton.cdiv(T, bt)
-    split_t = max(1, min(n_tblocks, triton.cdiv(264, n_k)))  # ~2 programs per SM on an H100
+    split_t = max(1, min(n_tblocks, triton.cdiv(FILL, n_k)))  # ~2 programs per SM on an H100
     t_per = triton.cdiv(n_tblocks, split_t) * bt
     split_t = triton.cdiv(T, t_per)
     dphi_part = torch.empty(split_t, K, M, device=x2d.device, dtype=torch.float32)

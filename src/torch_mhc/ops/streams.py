@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from torch_mhc.ops.blocks import token_block as _token_block
-from torch_mhc.ops.coefficients import PREC
+from torch_mhc.ops.coefficients import FILL, PREC
 
 
 @triton.jit
@@ -261,7 +261,6 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # gives FILL programs (two per SM of an H100), fewer for fewer tokens (down to 16), so small batches still
 # fill the GPU; 16 when C is not a multiple of 16 (scalar loads, an address each). Compile gate, sm_90 /
 # sm_80, bf16: n = 4 at 86 / 100 registers, n = 8 at 103 / 128.
-FILL = 264
 # The chained post backward holds n^2 dH_res sums and 2n tiles per chunk: n = 8 compiles to 226-255 registers
 # (spills with 32 or 64 tokens), so n = 8 keeps the plain backward (the read writes its own dx).
 CHAIN_MAX_STREAMS = 4
