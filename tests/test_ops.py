@@ -79,11 +79,20 @@ def test_coefficients_split_k(n, T, C, dtype, monkeypatch):
     to happen, against float64; and the same values as the unsplit kernel up to summation order."""
     from torch_mhc.ops import coefficients
 
-    bt, bk, _ = coefficients.GEMM_FWD_BLOCKS[n]
-    bt = 32 if (n * C) % 16 else bt
-    assert coefficients.gemm_fwd_split(-(-T // bt), n * C, bk)[0] > 1
+    kernel, splits = coefficients._gemm_fwd, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                splits.append(grid[1] if kwargs["SPLIT"] else 1)
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(coefficients, "_gemm_fwd", Counted())
     inputs = make_coeff_inputs(T, n, C, dtype, seed=n + C)
     check_coefficients(inputs, 20, "paper", grad_seed=n)
+    assert splits and all(s > 1 for s in splits)  # the split path ran (several K slices per token block)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", kernel)
     x, phi, bias, alpha = inputs
     split = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
     monkeypatch.setattr(coefficients, "gemm_fwd_split", lambda n_t, K, bk: (1, K))
@@ -196,10 +205,16 @@ def test_fused_sublayer_is_deterministic(n):
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("T, C", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chained_stack_against_reference(n, T, C, dtype):
+def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
     """Three chained connections (read-ahead forward, chained backward: each post's kernel sums its reader's terms
     of the state gradient) against the float64 reference: the output, the input's and every parameter's gradient."""
     from torch_mhc.nn import chain_reads, chained_backward
+    from torch_mhc.ops import streams
+
+    launches = []
+    kernel = streams._post_bwd_chain
+    monkeypatch.setattr(streams, "_post_bwd_chain", type("Counted", (), {
+        "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
 
     g = torch.Generator().manual_seed(T + n)
     conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i) for i in range(3)]
@@ -223,6 +238,7 @@ def test_chained_stack_against_reference(n, T, C, dtype):
         grads = torch.autograd.grad((h.double() * w.to(DEVICE)).sum(), [x] + params)
         results[backend] = (h, grads)
     (out, grads), (ref_out, ref_grads) = results["triton"], results["reference"]
+    assert len(launches) == 2  # the two posts that have a reader ran the chained kernel
     assert rel_err(out, ref_out) < 4 * STREAM_TOL[dtype]
     assert rel_err(grads[0], ref_grads[0]) < 4 * STREAM_TOL[dtype]
     # bf16: three sublayers of rounded states; parameter gradients are sums over tokens with cancellation (measured

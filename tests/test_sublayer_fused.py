@@ -491,7 +491,7 @@ def test_one_read_ahead_given_to_two_reads():
         assert rel_err(a, b) < 1e-4
 
 
-def test_concurrent_backwards_over_one_graph():
+def test_concurrent_backwards_over_one_graph(monkeypatch):
     """Two backward passes over one graph (threads, retain_graph) interleaved between a read's backward and its
     writer's: each finds its own terms (kept per graph task). The order is forced with a side consumer of the
     state whose backward waits in thread A until thread B has finished."""
@@ -511,6 +511,10 @@ def test_concurrent_backwards_over_one_graph():
                 b_done.wait(timeout=60)
             return grad
 
+    from torch_mhc.ops import streams
+
+    chain = _CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     conns = _chain_of(3, seed=30)
     x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(30))
     results = {}
@@ -538,6 +542,7 @@ def test_concurrent_backwards_over_one_graph():
         tb.join()
         ta.join()
         results[backend] = out
+    assert chain.launches == 2 * 2  # both passes chained both posts that have a reader
     for name in ("A", "B"):
         for a, b in zip(results["triton"][name], results["reference"]["A"]):
             assert rel_err(a, b) < 1e-4, name
@@ -587,20 +592,46 @@ def test_chained_backward_leaves_no_terms_behind(monkeypatch):
     init = sublayer.Handoff.__init__
     monkeypatch.setattr(sublayer.Handoff, "__init__", lambda self: (init(self), made.append(weakref.ref(self)))[0])
     conns = _chain_of(3, seed=50)
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(50))
     gc.disable()
     try:
         with ops.use_backend("triton"), chained_backward():
-            out = conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+            out = conns[2](conns[1](conns[0](x0.clone().requires_grad_())))
         torch.autograd.grad(weighted(out), [conns[2].projection()[0]])
         assert len(made) == 2 and all(not h().pending for h in made)
         del out
         assert all(h() is None for h in made)
+        # the gradient of a state alone: captured before its writer, which does not run: exact, nothing left
+        grads = {}
+        for backend in ("triton", "reference"):
+            with ops.use_backend(backend), chained_backward():
+                s1 = conns[0](x0.clone().requires_grad_())
+                out = conns[2](conns[1](s1))
+            grads[backend] = torch.autograd.grad(weighted(out), [s1])[0]
+        assert rel_err(grads["triton"], grads["reference"]) < 1e-4
+        assert len(made) == 4 and all(h() is None or not h().pending for h in made)
     finally:
         gc.enable()
 
 
-def test_chained_backward_deepseek_v4_fp32():
+def test_handoff_terms_carry_no_autograd_history():
+    """Terms left in a handoff are detached: they cannot keep the read's node (and the handoff) alive in a cycle."""
+    from torch_mhc.ops.sublayer import Handoff
+
+    w = torch.randn(3, requires_grad=True)
+    h = Handoff()
+    zero = h.leave((w * 2, None, torch.ones(2)), torch.empty(2, 4, 3))
+    (terms, kept_zero), = h.pending.values()
+    assert zero.stride() == (0, 0, 0) and kept_zero is zero
+    assert terms[1] is None and all(t.grad_fn is None for t in terms if t is not None)
+
+
+def test_chained_backward_deepseek_v4_fp32(monkeypatch):
     """The V4 layout (phi stored transposed) through chained posts, against float64 (fp32: tight)."""
+    from torch_mhc.ops import streams
+
+    chain = _CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     conns = [make_conn(4, 24, "deepseek-v4", seed=60 + i) for i in range(3)]
     from torch_mhc.nn import chain_reads
 
@@ -614,6 +645,7 @@ def test_chained_backward_deepseek_v4_fp32():
         with ops.use_backend(backend), chained_backward():
             out = conns[2](conns[1](conns[0](x)))
         results[backend] = torch.autograd.grad(weighted(out), [x] + [p for c in conns for p in c.parameters()])
+    assert chain.launches == 2  # the two posts that have a reader
     assert rel_err(results["triton"][0], results["reference"][0]) < TOL[torch.float32]
     for a, b in zip(results["triton"][1:], results["reference"][1:]):
         assert rel_err(a, b) < 1e-3

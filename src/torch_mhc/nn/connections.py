@@ -371,8 +371,10 @@ def chained_backward():
     backward of the post that wrote the state, which sums them in its own pass (one write and one read of
     ``[T, n, C]`` less per sublayer). The scope is read at forward time; the backward may run anywhere. The
     trainer runs each micro-batch's forward inside it. The price: those states' gradients are never
-    materialised, so do not ask for them: ``torch.autograd.grad`` (or ``backward(inputs=...)``) with respect to
-    a state between two sublayers returns zeros, and hooks on autograd graph nodes (``grad_fn.register_hook``,
+    materialised, so do not ask for them: ``torch.autograd.grad`` with respect to a state between two sublayers
+    together with anything that needs the post that wrote it (an earlier sublayer's parameters, the input) returns
+    zeros for the state (alone it is exact: the read then keeps its own dx; so is ``backward(inputs=[state])``,
+    which retains the state's gradient), and hooks on autograd graph nodes (``grad_fn.register_hook``,
     ``register_prehook``) around such a state see zeros and cannot change the deferred terms. Tensor hooks
     (``register_hook``) and ``retain_grad`` on the state are detected and turn the deferral off for it, and so do
     module backward hooks (they hand the reader a new tensor). Otherwise parameter and input gradients are the

@@ -179,7 +179,8 @@ class FusedSublayerPre(torch.autograd.Function):
         dx = _owned_buffer(dlink, x)
         x2d = x.view(T, n * C)
         handoff, node = ctx.chain or (None, None)
-        # defer only if the writing post runs in this backward (not, e.g., in an autograd.grad of our phi alone)
+        # defer only if the writing post runs in this backward (not, e.g., in an autograd.grad of our phi alone, or
+        # of the state alone: its gradient is then captured before the post, and must be the whole one)
         if (handoff is not None and ctx.needs_input_grad[0] and not handoff.observed()
                 and torch._C._will_engine_execute_node(node)):
             draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, n * C, dpre, dpost, dres)
@@ -236,6 +237,14 @@ def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+def _writer_node(state: torch.Tensor):
+    """The autograd node of the post that wrote ``state`` (the tensor its ``fused_sublayer_post`` returned, a view
+    of the Function's output): the node whose execution the read checks, not the view's own node, which a
+    backward that only captures the state's gradient marks as to be executed without running it."""
+    node = state.grad_fn
+    return node.next_functions[0][0] if node.next_functions and node.next_functions[0][0] is not None else node
+
+
 def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, read_ahead=None):
     """x ``[..., n, C]`` -> (y ``[..., C]``, (H_pre, H_post, H_res) fp32 ``[..., n]``/``[..., n, n]``, link).
 
@@ -249,7 +258,7 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: 
         raw_inv = (read_ahead.raw, read_ahead.inv)
         h = read_ahead.handoff
         if h is not None and torch.is_grad_enabled() and h.claim(x):
-            chain = (h, x.grad_fn)
+            chain = (h, _writer_node(x))
     y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4",
                                                      raw_inv, chain)
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)), (x3, link)
