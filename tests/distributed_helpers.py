@@ -28,6 +28,10 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank done before any tears its gloo connections down: a rank destroying its group while the other
+        # still finished a collective was seen once to abort the other ("terminate called without an active
+        # exception", SIGABRT) in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
