@@ -161,7 +161,7 @@ class FusedSublayerPre(torch.autograd.Function):
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
         ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
-        ctx.chain = chain  # (Handoff, the state's grad_fn) or None
+        ctx.chain = chain  # (Handoff, the writing post's autograd node) or None
         ctx.set_materialize_grads(False)
         return y, pre, post, res, link
 
