@@ -126,13 +126,11 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
             torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
 
 
-def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True,
-                     read_ahead=None, chain_backward: bool = False) -> torch.Tensor:
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
     sublayer Functions with one dx buffer (what connections run), the post reading ahead for a next sublayer
-    with the same phi (what a stack of connections runs), the read taking ``read_ahead`` if given; False: the
-    separate ops (coefficients, pre, post: what code calling them directly, and recompute's rebuild, run).
-    ``chain_backward``: the post's read-ahead carries a handoff (``torch_mhc.nn.chained_backward``)."""
+    with the same phi (:func:`chain` of one); False: the separate ops (coefficients, pre, post: what code calling
+    them directly, and recompute's rebuild, run)."""
     from torch_mhc.ops import (
         fused_mhc_coefficients,
         fused_stream_post,
@@ -140,19 +138,9 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     )
 
     if fused:
-        return _stacked_sublayer(x, phi, bias, alpha, variant, iters, read_ahead, chain_backward)[0]
+        return chain(x, [(phi, bias, alpha)], variant, iters, chain_backward=False)
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
     return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
-
-
-def _stacked_sublayer(x, phi, bias, alpha, variant: str, iters: int, read_ahead=None, chain_backward=False):
-    """One fused sublayer (F = identity) as in a stack of connections whose next one has the same phi:
-    -> (new state, its ReadAhead for the next sublayer)."""
-    from torch_mhc.ops import fused_sublayer_post, fused_sublayer_pre
-
-    y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
-                                                     read_ahead=read_ahead)
-    return fused_sublayer_post(link, h_post, h_res, y, read_ahead=(phi, 1e-6), chain_backward=chain_backward)
 
 
 def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True) -> torch.Tensor:
