@@ -9,6 +9,26 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+class CountLaunches:
+    """Stands in for a Triton kernel: records each ``kernel[grid](...)`` launch (its grid and keyword arguments)
+    and runs it. ``launches`` counts them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids, self.kwargs = kernel, [], []
+
+    @property
+    def launches(self) -> int:
+        return len(self.grids)
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+
+        def launch(*args, **kwargs):
+            self.kwargs.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from conftest import CountLaunches  # noqa: E402
 from torch_mhc import ManifoldHyperConnection, ops  # noqa: E402
 from torch_mhc.models import DecoderLM, ModelConfig  # noqa: E402
 from torch_mhc.nn import functional as Fm  # noqa: E402
@@ -79,19 +80,13 @@ def test_coefficients_split_k(n, T, C, dtype, monkeypatch):
     to happen, against float64; and the same values as the unsplit kernel up to summation order."""
     from torch_mhc.ops import coefficients
 
-    kernel, splits = coefficients._gemm_fwd, []
-
-    class Counted:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                splits.append(grid[1] if kwargs["SPLIT"] else 1)
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(coefficients, "_gemm_fwd", Counted())
+    kernel = coefficients._gemm_fwd
+    counted = CountLaunches(kernel)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", counted)
     inputs = make_coeff_inputs(T, n, C, dtype, seed=n + C)
     check_coefficients(inputs, 20, "paper", grad_seed=n)
-    assert splits and all(s > 1 for s in splits)  # the split path ran (several K slices per token block)
+    # the split path ran: several K slices per token block
+    assert counted.launches and all(k["SPLIT"] for k in counted.kwargs) and all(g[1] > 1 for g in counted.grids)
     monkeypatch.setattr(coefficients, "_gemm_fwd", kernel)
     x, phi, bias, alpha = inputs
     split = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=20, eps=1e-6, variant="paper")
@@ -211,10 +206,8 @@ def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
     from torch_mhc.nn import chain_reads, chained_backward
     from torch_mhc.ops import streams
 
-    launches = []
-    kernel = streams._post_bwd_chain
-    monkeypatch.setattr(streams, "_post_bwd_chain", type("Counted", (), {
-        "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
+    chain = CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
 
     g = torch.Generator().manual_seed(T + n)
     conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i) for i in range(3)]
@@ -238,7 +231,7 @@ def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
         grads = torch.autograd.grad((h.double() * w.to(DEVICE)).sum(), [x] + params)
         results[backend] = (h, grads)
     (out, grads), (ref_out, ref_grads) = results["triton"], results["reference"]
-    assert len(launches) == 2  # the two posts that have a reader ran the chained kernel
+    assert chain.launches == 2  # the two posts that have a reader ran the chained kernel
     assert rel_err(out, ref_out) < 4 * STREAM_TOL[dtype]
     assert rel_err(grads[0], ref_grads[0]) < 4 * STREAM_TOL[dtype]
     # bf16: three sublayers of rounded states; parameter gradients are sums over tokens with cancellation (measured

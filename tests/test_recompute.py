@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
+from conftest import CountLaunches
 from torch_mhc import ManifoldHyperConnection, expand_streams, ops
 from torch_mhc.models import DecoderLM, ModelConfig
 from torch_mhc.nn import chain_reads, chained_backward
@@ -41,14 +42,13 @@ def test_recompute_exact_and_drops_states(backend, every, monkeypatch):
     subs = [torch.nn.Sequential(torch.nn.RMSNorm(C), torch.nn.Linear(C, C), torch.nn.Tanh()) for _ in range(L)]
     conns = [ManifoldHyperConnection(C, n, s, layer_index=i) for i, s in enumerate(subs)]
     chained = backend == "triton-chained"
-    launches = []
+    chain = None
     if chained:
         chain_reads(conns)
         from torch_mhc.ops import streams
 
-        kernel = streams._post_bwd_chain
-        monkeypatch.setattr(streams, "_post_bwd_chain", type("Counted", (), {
-            "__getitem__": lambda self, grid: (launches.append(grid), kernel[grid])[1]})())
+        chain = CountLaunches(streams._post_bwd_chain)
+        monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     with torch.no_grad():
         for c in conns:
             c.phi.normal_(std=0.1)
@@ -70,7 +70,7 @@ def test_recompute_exact_and_drops_states(backend, every, monkeypatch):
     for a, b in zip(g_full, g_rc):
         assert torch.equal(a, b)
     if chained:
-        assert len(launches) == 2 * (L - 1)  # every post but the last, with and without recompute
+        assert chain.launches == 2 * (L - 1)  # every post but the last, with and without recompute
         with ops.use_backend("reference"):
             out, _ = run_stack(conns, x, 0)
         loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()

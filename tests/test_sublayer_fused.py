@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import CountLaunches
 from torch_mhc import ManifoldHyperConnection, ops
 from torch_mhc.nn import chained_backward
 from torch_mhc.nn import functional as Fm
@@ -267,21 +268,6 @@ def test_reference_alpha_gradient_sums_as_before():
         assert torch.equal(alpha.grad, before)
 
 
-class _CountLaunches:
-    """Stands in for a kernel: counts ``kernel[grid](...)`` launches (keeping their keyword arguments) and runs them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches, self.kwargs = kernel, 0, []
-
-    def __getitem__(self, grid):
-        self.launches += 1
-
-        def launch(*args, **kwargs):
-            self.kwargs.append(kwargs)
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("use, gemms", [(read_ahead_chain, 1), (read_ahead_state_changed, 2),
                                         (two_sublayers_same_conn, 2)], ids=lambda u: getattr(u, "__name__", u))
 def test_read_ahead_replaces_the_next_gemm(monkeypatch, use, gemms):
@@ -289,7 +275,7 @@ def test_read_ahead_replaces_the_next_gemm(monkeypatch, use, gemms):
     read (and again where the state changed after the post, or without a next reader)."""
     from torch_mhc.ops import coefficients
 
-    counter = _CountLaunches(coefficients._gemm_fwd)
+    counter = CountLaunches(coefficients._gemm_fwd)
     monkeypatch.setattr(coefficients, "_gemm_fwd", counter)
     conn = make_conn(4, 24, seed=7)
     with ops.use_backend("triton"):
@@ -344,9 +330,9 @@ def test_decoder_reads_ahead_through_its_stack(monkeypatch):
     assert [c.next_reader for c in copy] == copy[1:] + [None]
     from torch_mhc.ops import streams
 
-    counter = _CountLaunches(coefficients._gemm_fwd)
+    counter = CountLaunches(coefficients._gemm_fwd)
     monkeypatch.setattr(coefficients, "_gemm_fwd", counter)
-    chain = _CountLaunches(streams._post_bwd_chain)
+    chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     idx = torch.randint(0, 256, (2, 8))
     grads = {}
@@ -374,8 +360,8 @@ def test_chained_backward_sums_the_state_gradient_in_the_post(monkeypatch, n, us
     n = 8 keeps the plain backward), and then the reader's GEMM backward writes no dx."""
     from torch_mhc.ops import coefficients, streams
 
-    chain = _CountLaunches(streams._post_bwd_chain)
-    gemm = _CountLaunches(coefficients._gemm_bwd)
+    chain = CountLaunches(streams._post_bwd_chain)
+    gemm = CountLaunches(coefficients._gemm_bwd)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     monkeypatch.setattr(coefficients, "_gemm_bwd", gemm)
     conn = make_conn(n, 24, seed=7)
@@ -433,7 +419,7 @@ def test_trainer_runs_chained_backward(monkeypatch, tmp_path):
     from torch_mhc.cli import main
     from torch_mhc.ops import streams
 
-    chain = _CountLaunches(streams._post_bwd_chain)
+    chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     sets = [*TINY, "model.n_layers=2", "steps=2", "eval_every=100", "diag_every=100", "ckpt_every=100",
             f"out_dir={tmp_path}"]
@@ -513,7 +499,7 @@ def test_concurrent_backwards_over_one_graph(monkeypatch):
 
     from torch_mhc.ops import streams
 
-    chain = _CountLaunches(streams._post_bwd_chain)
+    chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     conns = _chain_of(3, seed=30)
     x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(30))
@@ -630,7 +616,7 @@ def test_chained_backward_deepseek_v4_fp32(monkeypatch):
     """The V4 layout (phi stored transposed) through chained posts, against float64 (fp32: tight)."""
     from torch_mhc.ops import streams
 
-    chain = _CountLaunches(streams._post_bwd_chain)
+    chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     conns = [make_conn(4, 24, "deepseek-v4", seed=60 + i) for i in range(3)]
     from torch_mhc.nn import chain_reads
