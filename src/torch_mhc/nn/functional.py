@@ -147,15 +147,12 @@ def stream_post(
     :func:`mhc_sublayer_pre`), the next GEMM computed in the same pass; without a link, (new state, None).
     ``chain_backward`` (with a read-ahead): that read's backward leaves the state's gradient terms to this post's
     backward (see :func:`torch_mhc.nn.chained_backward`)."""
-    if read_ahead is not None:
-        if link is None:
-            return stream_post(x, h_post, h_res, f_out), None
+    if link is not None:
         with no_autocast(x):
             return ops.fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=read_ahead,
                                            chain_backward=chain_backward)
-    if link is not None:
-        with no_autocast(x):
-            return ops.fused_sublayer_post(link, h_post, h_res, f_out)
+    if read_ahead is not None:
+        return stream_post(x, h_post, h_res, f_out), None
     if ops.should_fuse(x):
         return ops.fused_stream_post(x, h_post, h_res, f_out)
     cdt = compute_dtype(x.dtype)
