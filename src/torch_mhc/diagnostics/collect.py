@@ -44,12 +44,18 @@ def record_coefficients(model, idx: torch.Tensor, streams: list | None = None
         model.train(was_training)
 
 
+def full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole value of a parameter: a DTensor (an FSDP2/HSDP shard between forwards) is gathered,
+    which is a collective (every rank must call it, in the same order); a plain tensor is returned as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def connection_alpha(conn) -> list[float] | None:
     """The scales of the dynamic terms (pre, post, res): mHC's alpha, HC's scale; None without them."""
     if hasattr(conn, "projection"):
-        return conn.projection()[2].detach().double().tolist()
+        return full(conn.projection()[2]).detach().double().tolist()
     scale = getattr(conn, "scale", None)
-    return scale.detach().double().tolist() if isinstance(scale, torch.Tensor) else None
+    return full(scale).detach().double().tolist() if isinstance(scale, torch.Tensor) else None
 
 
 def dynamic_logits(conn, streams: torch.Tensor) -> torch.Tensor | None:
@@ -60,17 +66,17 @@ def dynamic_logits(conn, streams: torch.Tensor) -> torch.Tensor | None:
     if hasattr(conn, "projection"):  # mHC: alpha * (x_hat phi), x_hat = flattened streams / rms
         if not conn.dynamic:
             return None
-        phi, _, alpha = conn.projection()
+        phi, _, alpha = (full(t) for t in conn.projection())
         xf = x.flatten(-2)
         inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + conn.eps)
         scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).double()
         return (xf @ phi.double()) * inv_rms * scale
     if getattr(conn, "w_pre", None) is not None:  # HC: s * tanh(norm(x_i) w), per stream
         xn = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + conn.eps)
-        s = conn.scale.double()
-        pre = s[0] * torch.tanh(xn @ conn.w_pre.double())
-        post = s[1] * torch.tanh(xn @ conn.w_post.double())
-        res = (s[2] * torch.tanh(xn @ conn.w_res.double())).transpose(-1, -2).flatten(-2)  # H_res = A_r^T
+        s, w_pre, w_post, w_res = (full(t).double() for t in (conn.scale, conn.w_pre, conn.w_post, conn.w_res))
+        pre = s[0] * torch.tanh(xn @ w_pre)
+        post = s[1] * torch.tanh(xn @ w_post)
+        res = (s[2] * torch.tanh(xn @ w_res)).transpose(-1, -2).flatten(-2)  # H_res = A_r^T
         return torch.cat([pre, post, res], -1)
     return None
 
