@@ -182,6 +182,14 @@ def mean_over_ranks(value: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+def sum_over_ranks(*values: float) -> list[float]:
+    """Each value summed over all ranks (float64). Tensor-parallel peers hold the same rows and add
+    alike, so a ratio of two such sums (loss sum / token count) is that of the data-parallel ranks."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def after_backward(model, ctx: DistContext) -> None:
     """Collectives between backward and clipping: the TP-replicated parameters' gradient sums."""
     if ctx.dims.tp > 1:

@@ -132,17 +132,24 @@ def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, 
 
 
 @torch.no_grad()
-def evaluate(model, batches, device, autocast_dtype, bytes_per_token: float | None) -> dict:
-    """Mean loss (nats/token) over the given batches and bits per byte when known."""
+def evaluate(model, batches, device, autocast_dtype, bytes_per_token: float | None,
+             ctx: runtime.DistContext | None = None) -> dict:
+    """Mean loss (nats/token) over the given batches ``(x, y [B, T])`` and bits per byte when known. Under
+    torchrun (``ctx``) each rank evaluates its rows of every global batch, as in training, and the loss
+    sums are reduced over the ranks (a collective)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
+        if ctx is not None:
+            x, y = x[ctx.rows], y[ctx.rows]
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             _, loss = model(x.to(device), y.to(device))
         total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
+    if ctx is not None:
+        total, count = runtime.sum_over_ranks(total, count)
     loss = total / max(1, count)
     out = {"val_loss": loss}
     if bytes_per_token:
@@ -346,7 +353,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                 record["mfu"] = tok_s * flops_per_token / peak_flops
             if done % cfg.eval_every == 0 or is_last:
                 record.update(evaluate(model, data.val_batches(cfg.batch_size, cfg.eval_batches), device,
-                                       t.autocast_dtype, data.bytes_per_token))
+                                       t.autocast_dtype, data.bytes_per_token, t.dist))
             if diag_now:
                 diag = collect_diagnostics(model, diag_idx, step=done)
                 if main:
