@@ -7,20 +7,27 @@ from pathlib import Path
 
 import torch
 
+from torch_mhc.distributed.checkpoint import load_distributed, read_trainer_state
 from torch_mhc.models.decoder import DecoderLM
-from torch_mhc.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_state
+from torch_mhc.train.checkpoint import latest_any_checkpoint, load_checkpoint, load_model_state
 from torch_mhc.train.config import TrainConfig, UserError, config_from_dict
 from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, get_tokenizer, load_tokens
 from torch_mhc.train.trainer import build_model, evaluate, load_data, resolve_device
 
 
 def load_run(run_dir: str | Path, device: str = "auto") -> tuple[DecoderLM, TrainConfig, dict]:
-    """The model of a run's latest checkpoint, in eval mode on ``device``."""
-    path = latest_checkpoint(run_dir)
-    state = load_checkpoint(path)
+    """The model of a run's newest checkpoint, in eval mode on ``device``, with the run's config and the
+    checkpoint's state (``step``, ...). The one place eval, sample, diagnose and export load a run: the
+    checkpoint is a one-process ``step_*.pt`` file or a torchrun ``dcp_step_*`` directory, whichever is
+    newer; this one process reads a distributed checkpoint's shards whole (DCP, no process group)."""
+    path = latest_any_checkpoint(run_dir)
+    state = read_trainer_state(path) if path.is_dir() else load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     model = build_model(cfg)
-    load_model_state(model, state["model"], path)
+    if path.is_dir():
+        load_distributed(path, model)
+    else:
+        load_model_state(model, state["model"], path)
     return model.to(resolve_device(device)).eval(), cfg, state
 
 
