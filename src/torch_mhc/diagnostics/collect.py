@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from torch_mhc.diagnostics.gains import (
     amax_gains,
@@ -100,11 +100,25 @@ def diagnostic_batch(data, batch_size: int) -> torch.Tensor:
     return next(data.val_batches(min(batch_size, 4), 1))[0]
 
 
-def collect_diagnostics(model, idx: torch.Tensor, step: int) -> dict:
+def whole_sequence(t: torch.Tensor, seq_mesh, seq_len: int) -> torch.Tensor:
+    """``[B, S/tp, ...]``, this rank's share of the tokens under sequence parallel, -> ``[B, S, ...]`` (a
+    collective over ``seq_mesh``; shares in mesh order, uneven ones as ``torch.chunk`` cuts them)."""
+    shape = (t.shape[0], seq_len, *t.shape[2:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(t.contiguous(), seq_mesh, [Shard(1)], run_check=False, shape=shape,
+                              stride=stride).full_tensor()
+
+
+def collect_diagnostics(model, idx: torch.Tensor, step: int, seq_mesh=None) -> dict:
     """Per-layer coefficient statistics, alpha, saturation and stream health, and the Amax gains (H_res averaged
-    over the batch's tokens); ``summary`` holds the extremes over layers (logged with the metrics)."""
+    over the batch's tokens ``idx [B, S]``); ``summary`` holds the extremes over layers (logged with the metrics).
+    ``seq_mesh``: the tensor-parallel mesh when the streams are sequence-sharded between sublayers; every rank
+    then gathers all S tokens, so the figures are those of one process (every rank must call this)."""
     streams: list[torch.Tensor] = []
     coeffs = record_coefficients(model, idx, streams)
+    if seq_mesh is not None:
+        streams = [whole_sequence(x, seq_mesh, idx.shape[1]) for x in streams]
+        coeffs = [tuple(whole_sequence(h, seq_mesh, idx.shape[1]) for h in c) for c in coeffs]
     n = coeffs[0][2].shape[-1]
     mean_res = torch.stack([c[2].reshape(-1, n, n).double().mean(0) for c in coeffs])
     gains = amax_gains(mean_res)

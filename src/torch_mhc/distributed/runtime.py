@@ -190,6 +190,11 @@ def sum_over_ranks(*values: float) -> list[float]:
     return t.tolist()
 
 
+def sequence_mesh(ctx: DistContext | None) -> DeviceMesh | None:
+    """The mesh over which tensor parallel shards the tokens between sublayers (``[B, S/tp, n, C]``), or None."""
+    return ctx.mesh["tp"] if ctx is not None and ctx.dims.tp > 1 else None
+
+
 def after_backward(model, ctx: DistContext) -> None:
     """Collectives between backward and clipping: the TP-replicated parameters' gradient sums."""
     if ctx.dims.tp > 1:

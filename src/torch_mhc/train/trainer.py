@@ -355,7 +355,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                 record.update(evaluate(model, data.val_batches(cfg.batch_size, cfg.eval_batches), device,
                                        t.autocast_dtype, data.bytes_per_token, t.dist))
             if diag_now:
-                diag = collect_diagnostics(model, diag_idx, step=done)
+                diag = collect_diagnostics(model, diag_idx, step=done, seq_mesh=runtime.sequence_mesh(t.dist))
                 if main:
                     append_jsonl(run_dir / "diagnostics.jsonl", diag)
                 record.update(diag["summary"])
