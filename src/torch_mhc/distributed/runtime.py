@@ -103,6 +103,29 @@ def build_model(model_cfg, ctx: DistContext, device: torch.device, *, compile: b
     return model
 
 
+def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load a one-process checkpoint (``step_*.pt``: whole tensors; the optimizer's state keyed by parameter
+    index) into the parallelized ``model`` and its ``optimizer``. Collective: every rank passes the same
+    state and keeps its own shards. UserError when the checkpoint is of another model or optimizer shape."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_groups = optim_sd["param_groups"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise UserError("the checkpoint's optimizer has other parameter groups than this model; "
+                        "resume with the config the run was started with.")
+    fqn = {i: names[id(p)] for saved, g in zip(saved_groups, optimizer.param_groups)
+           for i, p in zip(saved["params"], g["params"])}
+    optim_by_name = {"state": {fqn[i]: s for i, s in optim_sd["state"].items()},
+                     "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved_groups]}
+    try:
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_by_name,
+                       options=StateDictOptions(full_state_dict=True, strict=True))
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"the one-process checkpoint does not fit this model (another model shape or connection): "
+                        f"{str(e).splitlines()[0]}. Resume with the config the run was started with.") from None
+
+
 def agree(fn, *args, **kwargs):
     """Run ``fn`` on every rank; when it raises UserError on any rank, raise it on every rank (with
     the failing rank named), so that all of them exit with the message instead of hanging."""

@@ -232,12 +232,12 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
-    elif resume_state is not None and ctx is not None:
-        raise UserError("this run's latest checkpoint is a single-process one: resume it with one process "
-                        "(its next checkpoints can then be resumed on any number).")
-    elif resume_state is not None:
-        load_model_state(model, resume_state["model"], "of this run")
-        optimizer.load_state_dict(resume_state["optimizer"])
+    elif resume_state is not None:  # a one-process checkpoint (step_*.pt); under torchrun every rank keeps its shards
+        if ctx is None:
+            load_model_state(model, resume_state["model"], "of this run")
+            optimizer.load_state_dict(resume_state["optimizer"])
+        else:
+            runtime.agree(runtime.load_full_state, model, optimizer, resume_state["model"], resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         set_rng_state(resume_state["rng"])
         start_step = resume_state["step"]
