@@ -41,7 +41,7 @@ def spawn(fn, world: int, tmp_path, *args) -> list:
     out = tmp_path / f"results-{fn.__name__}-{world}"
     out.mkdir(parents=True, exist_ok=True)
     mp.spawn(_entry, args=(world, free_port(), fn, args, str(out)), nprocs=world, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -118,8 +118,8 @@ def test_resume_equals_uninterrupted(tmp_path, small_text, monkeypatch):
     for a, b in zip(full, resumed):
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"] and a["grad_norm"] == b["grad_norm"]
         assert a.get("val_loss") == b.get("val_loss")
-    sa = torch.load(ckpt.list_checkpoints(tmp_path / "runs" / "full")[-1], weights_only=False)["model"]
-    sb = torch.load(ckpt.list_checkpoints(cut)[-1], weights_only=False)["model"]
+    sa = ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "runs" / "full")[-1])["model"]
+    sb = ckpt.load_checkpoint(ckpt.list_checkpoints(cut)[-1])["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -199,7 +199,7 @@ def test_bad_checkpoints(tmp_path, small_text):
     with pytest.raises(UserError, match="already exists"):
         build_and_start(tmp_path, small_text, "run_name=r")
     # a different model shape
-    state = torch.load(latest, weights_only=False)
+    state = ckpt.load_checkpoint(latest)
     state["config"]["model"]["dim"] = 64
     state["config"]["steps"] = 12
     torch.save(state, latest)
