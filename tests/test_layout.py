@@ -30,6 +30,7 @@ def test_ops_imports_only_the_ground_floor():
 def test_ground_floor_imports_nothing_from_the_package():
     for name in ("numerics.py", "errors.py"):
         assert imported_modules(PKG / name) == set(), name
+    assert imported_modules(PKG / "serialization.py") == {"torch_mhc.errors"}  # one step up: loading files
 
 
 def room_of_module(module: str) -> str:

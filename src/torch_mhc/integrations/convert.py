@@ -25,6 +25,7 @@ records the conversion (``mhc_conversion``); ``mhc convert HF_DIR OUT_DIR`` does
 
 from __future__ import annotations
 
+import json
 import math
 import types
 from pathlib import Path
@@ -117,7 +118,47 @@ def save_converted(model: nn.Module, out_dir: str | Path) -> Path:
     return Path(out_dir)
 
 
-def load_converted(path: str | Path, n: int = 4, **kwargs) -> nn.Module:
+def check_hf_dir(path: str | Path, key: str) -> dict:
+    """The parsed ``config.json`` of the transformers directory ``path``; UserError naming ``key`` and
+    what is wrong: no directory or config, invalid JSON, a config asking for remote code, an unknown
+    ``model_type``. Nothing in the directory is imported or run."""
+    from transformers import CONFIG_MAPPING
+
+    path = Path(path)
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{key}={path}: no transformers model there (no config.json). "
+                        "Pass a directory written by 'mhc convert' or save_pretrained.")
+    try:
+        values = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{key}={path}: {config} is not valid JSON (truncated or not a config): {e}.") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{key}={path}: {config} holds no JSON object.")
+    if "auto_map" in values:
+        raise UserError(f"{key}={path}: its config.json asks to run code shipped in the directory (auto_map "
+                        f"{values['auto_map']}); torch-mhc never runs a model directory's code. Load it in "
+                        "Python with trust_remote_code=True yourself if you trust it.")
+    if values.get("model_type") not in CONFIG_MAPPING:
+        raise UserError(f"{key}={path}: model_type {values.get('model_type')!r} in its config.json is not one "
+                        "this version of transformers knows.")
+    return values
+
+
+def _from_pretrained(loader, path: Path, key: str, **kwargs):
+    """``loader.from_pretrained`` from local files only and without remote code; UserError naming
+    ``key`` and ``path`` when the directory's files cannot be read (truncated weights, missing files)."""
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{key}={path}: cannot load the model ({type(e).__name__}: {first}). Check that its "
+                        "files are complete (a truncated model.safetensors, a missing shard).") from None
+
+
+def load_converted(path: str | Path, n: int = 4, key: str = "path", **kwargs) -> nn.Module:
     """A causal LM from a transformers directory: converted again and its connections loaded when
     it was saved converted, converted fresh with ``n`` streams when it was not."""
     from safetensors import safe_open
@@ -125,11 +166,12 @@ def load_converted(path: str | Path, n: int = 4, **kwargs) -> nn.Module:
     from transformers.utils import logging
 
     path = Path(path)
-    conversion = getattr(AutoConfig.from_pretrained(path, local_files_only=True), CONVERSION_KEY, None)
+    check_hf_dir(path, key)
+    conversion = getattr(_from_pretrained(AutoConfig, path, key), CONVERSION_KEY, None)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the base class reports the connections' weights as unexpected: loaded below
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+        model = _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
     finally:
         logging.set_verbosity(verbosity)
     if not conversion:
@@ -139,7 +181,7 @@ def load_converted(path: str | Path, n: int = 4, **kwargs) -> nn.Module:
     wanted = {k: v for k, v in model.state_dict().items() if "_mhc." in k}
     found = {}
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="pt") as f:  # safetensors: tensors only, no code
             found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
     missing = sorted(set(wanted) - set(found))
     if missing:
@@ -210,15 +252,7 @@ def load_for_training(path: str | Path, n: int = 4) -> ConvertedLM:
     from torch_mhc.integrations import require_transformers
 
     require_transformers()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"init_from={path}: no transformers model there (no config.json). "
-                        "Pass a directory written by 'mhc convert' or save_pretrained.")
-    try:
-        model = load_converted(path, n)
-    except ValueError as e:
-        raise UserError(f"init_from={path}: {e}.") from None
-    return ConvertedLM(model)
+    return ConvertedLM(load_converted(path, n, key="init_from"))
 
 
 def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) -> Path:
@@ -228,30 +262,26 @@ def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) 
 
     require_transformers()
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    if not (hf_dir / "config.json").is_file():
-        raise UserError(f"{hf_dir} is not a transformers model directory (no config.json).")
+    values = check_hf_dir(hf_dir, "hf_dir")
     check_new_dir(out_dir)
     if n < 2:
         raise UserError(f"--streams must be >= 2 (got {n}).")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(hf_dir, local_files_only=True)
-    if config.model_type not in SUPPORTED:
-        raise UserError(f"{hf_dir} holds a {config.model_type!r} model; mhc convert supports {', '.join(SUPPORTED)}.")
-    if getattr(config, CONVERSION_KEY, None):
+    if values["model_type"] not in SUPPORTED:
+        raise UserError(f"{hf_dir} holds a {values['model_type']!r} model; mhc convert supports "
+                        f"{', '.join(SUPPORTED)}.")
+    if values.get(CONVERSION_KEY):
         raise UserError(f"{hf_dir} is already converted to mHC.")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load the model in {hf_dir}: {e}") from None
+    model = _from_pretrained(AutoModelForCausalLM, hf_dir, "hf_dir")
     save_converted(convert_to_mhc(model, n), out_dir)
     note = "no tokenizer found"
     try:
-        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True).save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(hf_dir, local_files_only=True, trust_remote_code=False).save_pretrained(out_dir)
         note = "tokenizer copied"
     except (OSError, ValueError):
         pass
-    log(f"converted {hf_dir} ({config.model_type}, {config.num_hidden_layers} layers) to mHC with n={n} "
+    log(f"converted {hf_dir} ({model.config.model_type}, {model.config.num_hidden_layers} layers) to mHC with n={n} "
         f"streams in {out_dir}; {note}")
     return out_dir
 
