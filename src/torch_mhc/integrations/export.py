@@ -110,15 +110,23 @@ def byte_hf_tokenizer():
     return tok
 
 
-def export_tokenizer(cfg, run_dir: Path, out_dir: Path) -> str:
-    """Save the run's tokenizer as transformers files; returns what was done (for the message)."""
+def run_tokenizer_for_export(cfg, run_dir: Path, state: dict):
+    """The run's own tokenizer (``data.run_tokenizer``: stored in the run, checked against its checkpoint's
+    SHA-256), or None for gpt2 (not exported). Called before anything is written."""
+    from torch_mhc.train.data import run_tokenizer
+
+    return None if cfg.tokenizer == "gpt2" else run_tokenizer(run_dir, cfg, state)
+
+
+def export_tokenizer(cfg, tok, out_dir: Path) -> str:
+    """Save the run's tokenizer ``tok`` (:func:`run_tokenizer_for_export`) as transformers files; returns what
+    was done (for the message)."""
     from transformers import PreTrainedTokenizerFast
 
-    from torch_mhc.train.data import HFTokenizer, get_tokenizer
+    from torch_mhc.train.data import HFTokenizer
 
-    if cfg.tokenizer == "gpt2":
+    if tok is None:
         return "tokenizer: not exported (gpt2 comes from tiktoken; load transformers' GPT-2 tokenizer instead)"
-    tok = get_tokenizer(cfg.tokenizer, cfg.data, run_dir.parent / "cache", cfg.val_fraction)
     backend = tok._tok if isinstance(tok, HFTokenizer) else byte_hf_tokenizer()
     PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=cfg.model.max_seq_len).save_pretrained(out_dir)
     return f"tokenizer: {tok.name} ({tok.vocab_size} tokens)"
@@ -141,11 +149,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_new_dir(out_dir)
     model, cfg, state = load_run(run_dir, device="cpu")
+    tok = run_tokenizer_for_export(cfg, run_dir, state)
     if cfg.init_from:  # a converted transformers model: saved as such, with its config's conversion record
         from torch_mhc.integrations.convert import save_converted
 
         save_converted(model.hf, out_dir)
-        note = export_tokenizer(cfg, run_dir, out_dir)
+        note = export_tokenizer(cfg, tok, out_dir)
         log(f"exported {run_dir} (step {state['step']}, from {cfg.init_from}) to {out_dir}; {note}")
         return out_dir
     hf = TorchMhcForCausalLM(TorchMhcConfig(mhc=cfg.model.to_dict()))
@@ -153,7 +162,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     hf.config.auto_map = dict(AUTO_MAP)
     out_dir.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out_dir)
-    note = export_tokenizer(cfg, run_dir, out_dir)
+    note = export_tokenizer(cfg, tok, out_dir)
     write_model_code(out_dir)
     log(f"exported {run_dir} (step {state['step']}) to {out_dir}; {note}")
     return out_dir

@@ -113,7 +113,8 @@ def check_data(cfg: TrainConfig) -> None:
     """Read the corpus once before any run: a missing or too short corpus is one error, not N diverged runs."""
     from torch_mhc.train.data import TokenData, get_tokenizer, load_tokens, split_off_test
 
-    tokens, _ = load_tokens(cfg.data, get_tokenizer(cfg.tokenizer), Path(cfg.out_dir) / "cache")
+    cache = Path(cfg.out_dir) / "cache"  # the runs' cache: a bpe:VOCAB trained here is the one they train with
+    tokens, _ = load_tokens(cfg.data, get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction), cache)
     rest, test = split_off_test(tokens, cfg.test_fraction)
     if test.size < cfg.seq_len + 1:
         raise UserError(f"the test split ({test.size} tokens: test_fraction={cfg.test_fraction} of {tokens.size}) "
@@ -122,13 +123,14 @@ def check_data(cfg: TrainConfig) -> None:
 
 
 def test_loss(run_dir: Path, cfg: TrainConfig) -> dict:
-    """Loss (and bits per byte) of the run's latest checkpoint on the held-out test split."""
-    from torch_mhc.train.data import TokenData, bytes_per_token, get_tokenizer, load_tokens, split_off_test
+    """Loss (and bits per byte) of the run's latest checkpoint on the held-out test split, tokenised with the
+    run's own tokenizer (``data.run_tokenizer``)."""
+    from torch_mhc.train.data import TokenData, bytes_per_token, load_tokens, run_tokenizer, split_off_test
     from torch_mhc.train.evaluate import load_run
     from torch_mhc.train.trainer import evaluate
 
-    model, _, state = load_run(run_dir)
-    tokenizer = get_tokenizer(cfg.tokenizer)
+    model, run_cfg, state = load_run(run_dir)
+    tokenizer = run_tokenizer(run_dir, run_cfg, state)
     tokens, meta = load_tokens(cfg.data, tokenizer, run_dir.parent / "cache")
     _, test = split_off_test(tokens, cfg.test_fraction)
     split = TokenData(test[:0], test, cfg.seq_len, bytes_per_token(meta, tokenizer))

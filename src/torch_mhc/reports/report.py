@@ -10,11 +10,13 @@ from torch_mhc.reports.plots import plot_gains, plot_heatmaps
 
 
 def diagnose_run(run_dir: str, out: str | None = None) -> str:
+    from torch_mhc.train.data import run_tokenizer
     from torch_mhc.train.evaluate import load_run
     from torch_mhc.train.trainer import load_data
 
     model, cfg, state = load_run(run_dir)
-    data, _ = load_data(cfg, Path(run_dir).parent / "cache", log=lambda *_: None)
+    tokenizer = run_tokenizer(run_dir, cfg, state)  # the run's own, never a rebuilt one
+    data, _ = load_data(cfg, Path(run_dir).parent / "cache", log=lambda *_: None, tokenizer=tokenizer)
     idx = diagnostic_batch(data, cfg.batch_size).to(next(model.parameters()).device)
     diag = collect_diagnostics(model, idx, step=state["step"])
     out_dir = Path(out) if out else Path(run_dir) / "diagnose"

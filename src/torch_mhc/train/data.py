@@ -197,6 +197,97 @@ def get_tokenizer(name: str, source: str = "", cache_dir: str | Path | None = No
     return HFTokenizer.from_file(name)
 
 
+# A run's own tokenizer: ``RUN_DIR/tokenizer.json``, written once when the run starts, its SHA-256 recorded
+# in every checkpoint (``tokenizer``: ``{"name", "sha256"}``). byte and gpt2 are fixed by their name alone.
+RUN_TOKENIZER = "tokenizer.json"
+NAMED_TOKENIZERS = ("byte", "gpt2")
+
+
+def _tokenizer_bytes(tokenizer: HFTokenizer) -> bytes:
+    return tokenizer._tok.to_str(pretty=True).encode()
+
+
+def tokenizer_record(tokenizer) -> dict:
+    """What a checkpoint records of its run's tokenizer: the setting and, for a stored ``tokenizer.json``,
+    the SHA-256 of the file's bytes."""
+    if tokenizer.name in NAMED_TOKENIZERS:
+        return {"name": tokenizer.name}
+    return {"name": tokenizer.name, "sha256": hashlib.sha256(_tokenizer_bytes(tokenizer)).hexdigest()}
+
+
+def store_run_tokenizer(run_dir: str | Path, tokenizer) -> dict:
+    """Write ``tokenizer`` as ``RUN_DIR/tokenizer.json`` (temporary file + rename; nothing for byte and gpt2)
+    and return its :func:`tokenizer_record`."""
+    record = tokenizer_record(tokenizer)
+    if "sha256" in record:
+        from torch_mhc.train.rundir import atomic_write_text
+
+        atomic_write_text(Path(run_dir) / RUN_TOKENIZER, _tokenizer_bytes(tokenizer).decode())
+    return record
+
+
+def load_run_tokenizer(run_dir: str | Path, record: dict):
+    """The tokenizer a checkpoint's ``record`` names: byte or gpt2 by name, anything else only from
+    ``RUN_DIR/tokenizer.json`` with the recorded SHA-256 (UserError naming the file otherwise)."""
+    name = record.get("name")
+    if name in NAMED_TOKENIZERS:
+        return get_tokenizer(name)
+    path = Path(run_dir) / RUN_TOKENIZER
+    digest = record.get("sha256")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(
+            f"the run's tokenizer {path} is missing: run {run_dir} trained with the {name} tokenizer stored there "
+            "(its SHA-256 is recorded in the checkpoint), and no other tokenizer gives the model's token ids their "
+            "meaning. Restore the file from a copy of the run."
+        ) from None
+    except OSError as e:
+        raise UserError(f"the run's tokenizer {path} cannot be read ({e.strerror}).") from None
+    found = hashlib.sha256(raw).hexdigest()
+    if not isinstance(digest, str) or found != digest:
+        raise UserError(
+            f"the run's tokenizer {path} does not match the SHA-256 recorded in the run's checkpoint "
+            f"({str(digest)[:12]}..., the file has {found[:12]}...): it was changed after run {run_dir} started, and "
+            "no other tokenizer gives the model's token ids their meaning. Restore the file from a copy of the run."
+        )
+    tokenizers = _import_tokenizers()
+    try:
+        tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+        raise UserError(f"the run's tokenizer {path} cannot be read as a tokenizer.json: {e}.") from None
+    return HFTokenizer(tok, name, path)
+
+
+def run_tokenizer(run_dir: str | Path, cfg, state: dict):
+    """The tokenizer run ``run_dir`` trained with, for a checkpoint ``state`` of it: the one stored in the
+    run directory (:func:`load_run_tokenizer`). A run from before stored tokenizers (no record in its
+    checkpoint): byte and gpt2 by name; a ``bpe:VOCAB`` or PATH tokenizer is rebuilt as then and used only
+    if it still turns the run's data into exactly the tokens the checkpoint's data fingerprint records."""
+    record = state.get("tokenizer")
+    if record is not None:
+        if not isinstance(record, dict):
+            raise UserError(f"the checkpoint of run {run_dir} has a malformed tokenizer record ({record!r}).")
+        return load_run_tokenizer(run_dir, record)
+    if cfg.tokenizer in NAMED_TOKENIZERS:
+        return get_tokenizer(cfg.tokenizer)
+    cache = Path(run_dir).parent / "cache"
+    saved = (state.get("data") or {}).get("sha256")
+    why = "its checkpoint has no fingerprint of its training tokens"
+    if saved:
+        rebuilt = get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction)
+        _, meta = load_tokens(cfg.data, rebuilt, cache)
+        if meta["sha256"] == saved:
+            return rebuilt
+        why = (f"the {cfg.tokenizer} tokenizer rebuilt now turns {cfg.data or 'the default corpus'} into other "
+               "tokens than the run trained on (the data or the tokenizer file changed)")
+    raise UserError(
+        f"run {run_dir} predates stored tokenizers (no {RUN_TOKENIZER} in it, no tokenizer record in its "
+        f"checkpoint) and its {cfg.tokenizer} tokenizer cannot be recovered: {why}. Restore the data the run "
+        "trained on (then this works and a resume stores the tokenizer), or start a new run."
+    )
+
+
 def default_corpus_dir() -> Path:
     """The running interpreter's standard library source directory."""
     return Path(sysconfig.get_paths()["stdlib"])

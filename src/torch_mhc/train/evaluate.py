@@ -11,7 +11,7 @@ from torch_mhc.distributed.checkpoint import load_distributed, read_trainer_stat
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.train.checkpoint import latest_any_checkpoint, load_checkpoint, load_model_state
 from torch_mhc.train.config import TrainConfig, UserError, config_from_dict
-from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, get_tokenizer, load_tokens
+from torch_mhc.train.data import TokenData, bytes_per_token, check_token_range, load_tokens, run_tokenizer
 from torch_mhc.train.trainer import build_model, evaluate, load_data, resolve_device
 
 
@@ -38,15 +38,15 @@ def evaluate_run(run_dir: str, data: str | None = None, max_batches: int = 50) -
     device = next(model.parameters()).device
     autocast = torch.bfloat16 if device.type == "cuda" else None
     cache = Path(run_dir).parent / "cache"
+    tokenizer = run_tokenizer(run_dir, cfg, state)  # the one the run trained with, never a rebuilt one
     if data:
-        tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache, cfg.val_fraction)
         tokens, meta = load_tokens(data, tokenizer, cache)
         check_token_range(tokens, cfg.model.vocab_size, f"data {data}")
         if tokens.size < cfg.seq_len + 1:
             raise UserError(f"data {data} has {tokens.size} tokens, fewer than one window of {cfg.seq_len + 1}.")
         split = TokenData(tokens[:0], tokens, cfg.seq_len, bytes_per_token(meta, tokenizer))
     else:
-        split, _ = load_data(cfg, cache, log=lambda *_: None)
+        split, _ = load_data(cfg, cache, log=lambda *_: None, tokenizer=tokenizer)
     result = evaluate(model, split.val_batches(cfg.batch_size, max_batches), device, autocast, split.bytes_per_token)
     return {"run_dir": str(run_dir), "step": state["step"], "data": data or "validation split", **result,
             "val_ppl": math.exp(min(result["val_loss"], 50))}
@@ -69,8 +69,8 @@ def check_sample_args(prompt: str, max_new_tokens: int, temperature: float, top_
 def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.0,
                top_k: int | None = None, seed: int = 0) -> str:
     check_sample_args(prompt, max_new_tokens, temperature, top_k)
-    model, cfg, _ = load_run(run_dir)
-    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, Path(run_dir).parent / "cache", cfg.val_fraction)
+    model, cfg, state = load_run(run_dir)
+    tokenizer = run_tokenizer(run_dir, cfg, state)
     try:
         ids = tokenizer.encode(prompt or "\n")
     except Exception as e:  # noqa: BLE001 - tokenizers raise many types for text they cannot encode

@@ -45,7 +45,10 @@ from torch_mhc.train.data import (
     check_token_range,
     get_tokenizer,
     load_tokens,
+    run_tokenizer,
     split_off_test,
+    store_run_tokenizer,
+    tokenizer_record,
 )
 from torch_mhc.train.resume import SCHEDULE_KEYS, apply_optimizer_settings, check_data, data_fingerprint, record_resume
 from torch_mhc.train.rundir import append_jsonl, atomic_write_text, claim_new_run_dir, claim_run_dir
@@ -113,8 +116,11 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
-def load_data(cfg: TrainConfig, cache_dir: Path, log=print) -> tuple[TokenData, object]:
-    tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache_dir, cfg.val_fraction)
+def load_data(cfg: TrainConfig, cache_dir: Path, log=print, tokenizer=None) -> tuple[TokenData, object]:
+    """The run's tokens, split; ``tokenizer``: the run's own (``data.run_tokenizer``), or None for a new run's
+    (``get_tokenizer``: a ``bpe:VOCAB`` is trained on the data, or taken from the cache)."""
+    if tokenizer is None:
+        tokenizer = get_tokenizer(cfg.tokenizer, cfg.data, cache_dir, cfg.val_fraction)
     tokens, meta = load_tokens(cfg.data, tokenizer, cache_dir)
     if cfg.test_fraction:  # the held-out test split (mhc compare): neither training nor validation reads it
         tokens, _ = split_off_test(tokens, cfg.test_fraction)
@@ -204,6 +210,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int = 0
     dist: runtime.DistContext | None = None  # None: one process, the plain run
+    tokenizer: dict | None = None  # the run's tokenizer record (data.tokenizer_record), in every checkpoint
 
 
 def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log=print) -> Training:
@@ -221,7 +228,14 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
     else:
         model = runtime.build_model(cfg.model, ctx, device, compile=cfg.compile, param_dtype=autocast_dtype)
-    data, _ = runtime.main_first(load_data, cfg, Path(run_dir).parent / "cache", log)
+    cache = Path(run_dir).parent / "cache"
+    # a resumed run goes on with the tokenizer it started with; a new run stores its own once, here
+    tokenizer = runtime.main_first(run_tokenizer, run_dir, cfg, resume_state) if resume_state is not None else None
+    data, tokenizer = runtime.main_first(load_data, cfg, cache, log, tokenizer)
+    stored = resume_state is not None and resume_state.get("tokenizer") is not None
+    tokenizer_rec = tokenizer_record(tokenizer)
+    if runtime.is_main_process() and not stored:
+        store_run_tokenizer(run_dir, tokenizer)
     groups = model.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                   fused=device.type == "cuda")
@@ -252,7 +266,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             record_resume(run_dir, start_step, resume_state["path"], changes, data_note)
     step_model = torch.compile(model) if cfg.compile and ctx is None else model
     model.train()
-    return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step, ctx)
+    return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step, ctx,
+                    tokenizer_rec)
 
 
 def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
@@ -372,11 +387,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         if (done % cfg.ckpt_every == 0 or is_last) and t.dist is not None:
             dcp_ckpt.save_distributed(run_dir, done, model, t.optimizer,
                                       {"scheduler": t.scheduler.state_dict(), "config": cfg.to_dict(),
-                                       "bytes_per_token": data.bytes_per_token, "data": data.fingerprint},
+                                       "bytes_per_token": data.bytes_per_token, "data": data.fingerprint,
+                                       "tokenizer": t.tokenizer},
                                       cfg.keep_ckpts)
         elif done % cfg.ckpt_every == 0 or is_last:
             save_checkpoint(run_dir, done, model, t.optimizer, t.scheduler, cfg.to_dict(),
-                            {"bytes_per_token": data.bytes_per_token, "data": data.fingerprint}, cfg.keep_ckpts)
+                            {"bytes_per_token": data.bytes_per_token, "data": data.fingerprint,
+                             "tokenizer": t.tokenizer}, cfg.keep_ckpts)
     if bar is not None:
         bar.close()
     if metrics is not None:
