@@ -3,6 +3,12 @@ settings (lr grid with an edge extension, seeds, test split, diverged arm, resum
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +277,160 @@ def test_a_really_diverging_arm(tmp_path, shakespeare):
     assert rows["boom"]["status"] == "diverged" and "training diverged at step 1" in rows["boom"]["message"]
     assert rows["residual"]["status"] == "finished"
     assert json.loads((out / "runs" / rows["boom"]["name"] / "result.json").read_text())["step"] == 1
+
+
+# ---- real signals to a real `mhc compare --jobs 2` -------------------------------------------------
+
+SIGNAL_PROTOCOL = [  # ~20 steps/s per worker: the runs still train when both have their first checkpoint
+    *[kv for kv in TINY_PROTOCOL if not kv.startswith(("steps=", "log_every=", "eval_every=", "ckpt_every=",
+                                                      "diag_every="))],
+    "steps=100", "log_every=50", "eval_every=50", "ckpt_every=5", "diag_every=0",
+]
+RUNS = ("residual-lr0.001-seed1", "mhc-lr0.001-seed1")
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d.name))
+    return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids, out, todo = _children_by_parent(), [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _compare_args(out: Path, data: Path) -> list[str]:
+    return ["--modes", "residual,mhc", "--seeds", "1", "--lrs", "1e-3", "--out", str(out), "--jobs", "2",
+            *[x for kv in [*SIGNAL_PROTOCOL, f"data={data}"] for x in ("--set", kv)]]
+
+
+def _start_compare(out: Path, log: Path, args: list[str]) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "torch_mhc", "compare", *args], stdout=f,
+                                stderr=subprocess.STDOUT, cwd=out.parent)
+
+
+def _workers_training(proc: subprocess.Popen, out: Path, log: Path, timeout: float = 180) -> dict[str, int]:
+    """Wait until both runs train in workers of ``proc`` and have written a checkpoint since -> {run: pid of
+    the worker that holds its directory}."""
+    dirs = [out / "runs" / name for name in RUNS]
+    before = {d: list_checkpoints(d)[-1].name if d.is_dir() and list_checkpoints(d) else "" for d in dirs}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            pids = {d.name: int((d / ".lock").read_text().split()[1]) for d in dirs}
+        except (OSError, IndexError, ValueError):
+            pids = {}
+        if pids and set(pids.values()) <= set(_descendants(proc.pid)) and all(
+                list_checkpoints(d) and list_checkpoints(d)[-1].name > before[d] for d in dirs):
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"the runs did not start training in {timeout} s:\n{log.read_text()}")
+
+
+def _assert_none_survive(pids, within: float = 10.0) -> None:
+    """Every process in ``pids`` ends within ``within`` seconds (survivors are killed, then reported)."""
+    deadline = time.monotonic() + within
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [p for p in pids if _running(p)]
+    for p in survivors:
+        os.kill(p, signal.SIGKILL)
+    assert not survivors, f"still running after the parent ended: {survivors}"
+
+
+def _signal_compare(out, log, args, stop) -> tuple[int, list[int], dict[str, int]]:
+    """Start `mhc compare ARGS`; once both runs train, ``stop(proc, workers)``; -> (exit code, every process
+    the command had started, {run: worker pid})."""
+    proc = _start_compare(out, log, args)
+    try:
+        workers = _workers_training(proc, out, log)
+        family = _descendants(proc.pid)
+        stop(proc, workers)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, family, workers
+
+
+def _checkpoints(out):
+    return {name: list_checkpoints(out / "runs" / name)[-1].name for name in RUNS}
+
+
+def test_sigkill_to_the_parent_of_compare_jobs_stops_its_workers(tmp_path, shakespeare):
+    """The parent killed outright: the kernel stops its workers (parent-death signal); none trains on."""
+    out, log = tmp_path / "cmp", tmp_path / "compare.log"
+    rc, family, _ = _signal_compare(out, log, _compare_args(out, shakespeare),
+                                    lambda proc, _: proc.send_signal(signal.SIGKILL))
+    assert rc == -signal.SIGKILL
+    _assert_none_survive(family)
+    steps = _checkpoints(out)
+    time.sleep(1.0)
+    assert _checkpoints(out) == steps
+
+
+def test_compare_jobs_under_signals_and_resume(tmp_path, shakespeare, capsys):
+    """kill -9 of one worker: exit 2 naming its run and --resume (not BrokenProcessPool), the other worker
+    stopped. SIGTERM to a --resume of it: both workers stopped, exit 130 naming --resume. A last --resume
+    finishes both runs; a result.json cut short, or not a result, is a run to finish again."""
+    out, log = tmp_path / "cmp", tmp_path / "compare.log"
+    victim = RUNS[1]
+    rc, family, _ = _signal_compare(out, log, _compare_args(out, shakespeare),
+                                    lambda proc, workers: os.kill(workers[victim], signal.SIGKILL))
+    text = log.read_text()
+    assert rc == 2, text
+    assert f"run {victim}" in text and "killed by signal SIGKILL" in text and f"--resume {out}" in text, text
+    assert "Traceback" not in text and "BrokenProcessPool" not in text
+    _assert_none_survive(family)
+
+    rc, family, _ = _signal_compare(out, log, ["--resume", str(out), "--jobs", "2"],
+                                    lambda proc, _: proc.send_signal(signal.SIGTERM))
+    text = log.read_text()
+    assert rc == 130, text
+    assert "interrupted" in text and f"--resume {out}" in text and "Traceback" not in text, text
+    _assert_none_survive(family)
+    steps = _checkpoints(out)
+    time.sleep(1.0)
+    assert _checkpoints(out) == steps  # nobody trains on
+    assert not any((out / "runs" / name / "result.json").exists() for name in RUNS)
+
+    assert main(["compare", "--resume", str(out), "--jobs", "2"]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(RUNS, "finished")
+    for name in RUNS:  # each run went on from its checkpoints: resumed, never restarted
+        assert len((out / "runs" / name / "resumes.jsonl").read_text().splitlines()) >= 1
+    result = out / "runs" / victim / "result.json"
+    whole = result.read_text()
+    result.write_text(whole[: len(whole) // 2])  # as a kill during an in-place write leaves it
+    (out / "runs" / RUNS[0] / "result.json").write_text("[]")
+    capsys.readouterr()
+    assert main(["compare", "--resume", str(out)]) == 0
+    assert capsys.readouterr().out.count("cannot be read") == 2
+    again = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    for name in RUNS:
+        assert again[name]["test_loss"] == pytest.approx(rows[name]["test_loss"], rel=1e-6)
+        assert json.loads((out / "runs" / name / "result.json").read_text())["status"] == "finished"
+    (out / "plan.json").write_text('{"base": {')
+    assert main(["compare", "--resume", str(out)]) == 2
+    assert "plan.json is not a readable comparison plan" in capsys.readouterr().err

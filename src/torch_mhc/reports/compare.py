@@ -7,7 +7,13 @@ that neither training nor the selection read. Gaps to the residual arm are paire
 seed, same trunk initialisation and data order. A run that diverges is recorded as such and the
 others go on; ``--resume OUT`` keeps the finished runs and resumes or restarts the others.
 ``--jobs N`` runs N cells at once, each in its own process (CPU threads split between them); every run
-is the same as alone, except that its CPU thread count is the machine's cores / N.
+is the same as alone, except that its CPU thread count is the machine's cores / N. SIGTERM, SIGHUP or
+SIGINT to the parent stops every worker before it exits (and a worker whose parent dies is stopped by
+the kernel); a worker killed by a signal is an error naming its run. ``--resume`` continues either way.
+
+A run's test loss is measured with the run's own tokenizer (``RUN_DIR/tokenizer.json``, checked against
+the SHA-256 in its checkpoint). ``plan.json``, ``result.json`` and ``summary.json`` are written through a
+temporary file and a rename; a ``result.json`` that cannot be read is a run to finish again.
 
 ``OUT/plan.json`` (what to run), ``OUT/runs/NAME/`` (one run each, with ``result.json`` once it is
 done), ``OUT/summary.json`` (one row per run and the ``protocol`` object), ``OUT/report.md`` and plots.
@@ -17,12 +23,17 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
+from contextlib import contextmanager
 from datetime import datetime
+from multiprocessing import connection as mp_connection
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -34,6 +45,7 @@ from torch_mhc.reports import stats
 from torch_mhc.reports.plots import read_jsonl
 from torch_mhc.train.checkpoint import CKPT_RE, list_checkpoints, load_checkpoint
 from torch_mhc.train.config import DivergedError, TrainConfig, UserError, build_config
+from torch_mhc.train.rundir import atomic_write_text
 
 # Modes of --modes: the overrides that make each arm. mhc-gate: one stream, so mHC is a per-token
 # gate on F's output alone; mhc-identity: H_res fixed to I, H_pre and H_post learned.
@@ -95,8 +107,8 @@ class Plan:
             *sets, f"lr={lr!r}", f"seed={seed}", f"out_dir={runs_dir}", f"run_name={run_name(arm, lr, seed)}"])
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps({"base": self.base, "arms": self.arms, "lrs": self.lrs, "seeds": self.seeds,
-                                    "command": self.command}, indent=2))
+        atomic_write_text(path, json.dumps({"base": self.base, "arms": self.arms, "lrs": self.lrs,
+                                            "seeds": self.seeds, "command": self.command}, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> Plan:
@@ -150,9 +162,9 @@ def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
     from torch_mhc.train.trainer import train
 
     result_path = run_dir / RESULT
-    if result_path.is_file():
-        log(f"== {run_dir.name}: kept ({json.loads(result_path.read_text())['status']})")
-        return json.loads(result_path.read_text())
+    if (kept := read_result(result_path, log)) is not None:
+        log(f"== {run_dir.name}: kept ({kept['status']})")
+        return kept
     ckpts = list_checkpoints(run_dir)
     last_step = int(CKPT_RE.match(ckpts[-1].name).group(1)) if ckpts else 0
     t0 = time.perf_counter()
@@ -178,12 +190,26 @@ def execute(cfg: TrainConfig, run_dir: Path, log=print) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         result = {"status": "finished", "wall_s": time.perf_counter() - t0, **test_loss(run_dir, cfg)}
-    result_path.write_text(json.dumps(result, indent=2))
+    atomic_write_text(result_path, json.dumps(result, indent=2))
     return result
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+def read_result(path: Path, log=print) -> dict | None:
+    """A run's ``result.json``, or None when there is none or it cannot be read (a file of an older version
+    written in place and cut short by a kill, an edit): such a run is finished again."""
+    try:
+        result = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding
+        why = f"{type(e).__name__}: {e}"
+    else:
+        if isinstance(result, dict) and result.get("status") in ("finished", "diverged") and (
+                result["status"] == "diverged" or isinstance(result.get("test_loss"), (int, float))):
+            return result
+        why = "not a run result"
+    log(f"== {path.parent.name}: {path} cannot be read ({why}); finishing the run again")
+    return None
 
 
 def _execute_logged(cfg: TrainConfig, run_dir: Path) -> dict:
@@ -191,22 +217,145 @@ def _execute_logged(cfg: TrainConfig, run_dir: Path) -> dict:
     return execute(cfg, run_dir, log=lambda msg: print(f"[{run_dir.name}] {msg}", flush=True))
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this process SIGTERM when its parent dies (also of SIGKILL), so no worker
+    trains on with nobody to collect its result. Elsewhere nothing happens."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _worker(cfg: TrainConfig, run_dir: Path, threads: int, conn, parent: int) -> None:
+    """A ``--jobs`` worker process: one run (:func:`execute`); sends ``("ok", result)`` or ``("error",
+    exception or None, traceback)`` on ``conn``. Ctrl-C reaches every process of the terminal's group:
+    the workers ignore SIGINT and the parent stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _stop_with_parent(parent)
+    torch.set_num_threads(threads)
+    try:
+        message = ("ok", _execute_logged(cfg, run_dir))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the parent
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001 - an exception that cannot travel: its traceback does
+            e = None
+        message = ("error", e, traceback.format_exc())
+    conn.send(message)
+    conn.close()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (or SIGINT) to the parent of ``--jobs`` workers: raised in its main thread, which then
+    stops the workers; the command ends as after Ctrl-C (exit code 130, ``--resume`` continues)."""
+
+
+@contextmanager
+def _signals_interrupt():
+    """While the workers run: SIGTERM, SIGHUP and SIGINT raise :class:`Interrupted` in this (main) thread,
+    once; signals that come while the workers are being stopped are ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit = []
+
+    def handler(signum, frame):
+        if not hit:
+            hit.append(signum)
+            raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _stop_workers(procs: list, timeout: float = 30.0) -> None:
+    """SIGTERM to every worker still running (a run's checkpoints are atomic), then SIGKILL to any left
+    after ``timeout`` seconds; every one is waited for."""
+    live = [p for p in procs if p.pid is not None and p.exitcode is None]
+    for p in live:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+
+
+def _outcome(message, name: str, exitcode: int | None, report_dir: Path) -> dict:
+    """A worker's result, or its error raised here."""
+    resume = f"Finished runs and every run's checkpoints are intact: `mhc compare --resume {report_dir}` continues."
+    if message is None or not isinstance(message, tuple) or message[0] not in ("ok", "error"):
+        if exitcode is not None and exitcode < 0:
+            how = f"was killed by signal {signal.Signals(-exitcode).name}"
+        else:
+            how = f"ended (exit status {exitcode})"
+        raise UserError(f"the worker process of run {name} {how} before the run finished (each run of --jobs "
+                        f"has its own process); the other runs were stopped. {resume}")
+    if message[0] == "ok":
+        return message[1]
+    _, error, tb = message
+    if isinstance(error, UserError):
+        raise UserError(f"run {name}: {error}") from None
+    if isinstance(error, BaseException):
+        raise error from RuntimeError(f"in the worker process of run {name}:\n{tb}")
+    raise RuntimeError(f"run {name} failed in its worker process:\n{tb}")
+
+
 def execute_all(cells: dict, runs_dir: Path, jobs: int = 1, log=print) -> dict:
     """Bring every cell ``{key: TrainConfig}`` to its end (:func:`execute`) -> ``{key: result}``. With jobs > 1,
     up to ``jobs`` runs at once in worker processes (spawned: no state shared with this one), each with
-    ``cores // jobs`` CPU threads. An error in one run (not a divergence, which is a result) stops the others,
-    whose checkpoints let ``--resume`` continue them."""
+    ``cores // jobs`` CPU threads. An error in one run (not a divergence, which is a result), a worker killed
+    by a signal, or SIGTERM/SIGHUP/SIGINT to this process stops the other workers (none outlives this call);
+    their checkpoints let ``--resume`` continue them."""
     if jobs == 1 or len(cells) <= 1:
         return {key: execute(cfg, runs_dir / cfg.run_name, log) for key, cfg in cells.items()}
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(max_workers=min(jobs, len(cells)), mp_context=get_context("spawn"),
-                             initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {key: pool.submit(_execute_logged, cfg, runs_dir / cfg.run_name) for key, cfg in cells.items()}
+    ctx = get_context("spawn")
+    pending, running, procs, results = list(cells.items()), {}, [], {}
+    with _signals_interrupt():
         try:
-            return {key: f.result() for key, f in futures.items()}
+            while pending or running:
+                while pending and len(running) < jobs:
+                    key, cfg = pending.pop(0)
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_worker, name=f"mhc compare: {cfg.run_name}",
+                                       args=(cfg, runs_dir / cfg.run_name, threads, send, os.getpid()))
+                    procs.append(proc)
+                    running[recv] = (key, cfg.run_name, proc)
+                    proc.start()
+                    send.close()
+                for conn in mp_connection.wait(list(running)):
+                    key, name, proc = running.pop(conn)
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError, pickle.UnpicklingError):
+                        message = None  # ended without sending its result
+                    conn.close()
+                    proc.join()
+                    results[key] = _outcome(message, name, proc.exitcode, runs_dir.parent)
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
+            names = [name for _, name, p in running.values() if p.exitcode is None]
+            if names:
+                log(f"== stopping the runs still going ({', '.join(names)}); "
+                    f"`mhc compare --resume {runs_dir.parent}` continues them")
             raise
+        finally:
+            _stop_workers(procs)
+    return {key: results[key] for key in cells}
 
 
 def _last(records: list[dict], key: str):
@@ -343,7 +492,7 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
     rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a])
             for (a, lr, s), cfg in sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))]
     protocol = build_protocol(plan, rows, params)
-    (report_dir / "summary.json").write_text(json.dumps({"protocol": protocol, "runs": rows}, indent=2))
+    atomic_write_text(report_dir / "summary.json", json.dumps({"protocol": protocol, "runs": rows}, indent=2))
     from torch_mhc.reports.protocol_plots import plot_protocol
 
     plots = plot_protocol(protocol, rows, runs_dir, report_dir)
