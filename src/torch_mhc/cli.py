@@ -94,26 +94,22 @@ def _cmd_memory(args) -> None:
 
 
 def _cmd_export_weights(args) -> None:
-    from torch_mhc.distributed.checkpoint import export_weights, read_trainer_state
+    from torch_mhc.distributed.checkpoint import export_weights, save_safetensors
     from torch_mhc.train.checkpoint import latest_any_checkpoint, load_checkpoint
 
+    out = Path(args.out)
     path = Path(args.checkpoint)
     if path.is_dir() and not (path / ".metadata").is_file():
         path = latest_any_checkpoint(path)  # a run directory
     if path.is_dir():
-        read_trainer_state(path)  # a committed distributed checkpoint, or a clear error
-        out = export_weights(path, args.out)
+        out = export_weights(path, out)  # a committed distributed checkpoint that verifies, or a clear error
     else:
-        from safetensors.torch import save_file
-
         state = load_checkpoint(path)["model"]
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         seen, tensors = set(), {}
         for k, v in state.items():  # tied weights share storage, which safetensors refuses: copy the second
             tensors[k] = v.clone() if v.data_ptr() in seen else v.contiguous()
             seen.add(v.data_ptr())
-        save_file(tensors, str(out), metadata={"source": str(path)})
+        out = save_safetensors(tensors, out, {"source": str(path)})
     print(out)
 
 
@@ -253,12 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f" (rank {rank})" if rank is not None else ""
         print(f"mhc {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if getattr(args, "debug", False) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except OSError as e:  # a write that no room turned into a UserError
+        from torch_mhc.errors import write_failure
+
+        kind = write_failure(e, e.filename or ".") if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else None
+        if getattr(args, "debug", False) or kind is None:
             raise
-        where = f" while writing {e.filename}" if e.filename else ""
-        print(f"mhc {args.command}: error: the disk is full{where} ({e.strerror}). Finished checkpoints are intact; "
-              "free some space and continue with --resume.", file=sys.stderr)
+        what = "the disk is full" if kind == "full" else "the file system is read-only"
+        where = f" (writing {e.filename})" if e.filename else ""
+        then = "free some space" if kind == "full" else "make it writable or choose a writable location"
+        print(f"mhc {args.command}: error: {what}{where}: {e.strerror}. Finished checkpoints are intact; {then} and "
+              f"run the command again{' (with --resume)' if args.command == 'train' else ''}.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " Continue with `mhc compare --resume OUT`." if args.command == "compare" else ""

@@ -204,8 +204,6 @@ def load_distributed(path: str | Path, model, optimizer=None) -> dict:
 
 def export_weights(path: str | Path, out: str | Path) -> Path:
     """Gather the model tensors of a DCP checkpoint into one safetensors file (one process, no model needed)."""
-    from safetensors.torch import save_file
-
     path, out = Path(path), Path(out)
     shapes = {k: v for k, v in tensor_shapes(path).items() if k.startswith("model.")}
     if not shapes:
@@ -214,8 +212,30 @@ def export_weights(path: str | Path, out: str | Path) -> Path:
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=path, no_dist=True)
     tensors = {k[len("model."):]: v.contiguous() for k, v in state.items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    return save_safetensors(tensors, out, {"format": "pt", "source": str(path)})
+
+
+def save_safetensors(tensors: dict, out: str | Path, metadata: dict) -> Path:
+    """``safetensors.torch.save_file`` through a temporary file beside ``out``, renamed into place: nothing
+    half-written is left, and a full disk or a read-only file system (safetensors raises SafetensorError)
+    is a UserError naming ``out``. ``out`` must not be a directory."""
+    from safetensors.torch import save_file
+
+    from torch_mhc.errors import discard, write_error
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; export-weights writes one .safetensors file: give its path "
+                        f"(e.g. {out / 'model.safetensors'}). Nothing was written.")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "source": str(path)})
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, out)
+    except Exception as e:
+        error = write_error(e, out, "run the command again", "nothing was written")
+        discard(tmp)  # after write_error: a full disk is seen full
+        if error is not None:
+            raise error from None
+        raise
     return out

@@ -11,9 +11,13 @@ installed (PyTorch reference path; the fused kernels stay in ``torch_mhc``); whe
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
+from torch_mhc.errors import write_error
 from torch_mhc.train.config import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -138,8 +142,31 @@ def check_new_dir(out_dir: Path) -> None:
         raise UserError(f"output directory {out_dir} exists and is not empty; nothing was overwritten. Choose another.")
 
 
+@contextmanager
+def new_dir_via_temp(out_dir: Path):
+    """Yield a temporary directory beside ``out_dir`` to write into; when the block ends without error it is
+    renamed to ``out_dir`` (which must still be new or empty), otherwise removed. So ``out_dir`` is never
+    half-written, and a full disk or a read-only file system is a UserError naming ``out_dir``."""
+    out_dir = Path(os.path.abspath(out_dir))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        yield tmp
+        check_new_dir(out_dir)
+        os.rename(tmp, out_dir)  # replaces an empty directory (POSIX rename)
+    except BaseException as e:
+        error = write_error(e, out_dir, "run the command again", f"nothing was left in {out_dir}")
+        shutil.rmtree(tmp, ignore_errors=True)  # after write_error: a full disk is seen full
+        if error is not None:
+            raise error from None
+        raise
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
-    """Write the transformers directory of ``run_dir``'s latest checkpoint into ``out_dir`` (new or empty)."""
+    """Write the transformers directory of ``run_dir``'s latest checkpoint into ``out_dir`` (new or empty),
+    through a temporary directory beside it (renamed into place when complete)."""
     from torch_mhc.integrations import require_transformers
 
     require_transformers()
@@ -153,16 +180,17 @@ def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     if cfg.init_from:  # a converted transformers model: saved as such, with its config's conversion record
         from torch_mhc.integrations.convert import save_converted
 
-        save_converted(model.hf, out_dir)
-        note = export_tokenizer(cfg, tok, out_dir)
+        with new_dir_via_temp(out_dir) as tmp:
+            save_converted(model.hf, tmp)
+            note = export_tokenizer(cfg, tok, tmp)
         log(f"exported {run_dir} (step {state['step']}, from {cfg.init_from}) to {out_dir}; {note}")
         return out_dir
     hf = TorchMhcForCausalLM(TorchMhcConfig(mhc=cfg.model.to_dict()))
     hf.model.load_state_dict(model.state_dict())
     hf.config.auto_map = dict(AUTO_MAP)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(out_dir)
-    note = export_tokenizer(cfg, tok, out_dir)
-    write_model_code(out_dir)
+    with new_dir_via_temp(out_dir) as tmp:
+        hf.save_pretrained(tmp)
+        note = export_tokenizer(cfg, tok, tmp)
+        write_model_code(tmp)
     log(f"exported {run_dir} (step {state['step']}) to {out_dir}; {note}")
     return out_dir

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from torch_mhc.distributed.checkpoint import DCP_RE, list_dcp_checkpoints
+from torch_mhc.errors import discard, write_error
 from torch_mhc.train.config import DivergedError, UserError
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -81,8 +82,8 @@ def _fsync_dir(d: Path) -> None:
 
 def _write_via_temp(path: Path, write) -> Path:
     """Call ``write(file)`` on a temporary file beside ``path`` and fsync it; returns the temporary
-    path (the caller renames it). Removes the temporary file on any failure; a full disk is a
-    UserError naming the path."""
+    path (the caller renames it). Removes the temporary file on any failure; a full disk or a
+    read-only file system is a UserError naming the path, whatever the writing library raised."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -90,28 +91,37 @@ def _write_via_temp(path: Path, write) -> Path:
             f.flush()
             os.fsync(f.fileno())
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        raise_if_disk_full(e, path)
+        error = disk_error(e, path)  # before the temporary file goes: a full disk is seen full
+        discard(tmp)
+        if error is not None:
+            raise error from None
         raise
     return tmp
 
 
-def raise_if_disk_full(error: BaseException, path: str | Path) -> None:
-    """Turn a full disk or exhausted quota while writing ``path`` into a UserError."""
-    import errno
+def disk_error(error: BaseException, path: str | Path) -> UserError | None:
+    """The UserError for a write of ``path`` that failed on a full disk, an exhausted quota or a
+    read-only file system (None otherwise), whatever the library that wrote raised (torch.save's
+    "unexpected pos", numpy's "N requested and M written", safetensors' SafetensorError)."""
+    return write_error(error, path, "continue with --resume",
+                       "nothing finished was lost: the previous checkpoints are intact and a partly written log "
+                       "line is dropped on resume")
 
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(
-            f"the disk is full (or the quota exhausted) while writing {path}: {error.strerror}. "
-            "Nothing finished was lost: the previous checkpoints are intact and a partly written log line is "
-            "dropped on resume. Free some space and continue with --resume."
-        ) from None
+
+def raise_if_disk_full(error: BaseException, path: str | Path) -> None:
+    """Turn a full disk, an exhausted quota or a read-only file system while writing ``path`` into a UserError."""
+    if (e := disk_error(error, path)) is not None:
+        raise e from None
 
 
 def atomic_save(obj, path: Path) -> str:
     """torch.save to ``path`` through a temporary file, a checksum file and an atomic rename;
     returns the SHA-256 of the bytes written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise_if_disk_full(e, path.parent)
+        raise
     tmp = _write_via_temp(path, lambda f: torch.save(obj, f))
     try:
         digest = file_sha256(tmp)

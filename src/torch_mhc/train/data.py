@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from torch_mhc.errors import discard, is_read_only, write_error, write_failure
 from torch_mhc.train.config import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".tex", ".html", ".xml", ".c", ".h", ".js", ""}
@@ -385,18 +386,19 @@ def _remove_dead_temps(cache_dir: Path) -> None:
 
 
 def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file renamed to ``path``; nothing is left behind on failure, and a full
+    disk (whatever numpy raises: its "N requested and M written" has no errno) is a UserError naming the file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
-        from torch_mhc.train.checkpoint import raise_if_disk_full
-
-        raise_if_disk_full(e, path)
+    except BaseException as e:
+        error = write_error(e, path, "run the command again", "the token cache was not written")
+        discard(tmp)  # after write_error: a full disk is seen full
+        if error is not None:
+            raise error from None
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarray, dict]:
@@ -429,10 +431,19 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
     tokens = np.concatenate(pieces).astype(tokenizer.dtype) if pieces else np.zeros(0, tokenizer.dtype)
     from torch_mhc.train.rundir import ensure_dir
 
-    ensure_dir(cache_dir, "the token cache directory")
-    _remove_dead_temps(cache_dir)
     meta = {"source": source or f"python-stdlib:{default_corpus_dir()}", "files": len(files), "bytes": n_bytes,
             "tokens": int(tokens.size), "tokenizer": tokenizer.name, "sha256": tokens_sha256(tokens)}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if write_failure(e, cache_dir) != "read-only":
+            ensure_dir(cache_dir, "the token cache directory")  # the error, named
+            raise
+    if is_read_only(cache_dir):  # eval / sample of a run on read-only media
+        print(f"warning: the token cache {cache} cannot be written (read-only file system); the tokens are kept "
+              "in memory for this command.", file=sys.stderr)
+        return tokens, {**meta, "cached": False}
+    _remove_dead_temps(cache_dir)
     meta_path.unlink(missing_ok=True)  # no metadata vouches for the cache while it is replaced
     _write_atomic(cache, lambda f: np.save(f, tokens))
     _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))

@@ -12,6 +12,7 @@ killed process left half-written: temporary checkpoint files and a partial last 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,11 +22,13 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from torch_mhc.errors import write_error
 from torch_mhc.train.checkpoint import _write_via_temp, clean_stale_files, list_checkpoints, raise_if_disk_full
 from torch_mhc.train.config import UserError
 
 LOCK_NAME = ".lock"
-LOGS = ("metrics.jsonl", "diagnostics.jsonl")
+LOGS = ("metrics.jsonl", "diagnostics.jsonl", "grad_norms.jsonl", "resumes.jsonl")
+
 
 
 def check_dir_path(path: str | Path, key: str) -> Path:
@@ -49,9 +52,18 @@ def ensure_dir(path: str | Path, key: str) -> Path:
     except PermissionError as e:
         raise UserError(f"{key}={path}: cannot create the directory ({e.strerror}).") from None
     except OSError as e:
-        raise_if_disk_full(e, path)
+        raise_dir_error(e, path, key)
         raise
     return path
+
+
+def raise_dir_error(error: OSError, path: Path, key: str) -> None:
+    """UserError naming ``key`` when creating directory ``path`` failed on a full disk or a read-only file system."""
+    if (e := write_error(error, path, "run the command again", "nothing was written")) is not None:
+        raise UserError(f"{key}: {e}") from None
+    if isinstance(error, OSError) and error.errno == errno.ENAMETOOLONG:
+        raise UserError(f"{key}={path}: a name in the path is too long for the file system "
+                        f"({error.strerror}). Choose a shorter {key}.") from None
 
 
 class RunDir:
@@ -133,6 +145,9 @@ def claim_new_run_dir(out_dir: str | Path, run_name: str, default_prefix: str) -
             if not run_dir.is_dir():
                 raise UserError(f"{run_dir} exists and is a file; choose another run_name.") from None
             made = False
+        except OSError as e:
+            raise_dir_error(e, run_dir, "out_dir")
+            raise
         fd = _lock(run_dir)
         if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             os.close(fd)
@@ -150,6 +165,9 @@ def claim_new_run_dir(out_dir: str | Path, run_name: str, default_prefix: str) -
             break
         except FileExistsError:
             k += 1
+        except OSError as e:
+            raise_dir_error(e, run_dir, "out_dir")
+            raise
     return RunDir(run_dir, _lock(run_dir), new=True, made=True)
 
 

@@ -164,7 +164,10 @@ def evaluate(model, batches, device, autocast_dtype, bytes_per_token: float | No
 
 
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per line) plus TensorBoard events when tensorboard is installed."""
+    """metrics.jsonl (one JSON object per line) plus TensorBoard events when tensorboard is installed.
+    A full disk or a read-only file system is a UserError naming the file or the TensorBoard folder,
+    also when TensorBoard's writer thread meets it (the thread prints nothing; its error is reported
+    by the next call here)."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / "metrics.jsonl"
@@ -174,13 +177,14 @@ class MetricsWriter:
         except ImportError:
             self.tb = None
         else:
+            _quiet_tensorboard_thread()
             self.tb = self._tb(lambda: SummaryWriter(str(self.tb_dir)))
 
     def _tb(self, call):
         """A TensorBoard call; a full disk (raised here or by its writer thread's last write) names the folder."""
         try:
             return call()
-        except OSError as e:
+        except Exception as e:
             raise_if_disk_full(e, self.tb_dir)
             raise
 
@@ -193,7 +197,26 @@ class MetricsWriter:
 
     def close(self) -> None:
         if self.tb is not None:
+            self._tb(self.tb.flush)  # reports an error of the writer thread (close does not)
             self._tb(self.tb.close)
+
+
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard's writer thread keeps a write error for the main thread's next call (which reports it)
+    and also raises it in the thread, where ``threading`` would print its traceback: print nothing for it."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "quiet_tensorboard", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, Exception):
+            return  # kept in the thread's .exception and raised by the writer's next write or flush
+        previous(args)
+
+    hook.quiet_tensorboard = True
+    threading.excepthook = hook
 
 
 @dataclass
