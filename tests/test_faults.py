@@ -1,4 +1,4 @@
-"""Issue 20: real faults, each a clear error (exit 2, one paragraph) or handled.
+"""Issue 20: real faults and hostile inputs, each a clear error (exit 2, one paragraph) or handled.
 
 Full disks are real small tmpfs mounts, filled to leave a chosen number of bytes free; read-only file
 systems are tmpfs mounts remounted read-only (``mount`` needs root: these tests skip where it is not
@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ from conftest import REPO, TINY
 from torch_mhc.cli import main
 from torch_mhc.reports.plots import read_jsonl
 from torch_mhc.train import checkpoint as ckpt
-from torch_mhc.train.config import UserError
+from torch_mhc.train.config import UserError, build_config
 from torch_mhc.train.data import ByteTokenizer, load_tokens
 from torch_mhc.train.trainer import MetricsWriter
 
@@ -226,3 +227,103 @@ def test_read_only_file_system(trained, tmpfs, capsys):
         err = expect_error(capsys, ["export", str(ro), str(m.path / "exported")], "read-only file system")
         assert str(m.path / "exported") in err, err
     assert sorted(p.name for p in m.path.iterdir()) == ["runs"]
+
+
+# ------------------------------------------------------------------ input probes
+def test_data_that_is_not_a_regular_file(tmp_path):
+    """A FIFO (which blocked the read until a writer came) and /dev/zero (which never ends) are refused at once."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for data, kind in ((fifo, "a named pipe (FIFO)"), ("/dev/zero", "a character device")):
+        r = cli(["train", *sets(tmp_path / "runs", data)], tmp_path, timeout=60)
+        err = r.stderr.decode()
+        assert r.returncode == 2 and kind in err and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists() or [p.name for p in (tmp_path / "runs").iterdir()] in ([], ["cache"])
+
+
+@pytest.mark.parametrize("overrides", [["model.n_layers=200000", "model.dim=256"], ["model.dim=1000000"],
+                                       ["model.vocab_size=10000000000"], ["batch_size=100000000"],
+                                       ["model.max_seq_len=20000000000"]])
+def test_model_too_large_for_memory(small_text, tmp_path, capsys, overrides):
+    """Checked against the memory available before anything is allocated (n_layers=200000 built for minutes,
+    the others failed in the allocator), with the estimate shown."""
+    t0 = time.perf_counter()
+    err = expect_error(capsys, ["train", *sets(tmp_path / "runs", small_text, *overrides)], "does not fit in memory")
+    assert time.perf_counter() - t0 < 30
+    assert "GiB" in err and "Nothing was allocated" in err and overrides[0] in err, err
+    assert not (tmp_path / "runs").exists() or [p.name for p in (tmp_path / "runs").iterdir()] in ([], ["cache"])
+
+
+def test_parameter_count_without_building_the_model():
+    """The estimate's parameter count, extrapolated from models of a few layers on the meta device, is exact."""
+    from torch_mhc.models.decoder import DecoderLM
+    from torch_mhc.train.config import count_parameters
+
+    for extra in ([], ["model.moe=true", "model.first_dense_layers=1"]):
+        cfg = build_config(overrides=[*TINY, "model.n_layers=5", *extra])
+        model = DecoderLM(cfg.model)
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+        assert count_parameters(cfg.model) == (model.num_params(), buffers), extra
+    big = build_config(overrides=[*TINY, "model.n_layers=200000"]).model
+    t0 = time.perf_counter()
+    params, _ = count_parameters(big)
+    assert time.perf_counter() - t0 < 10 and params > 200000 * 32 * 32
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run_name=" + "a" * 300, "run_name must be at most 255 bytes"),
+    ("run_name=a/b", "run_name must be a plain directory name"),
+    ("run_name=..", "run_name must be a plain directory name"),
+    ("run_name=a\\b", "run_name must be a plain directory name"),
+    ("run_name=a\nb", "run_name must not hold control characters"),
+    ("out_dir=/tmp/" + "o" * 300, "out_dir has a part longer than 255 bytes"),
+    ("tokenizer=bpe:99999999999999999999", "tokenizer=bpe:VOCAB needs 257 <= VOCAB <= 16,777,216"),
+    ("tokenizer=bpe:100", "tokenizer=bpe:VOCAB needs 257 <= VOCAB"),
+])
+def test_names_and_tokenizer_sizes_are_validated(override, message, small_text, tmp_path, capsys):
+    with pytest.raises(UserError, match="invalid config") as e:
+        build_config(overrides=[override])
+    assert message in str(e.value)
+    expect_error(capsys, ["train", "--set", override, "--set", f"data={small_text}",
+                          *(["--set", f"out_dir={tmp_path}"] if "out_dir" not in override else [])], message)
+
+
+def test_export_weights_into_a_directory_is_refused(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "keep.txt").write_text("mine")
+    for target in (tmp_path / "d", tmp_path):
+        expect_error(capsys, ["export-weights", str(run_dir), str(target)], f"{target} is a directory")
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["keep.txt"]
+
+
+def test_sigterm_before_the_first_checkpoint(small_text, tmp_path, capsys):
+    """A run killed (real SIGTERM) before its first checkpoint: the same `mhc train` starts it again from step 0
+    (before, it was refused as 'not empty' while --resume said there was no checkpoint)."""
+    out = tmp_path / "runs"
+    args = sets(out, small_text, "run_name=t")
+    run_dir = out / "t"
+    p = subprocess.Popen([sys.executable, "-m", "torch_mhc", "train", *args, "--set", "steps=100000",
+                          "--set", "ckpt_every=100000", "--set", "log_every=1"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=_env())
+    try:
+        deadline = time.time() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size):
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert (run_dir / "metrics.jsonl").is_file() and not ckpt.list_checkpoints(run_dir)
+    expect_error(capsys, ["train", "--resume", str(run_dir)], "has no checkpoint")
+    assert main(["train", *args]) == 0
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [2, 3, 4, 6]
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step_0000003.pt", "step_0000006.pt"]
+    (run_dir / "notes.txt").write_text("a file that is not the run's")
+    for c in ckpt.list_checkpoints(run_dir):
+        c.unlink()
+    expect_error(capsys, ["train", *args], "already exists and is not empty")

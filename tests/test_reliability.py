@@ -146,6 +146,7 @@ def test_run_directory_lock(tmp_path):
             claim_new_run_dir(tmp_path / "runs", "a", "mhc")
         with pytest.raises(UserError, match="in use"):
             claim_run_dir(first.path)
+    tiny_state(tmp_path / "runs" / "a", steps=(1,))  # a run with a checkpoint is never started again
     with pytest.raises(UserError, match="already exists and is not empty"):
         claim_new_run_dir(tmp_path / "runs", "a", "mhc")
     claim_run_dir(tmp_path / "runs" / "a").release()  # free again once released

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import tomllib
 import typing
@@ -101,8 +102,7 @@ class TrainConfig:
             errors.append(f"device must be auto, cpu, mps, cuda or cuda:N (got {self.device!r})")
         if not self.out_dir:
             errors.append("out_dir must not be empty")
-        if "/" in self.run_name or self.run_name in (".", ".."):
-            errors.append(f"run_name must be a plain directory name, not a path (got {self.run_name!r})")
+        errors += _name_errors(self.run_name, self.out_dir)
         if not 0 < self.val_fraction < 1:
             errors.append(f"val_fraction must be in (0, 1) (got {self.val_fraction})")
         if not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
@@ -115,6 +115,8 @@ class TrainConfig:
         if not self.tokenizer or (self.tokenizer.startswith("bpe:") and not self.tokenizer[4:].isdigit()):
             errors.append(f"tokenizer must be byte, gpt2, bpe:VOCAB or the path of a tokenizer.json "
                           f"(got {self.tokenizer!r})")
+        elif self.tokenizer.startswith("bpe:") and not 257 <= int(self.tokenizer[4:]) <= MAX_BPE_VOCAB:
+            errors.append(f"tokenizer=bpe:VOCAB needs 257 <= VOCAB <= {MAX_BPE_VOCAB:,} (got {self.tokenizer[4:]})")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             errors.append(f"dtype must be auto, float32 or bfloat16 (got {self.dtype!r})")
         if self.seq_len > self.model.max_seq_len and not self.init_from:
@@ -138,6 +140,26 @@ class TrainConfig:
 
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+MAX_BPE_VOCAB = 2**24  # far above any useful BPE vocabulary; token ids are stored as uint32 at most
+NAME_MAX = 255  # bytes in one file name (Linux, macOS)
+
+
+def _name_errors(run_name: str, out_dir: str) -> list[str]:
+    """``run_name``: one plain directory name the file system accepts; ``out_dir``: no part too long."""
+    errors = []
+    if "/" in run_name or "\\" in run_name or run_name in (".", ".."):
+        errors.append(f"run_name must be a plain directory name, not a path (got {run_name!r})")
+    elif any(ord(c) < 32 or ord(c) == 127 for c in run_name):
+        errors.append(f"run_name must not hold control characters (got {run_name!r})")
+    elif len(run_name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        errors.append(f"run_name must be at most {NAME_MAX} bytes, a file system's limit for one name "
+                      f"(got {len(run_name.encode('utf-8', 'surrogateescape'))}: {run_name[:40]!r}...)")
+    long = [p for p in Path(out_dir).parts if len(p.encode("utf-8", "surrogateescape")) > NAME_MAX]
+    if "\x00" in out_dir or "\x00" in run_name:
+        errors.append("out_dir and run_name must not hold NUL characters")
+    if long:
+        errors.append(f"out_dir has a part longer than {NAME_MAX} bytes, a file system's limit ({long[0][:40]!r}...)")
+    return errors
 # integer settings that may be negative; every other integer setting must be >= 0
 SIGNED_INTS = {"seed"}
 # float settings that may be negative; every other float setting must be >= 0 (and all must be finite)
@@ -317,3 +339,81 @@ def resume_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list]:
             f"On resume you may change: {', '.join(RESUME_MAY_CHANGE)}."
         )
     return changes
+
+
+GIB = 2**30
+
+
+def _available_memory(device) -> tuple[int | None, str]:
+    """Bytes of memory free for a run on ``device`` (None when unknown) and where."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"free on {device} ({torch.cuda.get_device_name(device)})"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "available in RAM (MemAvailable)"
+    except (OSError, KeyError, ValueError):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "available in RAM"
+        except (OSError, ValueError):
+            return None, ""
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """Parameters and buffer bytes of a ``ModelConfig``'s model, from models of at most a few layers built on
+    the meta device (nothing allocated; the per-layer count is extrapolated to ``model.n_layers``)."""
+    import torch
+
+    from torch_mhc.models.decoder import DecoderLM
+
+    def count(n: int) -> tuple[int, int]:
+        with torch.device("meta"):
+            m = DecoderLM(dataclasses.replace(model, n_layers=n))
+        return m.num_params(), sum(b.numel() * b.element_size() for b in m.buffers())
+
+    layers = model.n_layers
+    base = min(layers, (model.first_dense_layers if model.moe else 0) + 2)
+    p0, b0 = count(base)
+    if base == layers:
+        return p0, b0
+    p1, b1 = count(base + 1)
+    return p0 + (layers - base) * (p1 - p0), b0 + (layers - base) * (b1 - b0)
+
+
+def check_memory(cfg: TrainConfig, device, bytes_per_value: int = 4) -> None:
+    """UserError, before anything is allocated, when one process's training of ``cfg`` on ``device`` needs
+    more memory than is free there: weights, gradients and AdamW state (16 bytes per parameter), buffers,
+    saved activations (the ``mhc memory`` estimate per token, scaled to ``bytes_per_value``) and the logits
+    with their gradient, for ``batch_size`` x ``seq_len`` tokens. An estimate; the message shows it."""
+    from torch_mhc.distributed.memory import activation_bytes_per_token
+
+    free, where = _available_memory(device)
+    if free is None:
+        return
+    m = cfg.model
+    tokens = cfg.batch_size * cfg.seq_len
+    logits = 12 * tokens * m.vocab_size
+    floor = 16 * (m.vocab_size * m.dim + 2 * m.n_layers * m.dim * m.dim)  # embedding + attention q, o: a lower bound
+    if floor + logits > free:
+        params, buffers, states, activations, exact = None, 0, floor, 0, False
+    else:
+        params, buffers = count_parameters(m)
+        states = 16 * params
+        activations = tokens * activation_bytes_per_token(m) * bytes_per_value / 2
+        exact = True
+    need = states + buffers + activations + logits
+    if need <= free:
+        return
+    what = (f"{params:,} parameters: weights, gradients and AdamW state {states / GIB:,.1f} GiB, buffers "
+            f"{buffers / GIB:,.1f} GiB, activations {activations / GIB:,.1f} GiB" if exact else
+            f"more than {floor // 16:,} parameters: weights, gradients and AdamW state alone over "
+            f"{states / GIB:,.1f} GiB")
+    raise UserError(
+        f"this model does not fit in memory: training it needs about {need / GIB:,.1f} GiB ({what}, logits "
+        f"{logits / GIB:,.1f} GiB for batch_size={cfg.batch_size} x seq_len={cfg.seq_len} tokens; model.dim="
+        f"{m.dim}, model.n_layers={m.n_layers}, model.vocab_size={m.vocab_size}, model.max_seq_len={m.max_seq_len}), "
+        f"but only {free / GIB:,.1f} GiB is {where}. Nothing was allocated. Choose a smaller model, batch_size or "
+        "seq_len (`mhc memory CONFIG LAYOUT` estimates multi-GPU layouts)."
+    )

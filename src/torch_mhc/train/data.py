@@ -314,7 +314,21 @@ def list_source_files(source: str) -> list[Path]:
             kinds = ", ".join(sorted(s for s in TEXT_SUFFIXES if s))
             raise UserError(f"data directory {path} contains no text files ({kinds}, .gz).")
         return files
+    check_regular_file(path, "data source")
     return [path]
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """UserError unless ``path`` is a regular file (a FIFO would block the read, a device never end it)."""
+    import stat
+
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+        raise UserError(f"{what} {path} is {kind}, not a regular file or a directory: it cannot be read as data "
+                        "(a pipe would wait for a writer, a device never ends). Pass a text file, a .gz file, a "
+                        "directory or a .npy token file.")
 
 
 def read_text(path: Path) -> str:
@@ -406,8 +420,9 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
     fingerprint of the token values."""
     if source.endswith(".npy"):
         path = Path(source)
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"token file {path} does not exist.")
+        check_regular_file(path, "token file")
         try:
             tokens = np.load(path, mmap_mode="r")
         except (ValueError, OSError, EOFError) as e:

@@ -22,13 +22,16 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from torch_mhc.distributed.checkpoint import list_dcp_checkpoints
 from torch_mhc.errors import write_error
 from torch_mhc.train.checkpoint import _write_via_temp, clean_stale_files, list_checkpoints, raise_if_disk_full
 from torch_mhc.train.config import UserError
 
 LOCK_NAME = ".lock"
 LOGS = ("metrics.jsonl", "diagnostics.jsonl", "grad_norms.jsonl", "resumes.jsonl")
-
+# what a run writes in its directory: one that holds nothing else and no checkpoint (stopped before its first
+# checkpoint) is started again by a new run of the same name
+RUN_FILES = {LOCK_NAME, "config.json", "tokenizer.json", "tb", "checkpoints", *LOGS}
 
 
 def check_dir_path(path: str | Path, key: str) -> Path:
@@ -93,6 +96,14 @@ class RunDir:
             self._fd = -1
 
 
+def _restartable(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a run stopped before its first checkpoint: nothing in it but what a run writes
+    (logs, config, TensorBoard events, temporary checkpoint files), and no checkpoint to resume from."""
+    if list_checkpoints(run_dir) or list_dcp_checkpoints(run_dir):
+        return False
+    return all(p.name in RUN_FILES for p in run_dir.iterdir())
+
+
 def _has_results(run_dir: Path) -> bool:
     """Whether a run directory holds anything worth keeping: a checkpoint or a logged record."""
     if list_checkpoints(run_dir):
@@ -150,11 +161,17 @@ def claim_new_run_dir(out_dir: str | Path, run_name: str, default_prefix: str) -
             raise
         fd = _lock(run_dir)
         if any(p.name != LOCK_NAME for p in run_dir.iterdir()):
-            os.close(fd)
-            raise UserError(
-                f"run directory {run_dir} already exists and is not empty; nothing was overwritten. "
-                f"Continue it with --resume {run_dir}, or choose another run_name."
-            )
+            if not _restartable(run_dir):
+                os.close(fd)
+                raise UserError(
+                    f"run directory {run_dir} already exists and is not empty; nothing was overwritten. "
+                    f"Continue it with --resume {run_dir}, or choose another run_name."
+                )
+            print(f"warning: run directory {run_dir} holds no checkpoint (the run was stopped before its first "
+                  "one): starting it again from step 0; its earlier logs are replaced.", file=sys.stderr)
+            for p in run_dir.iterdir():
+                if p.name != LOCK_NAME:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         return RunDir(run_dir, fd, new=True, made=made)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     k = 1

@@ -36,6 +36,7 @@ from torch_mhc.train.config import (
     TrainConfig,
     UserError,
     build_config,
+    check_memory,
     config_from_dict,
     resume_changes,
 )
@@ -247,6 +248,8 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         raise UserError("init_from (a converted transformers model) is not supported under torchrun yet; "
                         "start from it with one process.")
     torch.manual_seed(cfg.seed)
+    if ctx is None and not cfg.init_from:  # before anything is allocated
+        check_memory(cfg, device, bytes_per_value=2 if autocast_dtype is not None else 4)
     if ctx is None:
         model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
     else:
