@@ -2,14 +2,28 @@
 routing on sigmoid affinities, and auxiliary-loss-free load balancing (a per-expert bias that only
 affects which experts are chosen, nudged after each step towards equal load).
 
-A plain loop over experts: correct and CPU-friendly; grouped-GEMM speed is left for later.
+The routed experts run grouped, with no host synchronisation: the ``tokens x top_k`` assignments are
+sorted by expert into one buffer (fixed shape ``[tokens * top_k, dim]``) with per-expert counts kept on
+the device, and each projection (w1, w3, w2) is one grouped GEMM over all experts
+(:func:`grouped_swiglu`): ``torch._grouped_mm`` on CUDA, or a padded batched matmul
+(:func:`padded_layout`, ``torch.bmm`` over expert-aligned blocks of rows) elsewhere. No shape depends on
+the routing, so nothing is read back to the host in forward or backward, for any number of experts.
+:meth:`MoE.forward_reference` keeps the plain loop over experts (one ``nonzero`` per expert) as the
+reference the grouped path is tested and benchmarked against.
+
+:func:`grouped_swiglu` takes rows already grouped by expert and a device tensor of counts, which is
+what an expert-parallel dispatch (all-to-all of per-expert token buckets) hands its local experts.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+IMPLS = ("auto", "grouped_mm", "padded", "reference")
 
 
 class SwiGLU(nn.Module):
@@ -25,12 +39,134 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def padded_layout(counts: torch.Tensor, n_rows: int, capacity: int, block: int):
+    """Where each row of an expert-sorted buffer goes in a padded one, with shapes fixed by the arguments.
+
+    ``counts [E]`` (device) rows per expert, ``n_rows = counts.sum()`` (known without reading ``counts``:
+    ``tokens * top_k``), ``capacity`` an upper bound of any one count. Each expert's rows are padded to
+    whole blocks of ``block`` rows; the buffer has ``n_blocks = ceil(n_rows / block) + E`` blocks, enough
+    for any counts. With ``block >= capacity`` the blocks are ``[E, capacity]`` buckets, block e holding
+    expert e. Returns ``dest [n_rows]`` (row of the padded buffer each sorted row goes to),
+    ``block_expert [n_blocks]`` (the expert of each block; trailing blocks hold zero rows) or None for
+    buckets, and ``(n_blocks, block)``.
+    """
+    E = counts.numel()
+    dev = counts.device
+    ends = counts.cumsum(0)
+    rows = torch.arange(n_rows, device=dev)
+    expert = torch.searchsorted(ends, rows, right=True)  # expert of each sorted row
+    within = rows - (ends - counts)[expert]
+    if block >= capacity:
+        return expert * capacity + within, None, (E, capacity)
+    padded = (counts + block - 1) // block * block
+    pends = padded.cumsum(0)
+    n_blocks = -(-n_rows // block) + E
+    starts = torch.arange(n_blocks, device=dev) * block
+    block_expert = torch.searchsorted(pends, starts, right=True).clamp_(max=E - 1)
+    return (pends - padded)[expert] + within, block_expert, (n_blocks, block)
+
+
+class _BlockMM(torch.autograd.Function):
+    """``x [nb, B, K] @ w[block_expert] [nb, K, N]``; saves ``w`` (not its per-block copy) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, w, block_expert):
+        ctx.save_for_backward(x, w, block_expert)
+        return torch.bmm(x, w.index_select(0, block_expert))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, block_expert = ctx.saved_tensors
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(dy, w.index_select(0, block_expert).transpose(1, 2))
+        if ctx.needs_input_grad[1]:  # per-block partial products summed per expert, in fp32 at least
+            acc = torch.promote_types(w.dtype, torch.float32)
+            partial = torch.bmm(x.transpose(1, 2), dy).to(acc)
+            dw = torch.zeros(w.shape, dtype=acc, device=w.device).index_add_(0, block_expert, partial).to(w.dtype)
+        return dx, dw, None
+
+
+def _padded_swiglu(xs, counts, w1, w3, w2, capacity: int, block: int):
+    n_rows, dim = xs.shape
+    dest, block_expert, (nb, b) = padded_layout(counts, n_rows, capacity, block)
+    xb = xs.new_zeros(nb * b, dim).index_copy(0, dest, xs).view(nb, b, dim)
+    if block_expert is None:
+        mm = torch.bmm
+    else:
+        def mm(a, w):
+            return _BlockMM.apply(a, w, block_expert)
+    h = F.silu(mm(xb, w1)) * mm(xb, w3)
+    return mm(h, w2).view(nb * b, dim).index_select(0, dest)
+
+
+def _grouped_mm_swiglu(xs, counts, w1, w3, w2):
+    offs = counts.cumsum(0).to(torch.int32)
+    h = F.silu(torch._grouped_mm(xs, w1, offs=offs)) * torch._grouped_mm(xs, w3, offs=offs)
+    return torch._grouped_mm(h, w2, offs=offs)
+
+
+_GROUPED_MM_OK: dict = {}
+
+
+def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward for ``dtype`` on ``device``: CUDA only
+    (on the CPU it exists in recent PyTorch but is slower than ``bmm`` and has no float64); probed once
+    per device and dtype on a tiny aligned problem."""
+    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float32):
+        return False
+    key = (str(device), dtype)
+    if key not in _GROUPED_MM_OK:
+        try:
+            x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+            torch._grouped_mm(x, w, offs=offs).backward(torch.ones(32, 16, device=device, dtype=dtype))
+            _GROUPED_MM_OK[key] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+def default_block(n_rows: int, n_experts: int) -> int:
+    """Rows per block of the padded path: a power of two near a quarter of the mean rows per expert
+    (padding then costs about a quarter more rows at worst on average), between 8 and 128."""
+    target = max(1, n_rows // (4 * n_experts))
+    return max(8, min(128, 1 << (target.bit_length() - 1)))
+
+
+def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+                   capacity: int | None = None, impl: str = "auto", block: int | None = None) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert: ``xs [N, dim]`` holds expert 0's ``counts[0]`` rows,
+    then expert 1's, ...; ``counts [E]`` stays on the device; ``w1, w3 [E, dim, H]``, ``w2 [E, H, dim]``.
+    Returns ``[N, dim]`` in the same order. One grouped GEMM per projection, no host sync: ``impl``
+    ``"grouped_mm"`` (``torch._grouped_mm``), ``"padded"`` (:func:`padded_layout` and ``bmm``; ``capacity``
+    bounds one expert's rows, N if not given) or ``"auto"`` (the first where available)."""
+    n_rows = xs.shape[0]
+    if impl == "auto":
+        ok = grouped_mm_available(xs.device, xs.dtype) and all(s * xs.element_size() % 16 == 0 for s in w2.shape[1:])
+        impl = "grouped_mm" if ok else "padded"
+    if impl == "grouped_mm":
+        return _grouped_mm_swiglu(xs, counts, w1, w3, w2)
+    if impl != "padded":
+        raise ValueError(f"grouped_swiglu: impl must be auto, grouped_mm or padded (got {impl!r})")
+    capacity = n_rows if capacity is None else min(capacity, n_rows)
+    return _padded_swiglu(xs, counts, w1, w3, w2, max(1, capacity), block or default_block(n_rows, counts.numel()))
+
+
 class MoE(nn.Module):
     """Routed + shared SwiGLU experts. ``[..., dim] -> [..., dim]``.
 
     Router: ``s = sigmoid(x W_r)`` ``[tokens, E]``; experts chosen by top-k of ``s + bias``; gates are
     the chosen ``s`` normalised to sum 1. ``bias`` is a buffer, updated by :meth:`update_bias` from the
     expert loads counted in the forward passes since the last update.
+
+    ``impl`` (an attribute, not saved): ``"auto"`` (grouped: ``torch._grouped_mm`` on CUDA where it runs,
+    else the padded batched matmul), ``"grouped_mm"``, ``"padded"``, or ``"reference"`` (the loop over
+    experts, :meth:`forward_reference`). ``block``: rows per block of the padded path (None: by shape).
+    The grouped forward and backward make no host sync (no ``.item()``, ``nonzero``, boolean indexing or
+    other data-dependent shape), for any number of experts: the routing only changes values (sort
+    order, counts on the device), never a shape.
     """
 
     def __init__(self, dim: int, n_routed: int, n_shared: int, top_k: int, expert_hidden: int, bias_rate: float = 1e-3):
@@ -38,6 +174,7 @@ class MoE(nn.Module):
         if not 1 <= top_k <= n_routed:
             raise ValueError(f"MoE needs 1 <= top_k <= n_routed_experts, got top_k={top_k}, n_routed={n_routed}")
         self.n_routed, self.top_k, self.bias_rate = n_routed, top_k, bias_rate
+        self.impl, self.block = "auto", None
         self.router = nn.Linear(dim, n_routed, bias=False)
         self.w1 = nn.Parameter(torch.empty(n_routed, dim, expert_hidden))
         self.w3 = nn.Parameter(torch.empty(n_routed, dim, expert_hidden))
@@ -54,6 +191,38 @@ class MoE(nn.Module):
         return idx, gates / gates.sum(-1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "reference":
+            return self.forward_reference(x)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        tokens, k = x.shape[0], self.top_k
+        idx, gates = self.route(x)
+        flat = idx.flatten()  # assignment a = token * k + slot
+        counts = torch.zeros(self.n_routed, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (bincount would read its maximum back on CUDA)
+        if self.training:
+            self.load += counts.to(self.load.dtype)
+        order = torch.argsort(flat, stable=True)  # assignments grouped by expert, token order within each
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:  # the expert GEMMs in the autocast dtype, as autocast runs the reference's matmuls
+            dtype = torch.get_autocast_dtype(x.device.type)
+            xs, w1, w3, w2 = x.to(dtype), w1.to(dtype), w3.to(dtype), w2.to(dtype)
+        else:
+            xs = x.to(w1.dtype)
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            ys = grouped_swiglu(xs.index_select(0, order // k), counts, w1, w3, w2, capacity=tokens,
+                                impl=self.impl, block=self.block)
+        y = (ys.index_select(0, inverse).view(tokens, k, -1) * gates.unsqueeze(-1)).sum(1)
+        out = y.to(x.dtype)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out.reshape(shape)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop over experts (the implementation before the grouped path): one ``nonzero`` per expert
+        and a ``bincount`` per call read data-dependent shapes. Kept for tests and ``bench/bench_moe.py``."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         idx, gates = self.route(x)
@@ -79,7 +248,10 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded."""
-        if self.load.sum() > 0:
-            self.bias += self.bias_rate * torch.sign(self.load.mean() - self.load)
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded.
+
+        On the device, no host sync: with no load counted (all zero) ``sign(mean - load)`` is 0 and the
+        bias stays as it is. Under data parallelism the caller sums ``load`` over the ranks first
+        (``torch_mhc.distributed.parallelize.sync_moe_load``), so every rank makes the same update."""
+        self.bias += self.bias_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
