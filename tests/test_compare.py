@@ -281,10 +281,10 @@ def test_a_really_diverging_arm(tmp_path, shakespeare):
 
 # ---- real signals to a real `mhc compare --jobs 2` -------------------------------------------------
 
-SIGNAL_PROTOCOL = [  # ~20 steps/s per worker: the runs still train when both have their first checkpoint
+SIGNAL_PROTOCOL = [  # 200 steps: 1-10 s a run, so both still train when both have written a checkpoint
     *[kv for kv in TINY_PROTOCOL if not kv.startswith(("steps=", "log_every=", "eval_every=", "ckpt_every=",
                                                       "diag_every="))],
-    "steps=100", "log_every=50", "eval_every=50", "ckpt_every=5", "diag_every=0",
+    "steps=200", "log_every=50", "eval_every=100", "ckpt_every=5", "diag_every=0",
 ]
 RUNS = ("residual-lr0.001-seed1", "mhc-lr0.001-seed1")
 
@@ -343,7 +343,7 @@ def _workers_training(proc: subprocess.Popen, out: Path, log: Path, timeout: flo
         if pids and set(pids.values()) <= set(_descendants(proc.pid)) and all(
                 list_checkpoints(d) and list_checkpoints(d)[-1].name > before[d] for d in dirs):
             return pids
-        time.sleep(0.1)
+        time.sleep(0.05)
     raise AssertionError(f"the runs did not start training in {timeout} s:\n{log.read_text()}")
 
 
