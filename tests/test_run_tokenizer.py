@@ -51,7 +51,7 @@ def _train(root, data, name, *extra):
     return root / name
 
 
-def test_compare_measures_test_loss_with_the_runs_tokenizer(tmp_path, corpus):
+def test_compare_measures_test_loss_with_the_runs_tokenizer(tmp_path, corpus, capsys):
     """compare with bpe:300 on Shakespeare: the run stores the BPE trained on Shakespeare, and its test loss is the
     loss of the run's checkpoint on the test split tokenised with that BPE (not one trained on the stdlib)."""
     from torch_mhc.reports.compare import TEST_BATCHES_PER_EVAL_BATCH, compare
@@ -73,6 +73,11 @@ def test_compare_measures_test_loss_with_the_runs_tokenizer(tmp_path, corpus):
                         torch.device("cpu"), None, split.bytes_per_token)
     assert row["test_loss"] == pytest.approx(expected["val_loss"], rel=1e-6)
     assert row["test_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-6)
+
+    (run_dir / "result.json").unlink()  # --resume measures the test loss again: with a changed tokenizer, never
+    (run_dir / RUN_TOKENIZER).write_text((run_dir / RUN_TOKENIZER).read_text() + "\n")  # still valid JSON
+    assert main(["compare", "--resume", str(out)]) == 2
+    assert str(run_dir / RUN_TOKENIZER) in capsys.readouterr().err
 
 
 def test_a_grown_data_file_changes_nothing_of_a_finished_run(tmp_path, corpus, capsys):
