@@ -9,13 +9,22 @@ ranks (its metadata is written last, by rank 0, after every shard), rank 0 write
 fsyncs and renames the directory to its final name. A crash at any point before the rename leaves
 only a ``.tmp`` directory, which is ignored (and removed by the next save): the previous checkpoint
 stays the latest one. Needs a file system every rank can see (as DCP's file writer does).
+
+Integrity and safety, as for single-process checkpoints: before the rename, ``checksums.sha256``
+(``sha256sum -c`` format) records the SHA-256 of every file in the directory (the hashing shared
+among the ranks); a load verifies every file against it first (shared among the ranks again) and
+refuses a directory with a changed, missing or unlisted file. Nothing is unpickled with code:
+``.metadata`` (which DCP reads with plain ``pickle``) through an allowlist of DCP's own metadata
+classes, ``trainer.pt`` and DCP's byte items with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,15 +32,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from torch_mhc.errors import UserError
+from torch_mhc.serialization import file_sha256, load_torch_file, restricted_unpickle
 
 DCP_RE = re.compile(r"^dcp_step_(\d+)$")
 TRAINER_FILE = "trainer.pt"
+MANIFEST = "checksums.sha256"
 
 
 def _rank() -> int:
@@ -49,6 +61,129 @@ def _single_process_quiet():
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gathered(local: dict) -> dict:
+    """The union of every rank's ``local`` dict (``local`` itself without a process group)."""
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+# ------------------------------------------------------------------ loading without running code
+_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                     ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+                     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+def _metadata_global(module: str, name: str) -> bool:
+    """What DCP's ``.metadata`` may name: its own metadata dataclasses, storage info, sizes, paths and
+    torch's dtypes, layouts and memory formats; nothing that runs code."""
+    if (module, name) in _METADATA_GLOBALS:
+        return True
+    obj = getattr(sys.modules.get(module), name, None)
+    if module == _METADATA_MODULE:
+        return isinstance(obj, type) and obj.__module__ == module
+    return module == "torch" and isinstance(obj, (torch.dtype, torch.layout, torch.memory_format))
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with ``.metadata`` unpickled through :func:`_metadata_global` (torch uses
+    plain ``pickle.load``). Tensors are read as DCP reads them (``weights_only=True``)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            metadata = restricted_unpickle(f, _metadata_global, path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = getattr(self, "load_id", None)
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner with its byte items (the optimizer's hyperparameters) unpickled with
+    ``weights_only=True`` (DCP itself unpickles them with no allowlist)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.refusal = path, None
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = load_torch_file(value, "distributed checkpoint", f"{self.path} (item {read_item.dest_index.fqn})")
+        except UserError as e:
+            self.refusal = e  # DCP wraps what its readers raise: _load raises this one
+            raise
+        vetted = io.BytesIO()
+        torch.save(obj, vetted)  # DCP's own bookkeeping, on bytes made from the vetted object
+        vetted.seek(0)
+        super().load_bytes(read_item, vetted)
+
+
+def _load(state: dict, path: Path, no_dist: bool) -> None:
+    planner = SafePlanner(path)
+    try:
+        with _single_process_quiet():
+            dcp.load(state, storage_reader=SafeReader(path), planner=planner, no_dist=no_dist)
+    except BaseException:  # DCP's CheckpointException is a BaseException
+        if planner.refusal is not None:
+            raise planner.refusal from None
+        raise
+
+
+# ------------------------------------------------------------------ integrity
+def _files(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST)
+
+
+def _hash_shared(path: Path, names: list[str]) -> dict[str, str]:
+    """SHA-256 of ``path/name`` for every name, each rank hashing every world-size-th file."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return _gathered({n: file_sha256(path / n) for n in names[rank::_world()]})
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    """``{file name: SHA-256}`` from ``path/checksums.sha256``; UserError when it is missing or unreadable."""
+    try:
+        lines = (path / MANIFEST).read_text().splitlines()
+        return {name: digest for digest, name in (line.split(None, 1) for line in lines if line.strip())}
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise UserError(
+            f"distributed checkpoint {path} has no readable {MANIFEST}, so it cannot be verified (an interrupted "
+            f"or older torch-mhc save, or a copy). If you know it is good, record its checksums with "
+            f"`sha256sum .metadata * > {MANIFEST}` in {path}.") from None
+
+
+def _committed(path: str | Path) -> Path:
+    path = Path(path)
+    if not (path / TRAINER_FILE).is_file() or not (path / ".metadata").is_file():
+        raise UserError(f"{path} is not a committed distributed checkpoint (no {TRAINER_FILE} or .metadata).")
+    return path
+
+
+def verify_dcp_checkpoint(path: str | Path) -> None:
+    """Collective under a process group: raise UserError (on every rank) unless every file of the
+    checkpoint directory ``path`` matches ``checksums.sha256`` and no file is missing or unlisted."""
+    path = _committed(path)
+    expected = _read_manifest(path)  # every rank sees the same shared directory: all raise, or all go on
+    present = _files(path)
+    actual = _hash_shared(path, [n for n in sorted(expected) if n in present])
+    problems = [f"{n}: missing" for n in sorted(expected) if n not in present]
+    problems += [f"{n}: not listed in {MANIFEST}" for n in present if n not in expected]
+    problems += [f"{n}: SHA-256 differs" for n in sorted(actual) if actual[n] != expected[n]]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"distributed checkpoint {path} is corrupt: {'; '.join(problems[:3])}{more}. It was not "
+                        "loaded; delete it (or move it aside) to fall back on an earlier checkpoint of the run.")
 
 
 def dcp_dir(run_dir: str | Path, step: int) -> Path:
@@ -123,13 +258,15 @@ def save_distributed(run_dir: str | Path, step: int, model, optimizer, trainer_s
     state = _unstrided({"model": model_sd, "optim": optim_sd})
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    digests = _hash_shared(tmp, _files(tmp))  # DCP's shards and .metadata, all written when dcp.save returns
     if _rank() == 0:
-        state = {**trainer_state, "step": step, "rng": torch.get_rng_state(),
-                 "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        state = {**trainer_state, "step": step, "rng": torch.get_rng_state(), "world_size": _world()}
         with open(tmp / TRAINER_FILE, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        digests[TRAINER_FILE] = file_sha256(tmp / TRAINER_FILE)
+        (tmp / MANIFEST).write_text("".join(f"{d}  {n}\n" for n, d in sorted(digests.items())))
         for p in tmp.iterdir():
             if p.is_file():
                 with open(p, "rb") as f:
@@ -142,20 +279,25 @@ def save_distributed(run_dir: str | Path, step: int, model, optimizer, trainer_s
 
 
 def read_trainer_state(path: str | Path) -> dict:
-    """``trainer.pt`` of a committed checkpoint directory (UserError when it is not one)."""
-    path = Path(path)
-    if not (path / TRAINER_FILE).is_file() or not (path / ".metadata").is_file():
-        raise UserError(f"{path} is not a committed distributed checkpoint (no {TRAINER_FILE} or .metadata).")
-    try:
-        return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - corrupt files raise many types
-        raise UserError(f"{path / TRAINER_FILE} is corrupt ({type(e).__name__}: {e}).") from None
+    """``trainer.pt`` of a committed checkpoint directory, checked against ``checksums.sha256`` and
+    loaded with ``weights_only=True`` (UserError when it is not one, or does not verify)."""
+    path = _committed(path)
+    trainer = path / TRAINER_FILE
+    if _read_manifest(path).get(TRAINER_FILE) != file_sha256(trainer):
+        raise UserError(f"distributed checkpoint {path} is corrupt: {TRAINER_FILE}: SHA-256 differs from "
+                        f"{MANIFEST} (or is not listed). It was not loaded.")
+    state = load_torch_file(trainer, "distributed checkpoint file")
+    if not isinstance(state, dict) or "step" not in state:
+        raise UserError(f"{trainer} is not a torch-mhc trainer state (no step).")
+    return state
 
 
 def tensor_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Global shape and dtype of every tensor a DCP checkpoint holds, by flattened key (``model.embed.weight``)."""
     try:
-        meta = dcp.FileSystemReader(str(path)).read_metadata()
+        meta = SafeReader(str(path)).read_metadata()
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read the DCP metadata of {path} ({type(e).__name__}: {e}).") from None
     return {k: (tuple(v.size), v.properties.dtype) for k, v in meta.state_dict_metadata.items()
@@ -179,14 +321,14 @@ def load_distributed(path: str | Path, model, optimizer=None) -> dict:
     """Collective: load a DCP checkpoint into ``model`` (and ``optimizer``) on any number of ranks and
     any mesh; returns the trainer state (step, scheduler, config, ...)."""
     path = Path(path)
+    verify_dcp_checkpoint(path)
     trainer_state = read_trainer_state(path)
     opts = StateDictOptions(strict=True)
     if optimizer is None:
         like = {"model": get_state_dict(model, [])[0]}
         check_model_fits(path, like["model"])
         state = _unstrided(like)
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        _load(state, path, no_dist=not dist.is_initialized())
         state = _restrided(state, like)
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=opts)
     else:
@@ -194,8 +336,7 @@ def load_distributed(path: str | Path, model, optimizer=None) -> dict:
         check_model_fits(path, model_sd)
         like = {"model": model_sd, "optim": optim_sd}
         state = _unstrided(like)
-        with _single_process_quiet():
-            dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+        _load(state, path, no_dist=not dist.is_initialized())
         state = _restrided(state, like)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=opts)
@@ -205,12 +346,13 @@ def load_distributed(path: str | Path, model, optimizer=None) -> dict:
 def export_weights(path: str | Path, out: str | Path) -> Path:
     """Gather the model tensors of a DCP checkpoint into one safetensors file (one process, no model needed)."""
     path, out = Path(path), Path(out)
+    verify_dcp_checkpoint(path)
+    read_trainer_state(path)  # a torch-mhc checkpoint through and through, or refused as any load would
     shapes = {k: v for k, v in tensor_shapes(path).items() if k.startswith("model.")}
     if not shapes:
         raise UserError(f"{path} holds no model tensors.")
     state = {k: torch.empty(shape, dtype=dtype) for k, (shape, dtype) in shapes.items()}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=True)
+    _load(state, path, no_dist=True)
     tensors = {k[len("model."):]: v.contiguous() for k, v in state.items()}
     return save_safetensors(tensors, out, {"format": "pt", "source": str(path)})
 

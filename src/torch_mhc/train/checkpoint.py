@@ -4,8 +4,10 @@
 disk; its SHA-256 goes to ``step_XXXXXXX.pt.sha256`` (``sha256sum`` format, written atomically
 first), then the temporary file is renamed over the final name. So every finished checkpoint has a
 checksum, a crash mid-write leaves the previous checkpoints intact, and a later bit flip is caught:
-``load_checkpoint`` verifies the checksum before it unpickles anything. A checkpoint without a valid
-checksum is never loaded, and pruning never counts it as one of the ``keep`` newest.
+``load_checkpoint`` verifies the checksum before it unpickles anything, and unpickles with
+``weights_only=True`` (``serialization.load_torch_file``): a file that asks to run code is refused.
+A checkpoint without a valid checksum is never loaded, and pruning never counts it as one of the
+``keep`` newest.
 
 A checkpoint holds the model, optimizer, scheduler, step, RNG states and the run's config. Only
 finite weights are saved (``save_checkpoint`` raises ``DivergedError`` otherwise), so the newest
@@ -14,7 +16,6 @@ checkpoint of a diverged run is the last good one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -25,12 +26,12 @@ import torch
 
 from torch_mhc.distributed.checkpoint import DCP_RE, list_dcp_checkpoints
 from torch_mhc.errors import discard, write_error
+from torch_mhc.serialization import file_sha256, load_torch_file
 from torch_mhc.train.config import DivergedError, UserError
 
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 TEMP_RE = re.compile(r"^\.(step_\d+\.pt(\.sha256)?)\.tmp\d+$")
 HASH_SUFFIX = ".sha256"
-_CHUNK = 1 << 22
 
 # (path, size, mtime_ns) -> True for files this process hashed and found valid: a checkpoint is read
 # in full at most once per process (when it is written, or on its first load).
@@ -48,14 +49,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
     return [p for _, p in sorted(found)]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def hash_path(path: Path) -> Path:
@@ -274,13 +267,7 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
         verify_checkpoint(path)
     elif not path.is_file():
         raise UserError(f"checkpoint {path} does not exist.")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - truncated or corrupt files raise many types
-        raise UserError(
-            f"checkpoint {path} is corrupt or truncated and cannot be read ({type(e).__name__}: {e}). "
-            "Delete it to fall back on an earlier checkpoint of the run, or start a new run."
-        ) from None
+    state = load_torch_file(path)  # weights_only: nothing in the file runs
     if not isinstance(state, dict) or not {"step", "model", "config"} <= state.keys():
         raise UserError(f"{path} is not a torch-mhc checkpoint (missing step, model or config).")
     return state

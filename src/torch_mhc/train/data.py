@@ -373,7 +373,7 @@ def _read_cache(cache: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        tokens = np.load(cache, mmap_mode="r")
+        tokens = np.load(cache, mmap_mode="r", allow_pickle=False)
         ok = tokens.ndim == 1 and tokens.size == meta["tokens"] and tokens_sha256(tokens) == meta["sha256"]
     except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
         ok, why = False, f"{type(e).__name__}: {e}"
@@ -424,7 +424,7 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
             raise UserError(f"token file {path} does not exist.")
         check_regular_file(path, "token file")
         try:
-            tokens = np.load(path, mmap_mode="r")
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise UserError(f"token file {path} is not a readable .npy array: {e}.") from None
         if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
@@ -462,7 +462,7 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
     meta_path.unlink(missing_ok=True)  # no metadata vouches for the cache while it is replaced
     _write_atomic(cache, lambda f: np.save(f, tokens))
     _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-    return np.load(cache, mmap_mode="r"), {**meta, "cached": False}
+    return np.load(cache, mmap_mode="r", allow_pickle=False), {**meta, "cached": False}
 
 
 def split_off_test(tokens: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
