@@ -72,34 +72,41 @@ def build_model(model_cfg, ctx: DistContext, device: torch.device, *, compile: b
                 param_dtype: torch.dtype | None = None):
     """The parallelized ``DecoderLM`` with exactly the one-process initial weights.
 
-    FSDP2: every rank builds the model on the meta device and shards it; only rank 0 builds the full
-    model (on the CPU, seeded as the plain run is), and its weights are scattered to the shards
-    (``broadcast_from_rank0``), so no other rank ever holds a full copy. DDP replicates the whole
-    model anyway, and the strided qkv shards of tensor parallel are not scattered correctly by
-    ``broadcast_from_rank0``: there every rank builds the full model (same seed, same weights) and
-    ``parallelize`` cuts its share out.
+    FSDP2, HSDP and TP: every rank builds the model on the meta device and parallelizes it; only
+    rank 0 builds the full model (on the CPU, seeded as the plain run is), and each tensor is
+    broadcast from it and cut into this rank's shard one at a time (``distribute_tensor`` without
+    communication), so no other rank holds more than one whole tensor at a time. DDP (with or
+    without TP) and TP x FSDP keep the plain build: every rank builds the model (same seed, same
+    weights) and ``parallelize`` cuts its share out. DDP replicates the whole model anyway; under
+    TP x FSDP the qkv weight is strided on both mesh dims and ``distribute_tensor`` cuts it
+    differently from ``fully_shard`` over TP (tests/test_distributed_build.py).
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     from torch_mhc.distributed.parallelize import parallelize
     from torch_mhc.models.decoder import DecoderLM, rope_tables
 
-    if ctx.dims.dp_mode == "ddp" or ctx.dims.tp > 1:
+    if ctx.dims.dp_mode == "ddp" or (ctx.dims.tp > 1 and ctx.dims.dp_shard > 1):
         return parallelize(DecoderLM(model_cfg).to(device), ctx.dims, ctx.mesh, compile=compile,
                            param_dtype=param_dtype)
-    full = DecoderLM(model_cfg) if ctx.is_main else None
+    full = DecoderLM(model_cfg).state_dict() if ctx.is_main else None
     with torch.device("meta"):
         model = DecoderLM(model_cfg)
     parallelize(model, ctx.dims, ctx.mesh, compile=compile, param_dtype=param_dtype)
     model.to_empty(device=device)
-    with torch.no_grad():  # buffers outside the state dict
+    with torch.no_grad():
         cos, sin = rope_tables(model_cfg.max_seq_len, model_cfg.dim // model_cfg.n_heads, model_cfg.rope_theta)
-        model.rope_cos.copy_(cos)
+        model.rope_cos.copy_(cos)  # buffers outside the state dict
         model.rope_sin.copy_(sin)
         for moe in model.moe_layers():
             moe.reset_balance()
-    set_model_state_dict(model, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        for name, t in model.state_dict().items():  # one whole tensor at a time: broadcast, keep this rank's part
+            whole = full[name].to(device) if full is not None else torch.empty(t.shape, dtype=t.dtype, device=device)
+            dist.broadcast(whole, src=0)
+            if isinstance(t, DTensor):  # a local cut (src_data_rank=None), right for TP's strided qkv too
+                whole = distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local()
+                t = t.to_local()
+            t.copy_(whole)
     return model
 
 
