@@ -53,3 +53,15 @@ def test_bench_sublayer_fused_cases_through_the_interpreter(tmp_path, monkeypatc
                                          "--out", str(out)], monkeypatch)
     impls = {r["impl"] for r in json.loads(out.read_text())["rows"]}
     assert {"fused", "fused, 4-stack", "fused, 4-stack, chained backward", "reference"} <= impls
+
+
+def test_bench_moe_counts_the_loops_host_syncs(tmp_path, monkeypatch):
+    """bench_moe.py times the loop and every grouped implementation and reports their host syncs: the loop's
+    nonzero per expert and bincount, none for the grouped ones."""
+    out = tmp_path / "r.json"
+    run_script("bench_moe.py", ["--shapes", "64:16:4:2:8", "--reps", "1", "--out", str(out)], monkeypatch)
+    result = json.loads(out.read_text())
+    assert result["command"] and result["device"] and result["torch"]
+    (row,) = result["rows"]
+    assert row["host_syncs"] == {"reference": 4 + 1, "padded": 0, "buckets": 0, "grouped_mm": 0}
+    assert set(row["ms"]) == {"reference", "padded", "buckets", "grouped_mm"}

@@ -8,7 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mhc.models import DecoderLM, ModelConfig, MoE
-from torch_mhc.models.moe import grouped_swiglu, padded_layout
+from torch_mhc.models.moe import grouped_mm_available, grouped_swiglu, padded_layout
 
 aten = torch.ops.aten
 # ops that read a tensor's values back to the host (item, bool, int) or whose output shape depends on them
@@ -96,9 +96,18 @@ def test_grouped_equals_the_loop_float64(impl, block, routing):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
-def test_grouped_mm_on_cpu_equals_the_loop_float32():
-    """torch._grouped_mm (CUDA's grouped path) also runs on the CPU in float32 (no float64): same results
-    within float32 summation order."""
+def test_grouped_mm_on_cpu_equals_the_loop_float32(monkeypatch):
+    """torch._grouped_mm runs on the CPU in float32 (not float64): same results within float32 summation
+    order; "auto" takes it for float32 with 16-byte aligned widths, the padded bmm for float64 or odd widths."""
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(a[0].dtype) or grouped_mm(*a, **k))
+    assert grouped_mm_available(torch.device("cpu"), torch.float32)
+    assert not grouped_mm_available(torch.device("cpu"), torch.float64)
+    for dtype, dim, used in ((torch.float64, 16, False), (torch.float32, 18, False), (torch.float32, 16, True)):
+        calls.clear()
+        random_moe(dim=dim, dtype=dtype)(torch.randn(5, dim, dtype=dtype))
+        assert calls == ([dtype] * 3 if used else [])
     moe = random_moe(dtype=torch.float32)
     x = torch.randn(2, 21, 16)
     y0, g0, load0 = run(moe, x, "reference")
@@ -146,15 +155,16 @@ def test_autocast_bfloat16_matches_the_loop():
     moe = random_moe(dim=32, hidden=16, dtype=torch.float32)
     x = torch.randn(64, 32)
     outs = {}
-    for impl in ("reference", "padded"):
+    for impl in ("reference", "padded", "grouped_mm"):
         moe.impl = impl
         xg = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = moe(xg)
         outs[impl] = (y, *torch.autograd.grad(y.float().pow(2).sum(), [xg, moe.w1]))
-    assert outs["padded"][0].dtype == outs["reference"][0].dtype
-    for a, b in zip(outs["padded"], outs["reference"]):
-        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
+    for impl in ("padded", "grouped_mm"):
+        assert outs[impl][0].dtype == outs["reference"][0].dtype
+        for a, b in zip(outs[impl], outs["reference"]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02 * b.abs().max().item())
 
 
 def moe_model(dtype=torch.float32, **kw):
@@ -173,13 +183,14 @@ def set_impl(model, impl):
 def test_host_syncs_of_the_moe_path():
     """Forward + backward of a 4-block model (3 MoE layers, 8 experts) and the balancing update: the loop makes
     one nonzero per expert per layer and a bincount per layer; the grouped path makes none, so the model makes
-    exactly the syncs of the same model with dense FFNs (the mHC connections' finiteness checks)."""
+    exactly the syncs of the same model with dense FFNs (the mHC connections' finiteness checks), with the
+    padded bmm and with torch._grouped_mm ("auto" on the CPU in float32)."""
     counts = {}
-    for name, kw in (("dense", dict(moe=False)), ("reference", {}), ("grouped", {})):
+    for name, kw in (("dense", dict(moe=False)), ("reference", {}), ("padded", {}), ("auto", {})):
         torch.manual_seed(0)
         cfg = dict(vocab_size=64, dim=32, n_layers=4, n_heads=2, max_seq_len=16, moe=True, n_routed_experts=8,
                    top_k=2, first_dense_layers=1)
-        model = set_impl(DecoderLM(ModelConfig(**{**cfg, **kw})), "reference" if name == "reference" else "auto")
+        model = set_impl(DecoderLM(ModelConfig(**{**cfg, **kw})), name)
         x = torch.randint(0, 64, (2, 16))
         with CountSyncs() as c:
             _, loss = model(x, x)
@@ -191,7 +202,7 @@ def test_host_syncs_of_the_moe_path():
     moe_layers, experts = 3, 8
     assert counts["reference"]["aten.nonzero.default"] == moe_layers * experts
     assert counts["reference"]["aten.bincount.default"] == moe_layers
-    assert counts["grouped"] == counts["dense"]
+    assert counts["padded"] == counts["auto"] == counts["dense"]
     assert set(counts["dense"]) <= {"aten._local_scalar_dense.default"}
 
 
@@ -225,17 +236,18 @@ def test_model_outputs_and_gradients_float64(kw):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-13, msg=name)
 
 
-@pytest.mark.parametrize("kw", MODEL_CASES, ids=["mhc", "v4-head"])
-def test_fp32_loss_curve_unchanged(kw):
+@pytest.mark.parametrize("kw, impl", [({}, "padded"), ({}, "auto"), (MODEL_CASES[1], "auto")],
+                         ids=["mhc-padded", "mhc-auto", "v4-head-auto"])
+def test_fp32_loss_curve_unchanged(kw, impl):
     """Eight AdamW steps on one batch with the balancing update after each: the grouped path's fp32 loss curve
     equals the loop's within rtol 1e-5 (summation order only; measured 0 and 1.1e-7), and the balancing
     biases are identical (the same routing)."""
     curves, biases = {}, {}
-    for impl in ("reference", "auto"):
-        model = set_impl(moe_model(**kw), impl)
+    for name in ("reference", impl):
+        model = set_impl(moe_model(**kw), name)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         x = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(5))
-        curves[impl] = []
+        curves[name] = []
         for _ in range(8):  # one batch again and again: the loss falls fast
             _, loss = model(x[:, :-1], x[:, 1:])
             loss.backward()
@@ -243,9 +255,9 @@ def test_fp32_loss_curve_unchanged(kw):
             opt.zero_grad()
             for moe in model.moe_layers():
                 moe.update_bias()
-            curves[impl].append(loss.item())
-        biases[impl] = torch.stack([m.bias for m in model.moe_layers()])
+            curves[name].append(loss.item())
+        biases[name] = torch.stack([m.bias for m in model.moe_layers()])
     assert curves["reference"][-1] < curves["reference"][0] - 0.1  # it trains
     assert biases["reference"].abs().max() > 0  # the routing bias moved
-    torch.testing.assert_close(torch.tensor(curves["auto"]), torch.tensor(curves["reference"]), rtol=1e-5, atol=0)
-    assert torch.equal(biases["auto"], biases["reference"])
+    torch.testing.assert_close(torch.tensor(curves[impl]), torch.tensor(curves["reference"]), rtol=1e-5, atol=0)
+    assert torch.equal(biases[impl], biases["reference"])

@@ -5,8 +5,9 @@ affects which experts are chosen, nudged after each step towards equal load).
 The routed experts run grouped, with no host synchronisation: the ``tokens x top_k`` assignments are
 sorted by expert into one buffer (fixed shape ``[tokens * top_k, dim]``) with per-expert counts kept on
 the device, and each projection (w1, w3, w2) is one grouped GEMM over all experts
-(:func:`grouped_swiglu`): ``torch._grouped_mm`` on CUDA, or a padded batched matmul
-(:func:`padded_layout`, ``torch.bmm`` over expert-aligned blocks of rows) elsewhere. No shape depends on
+(:func:`grouped_swiglu`): ``torch._grouped_mm`` where it runs (CUDA; the CPU in float32 and bfloat16),
+or a padded batched matmul (:func:`padded_layout`, ``torch.bmm`` over expert-aligned blocks of rows)
+elsewhere (float64, widths that break ``_grouped_mm``'s 16-byte alignment, other devices). No shape depends on
 the routing, so nothing is read back to the host in forward or backward, for any number of experts.
 :meth:`MoE.forward_reference` keeps the plain loop over experts (one ``nonzero`` per expert) as the
 reference the grouped path is tested and benchmarked against.
@@ -96,8 +97,8 @@ def _padded_swiglu(xs, counts, w1, w3, w2, capacity: int, block: int):
     else:
         def mm(a, w):
             return _BlockMM.apply(a, w, block_expert)
-    h = F.silu(mm(xb, w1)) * mm(xb, w3)
-    return mm(h, w2).view(nb * b, dim).index_select(0, dest)
+    h1, h3 = mm(xb, torch.cat([w1, w3], dim=2)).chunk(2, dim=2)  # w1 and w3 in one GEMM
+    return mm(F.silu(h1) * h3, w2).view(nb * b, dim).index_select(0, dest)
 
 
 def _grouped_mm_swiglu(xs, counts, w1, w3, w2):
@@ -110,10 +111,11 @@ _GROUPED_MM_OK: dict = {}
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward for ``dtype`` on ``device``: CUDA only
-    (on the CPU it exists in recent PyTorch but is slower than ``bmm`` and has no float64); probed once
-    per device and dtype on a tiny aligned problem."""
-    if device.type != "cuda" or not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float32):
+    """Whether ``torch._grouped_mm`` runs forward and backward for ``dtype`` on ``device``, probed once per
+    device and dtype on a tiny aligned problem. CUDA and CPU only (PyTorch 2.13 runs it on the CPU in float32
+    and bfloat16, not float64; there it beat the padded ``bmm`` and the loop, see bench/results/moe_cpu.md)."""
+    if device.type not in ("cuda", "cpu") or not hasattr(torch, "_grouped_mm") or \
+            dtype not in (torch.bfloat16, torch.float32):
         return False
     key = (str(device), dtype)
     if key not in _GROUPED_MM_OK:
@@ -129,10 +131,12 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def default_block(n_rows: int, n_experts: int) -> int:
-    """Rows per block of the padded path: a power of two near a quarter of the mean rows per expert
-    (padding then costs about a quarter more rows at worst on average), between 8 and 128."""
+    """Rows per block of the padded path: the power of two at most a quarter of the mean rows per expert,
+    between 16 and 128. The padded buffer always holds ``n_rows + E * block`` rows (its shape may not
+    depend on the counts), so this bounds the extra GEMM rows to about a quarter; smaller blocks make
+    ``bmm`` slow on the CPU (measured: blocks of 8 take 3-4x the time of 64)."""
     target = max(1, n_rows // (4 * n_experts))
-    return max(8, min(128, 1 << (target.bit_length() - 1)))
+    return max(16, min(128, 1 << (target.bit_length() - 1)))
 
 
 def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
@@ -161,8 +165,8 @@ class MoE(nn.Module):
     the chosen ``s`` normalised to sum 1. ``bias`` is a buffer, updated by :meth:`update_bias` from the
     expert loads counted in the forward passes since the last update.
 
-    ``impl`` (an attribute, not saved): ``"auto"`` (grouped: ``torch._grouped_mm`` on CUDA where it runs,
-    else the padded batched matmul), ``"grouped_mm"``, ``"padded"``, or ``"reference"`` (the loop over
+    ``impl`` (an attribute, not saved): ``"auto"`` (grouped: ``torch._grouped_mm`` where it runs, else the
+    padded batched matmul), ``"grouped_mm"``, ``"padded"``, or ``"reference"`` (the loop over
     experts, :meth:`forward_reference`). ``block``: rows per block of the padded path (None: by shape).
     The grouped forward and backward make no host sync (no ``.item()``, ``nonzero``, boolean indexing or
     other data-dependent shape), for any number of experts: the routing only changes values (sort
