@@ -96,6 +96,19 @@ def test_grouped_equals_the_loop_float64(impl, block, routing):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+def test_grouped_mm_probe_works_without_gradients_and_draws_no_random_numbers(monkeypatch):
+    """The probe behind "auto" (once per device and dtype) gives the same answer under no_grad and
+    inference_mode, and leaves the global generator as it was (the training curve does not depend on it)."""
+    from torch_mhc.models import moe as moe_module
+
+    for context in (torch.no_grad, torch.inference_mode):
+        monkeypatch.setattr(moe_module, "_GROUPED_MM_OK", {})
+        state = torch.random.get_rng_state()
+        with context():
+            assert grouped_mm_available(torch.device("cpu"), torch.float32)
+        assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_grouped_mm_on_cpu_equals_the_loop_float32(monkeypatch):
     """torch._grouped_mm runs on the CPU in float32 (not float64): same results within float32 summation
     order; "auto" takes it for float32 with 16-byte aligned widths, the padded bmm for float64 or odd widths."""
@@ -192,6 +205,7 @@ def test_host_syncs_of_the_moe_path():
                    top_k=2, first_dense_layers=1)
         model = set_impl(DecoderLM(ModelConfig(**{**cfg, **kw})), name)
         x = torch.randint(0, 64, (2, 16))
+        model(x, x)  # a first forward probes torch._grouped_mm once per process (grouped_mm_available)
         with CountSyncs() as c:
             _, loss = model(x, x)
             loss.backward()

@@ -119,14 +119,18 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
         return False
     key = (str(device), dtype)
     if key not in _GROUPED_MM_OK:
-        try:
-            x = torch.randn(32, 16, device=device, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
-            offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
-            torch._grouped_mm(x, w, offs=offs).backward(torch.ones(32, 16, device=device, dtype=dtype))
-            _GROUPED_MM_OK[key] = True
-        except (RuntimeError, NotImplementedError):
-            _GROUPED_MM_OK[key] = False
+        # (no random numbers: the probe leaves the generators alone; gradients on also under no_grad)
+        with torch.inference_mode(False), torch.enable_grad():
+            try:
+                x = torch.linspace(-1, 1, 32 * 16, device=device, dtype=dtype).view(32, 16).requires_grad_()
+                w = torch.linspace(-1, 1, 2 * 16 * 16, device=device, dtype=dtype).view(2, 16, 16).requires_grad_()
+                offs = torch.tensor([16, 32], device=device, dtype=torch.int32)
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
+                ok = torch.allclose(y[:16], x[:16] @ w[0], rtol=1e-2, atol=1e-2)
+                _GROUPED_MM_OK[key] = bool(ok and torch.allclose(y[16:], x[16:] @ w[1], rtol=1e-2, atol=1e-2))
+            except (RuntimeError, NotImplementedError):
+                _GROUPED_MM_OK[key] = False
     return _GROUPED_MM_OK[key]
 
 
