@@ -166,3 +166,38 @@ def test_export_weights_cli(tmp_path, capsys):
     assert all(torch.equal(load_file(str(tmp_path / "p.safetensors"))[k], v) for k, v in model.state_dict().items())
     assert main(["export-weights", str(tmp_path / "nothing"), str(tmp_path / "x.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
+def tp_fsdp_worker(rank, world, run_dir):
+    """TP x FSDP (2 x 2): the fused qkv and the column-parallel FFN weights are strided on both mesh dims."""
+    from torch.distributed.tensor import DTensor
+
+    from torch_mhc.distributed.tensor_parallel import whole_tensor
+
+    model, opt, rows = build(world, {"tp": 2, "dp_shard": 2})
+    wholes = {n: whole_tensor(p).detach().clone() for n, p in model.named_parameters()}
+    dck.save_distributed(run_dir, 1, model, opt, {})
+    local = {k: v.to_local().clone() if isinstance(v, DTensor) else v.clone() for k, v in model.state_dict().items()}
+    fresh, opt2, _ = build(world, {"tp": 2, "dp_shard": 2})
+    with torch.no_grad():
+        for p in fresh.parameters():
+            (p.to_local() if isinstance(p, DTensor) else p).mul_(0.5)  # other weights, overwritten by the load
+    dck.load_distributed(dck.dcp_dir(run_dir, 1), fresh, opt2)
+    reloaded = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in fresh.state_dict().items()}
+    return {"wholes": wholes, "same_shards": all(torch.equal(reloaded[k], v) for k, v in local.items())}
+
+
+def test_tensor_parallel_under_fsdp_saves_the_global_weights(tmp_path):
+    """A DCP checkpoint of a TP x FSDP model holds the one-process weights (DTensor's own full_tensor() of the
+    twice-strided qkv put its rows in another order, so eval/export/another layout read a scrambled model)."""
+    run_dir = tmp_path / "run"
+    ref = tiny_model()  # build() parallelizes tiny_model() with the same seed
+    results = spawn(tp_fsdp_worker, 4, tmp_path, str(run_dir))
+    for r in results:
+        assert r["same_shards"]  # saved and loaded back on the same layout: every shard bit-identical
+        for n, p in ref.named_parameters():
+            assert torch.equal(r["wholes"][n], p.detach()), n
+    one = tiny_model(seed=123)
+    dck.load_distributed(dck.dcp_dir(run_dir, 1), one)  # one process, no process group
+    for k, v in ref.state_dict().items():
+        assert torch.equal(one.state_dict()[k], v), k

@@ -35,9 +35,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from torch_mhc.distributed.tensor_parallel import shard_like, whole_tensor
 from torch_mhc.errors import UserError
 from torch_mhc.serialization import file_sha256, load_torch_file, restricted_unpickle
 
@@ -230,19 +231,20 @@ def _map_tensors(tree, fn):
 
 
 def _unstrided(tree):
-    """DCP does not store ``_StridedShard`` layouts (the tensor-parallel fused qkv): gather those
-    tensors whole (one layer's qkv each), so the file layout is the plain global tensor."""
-    return _map_tensors(tree, lambda v: v.full_tensor() if _is_strided(v) else v)
+    """DCP does not store ``_StridedShard`` layouts (the tensor-parallel fused qkv, and FSDP over
+    tensor parallel): gather those tensors whole (one weight each), so the file layout is the plain
+    global tensor."""
+    return _map_tensors(tree, lambda v: whole_tensor(v) if _is_strided(v) else v)
 
 
 def _restrided(loaded, like):
-    """Scatter the whole tensors of :func:`_unstrided` back into ``like``'s strided layouts."""
+    """Cut the whole tensors of :func:`_unstrided` back into ``like``'s strided layouts."""
     if isinstance(like, dict):
         return {k: _restrided(loaded[k], v) for k, v in like.items()}
     if isinstance(like, list):
         return [_restrided(a, b) for a, b in zip(loaded, like)]
     if _is_strided(like):
-        return distribute_tensor(loaded, like.device_mesh, like.placements)
+        return shard_like(loaded, like)
     return loaded
 
 

@@ -72,21 +72,20 @@ def build_model(model_cfg, ctx: DistContext, device: torch.device, *, compile: b
                 param_dtype: torch.dtype | None = None):
     """The parallelized ``DecoderLM`` with exactly the one-process initial weights.
 
-    FSDP2, HSDP and TP: every rank builds the model on the meta device and parallelizes it; only
-    rank 0 builds the full model (on the CPU, seeded as the plain run is), and each tensor is
-    broadcast from it and cut into this rank's shard one at a time (``distribute_tensor`` without
-    communication), so no other rank holds more than one whole tensor at a time. DDP (with or
-    without TP) and TP x FSDP keep the plain build: every rank builds the model (same seed, same
-    weights) and ``parallelize`` cuts its share out. DDP replicates the whole model anyway; under
-    TP x FSDP the qkv weight is strided on both mesh dims and ``distribute_tensor`` cuts it
-    differently from ``fully_shard`` over TP (tests/test_distributed_build.py).
+    FSDP2, HSDP, TP and TP x FSDP: every rank builds the model on the meta device and parallelizes
+    it; only rank 0 builds the full model (on the CPU, seeded as the plain run is), and each tensor is
+    broadcast from it and cut into this rank's shard one at a time (``tensor_parallel.shard_like``,
+    no communication), so no other rank holds more than one whole tensor at a time. DDP (with or
+    without TP) keeps the plain build: every rank builds the model (same seed, same weights) and
+    ``parallelize`` cuts its share out; DDP replicates the whole model anyway.
     """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor
 
     from torch_mhc.distributed.parallelize import parallelize
+    from torch_mhc.distributed.tensor_parallel import shard_like
     from torch_mhc.models.decoder import DecoderLM, rope_tables
 
-    if ctx.dims.dp_mode == "ddp" or (ctx.dims.tp > 1 and ctx.dims.dp_shard > 1):
+    if ctx.dims.dp_mode == "ddp":
         return parallelize(DecoderLM(model_cfg).to(device), ctx.dims, ctx.mesh, compile=compile,
                            param_dtype=param_dtype)
     full = DecoderLM(model_cfg).state_dict() if ctx.is_main else None
@@ -103,9 +102,8 @@ def build_model(model_cfg, ctx: DistContext, device: torch.device, *, compile: b
         for name, t in model.state_dict().items():  # one whole tensor at a time: broadcast, keep this rank's part
             whole = full[name].to(device) if full is not None else torch.empty(t.shape, dtype=t.dtype, device=device)
             dist.broadcast(whole, src=0)
-            if isinstance(t, DTensor):  # a local cut (src_data_rank=None), right for TP's strided qkv too
-                whole = distribute_tensor(whole, t.device_mesh, t.placements, src_data_rank=None).to_local()
-                t = t.to_local()
+            if isinstance(t, DTensor):  # this rank's cut, as fully_shard over TP cuts (strided qkv included)
+                whole, t = shard_like(whole, t).to_local(), t.to_local()
             t.copy_(whole)
     return model
 
@@ -114,7 +112,9 @@ def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Load a one-process checkpoint (``step_*.pt``: whole tensors; the optimizer's state keyed by parameter
     index) into the parallelized ``model`` and its ``optimizer``. Collective: every rank passes the same
     state and keeps its own shards. UserError when the checkpoint is of another model or optimizer shape."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    from torch_mhc.distributed.tensor_parallel import shard_like
 
     names = {id(p): n for n, p in model.named_parameters()}
     saved_groups = optim_sd["param_groups"]
@@ -125,9 +125,13 @@ def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
            for i, p in zip(saved["params"], g["params"])}
     optim_by_name = {"state": {fqn[i]: s for i, s in optim_sd["state"].items()},
                      "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved_groups]}
-    try:
+    try:  # each whole tensor cut into this rank's shard as fully_shard over TP cuts (torch's own cut differs)
+        like_model, like_optim = get_state_dict(model, optimizer)
+        model_sd = {k: shard_like(model_sd[k], v) for k, v in like_model.items()}
+        optim_by_name["state"] = {n: {k: shard_like(v, like_optim["state"][n][k]) if torch.is_tensor(v) else v
+                                      for k, v in st.items()} for n, st in optim_by_name["state"].items()}
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_by_name,
-                       options=StateDictOptions(full_state_dict=True, strict=True))
+                       options=StateDictOptions(strict=True))
     except (RuntimeError, KeyError, ValueError) as e:
         raise UserError(f"the one-process checkpoint does not fit this model (another model shape or connection): "
                         f"{str(e).splitlines()[0]}. Resume with the config the run was started with.") from None

@@ -102,3 +102,63 @@ def reduce_tp_partial_grads(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     for p in tp_partial_params(model):
         if p.grad is not None:
             dist.all_reduce(p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad, group=group)
+
+
+def _shards_dim0(p) -> bool:
+    return isinstance(p, (Shard, _StridedShard)) and p.dim == 0
+
+
+def _split(dt: DTensor) -> tuple[int | None, list[int]]:
+    """``dt``'s TP mesh dim (None without one) and its other mesh dims that shard tensor dim 0 (FSDP's)."""
+    names = dt.device_mesh.mesh_dim_names or ()
+    tp = names.index("tp") if "tp" in names else None
+    dp = [d for d, p in enumerate(dt.placements) if d != tp and not p.is_replicate()]
+    if any(not _shards_dim0(dt.placements[d]) for d in dp):
+        raise NotImplementedError(f"a data-parallel placement other than a dim-0 shard: {dt.placements}")
+    return tp, dp
+
+
+def whole_tensor(dt: torch.Tensor) -> torch.Tensor:
+    """The global tensor of ``dt`` (itself when it is not a DTensor). Collective over ``dt``'s mesh.
+
+    FSDP over tensor parallel shards dim 0 of each rank's TP part (``_StridedShard`` on the
+    data-parallel dim, over TP's ``Shard``/``_StridedShard``); DTensor's own ``full_tensor()`` of such
+    a tensor returns the rows in another order (the fused qkv and the column-parallel FFN weights:
+    measured, tests/test_distributed_checkpoint.py). So FSDP's shard is gathered first (the TP
+    part, ``torch.chunk`` rows per data-parallel rank), then TP's, which DTensor gathers right."""
+    if not isinstance(dt, DTensor):
+        return dt
+    tp, dp = _split(dt)
+    if tp is None or not dp:
+        return dt.full_tensor()
+    (d,) = dp
+    mesh, local = dt.device_mesh, dt.to_local()
+    rows = dt.shape[0] // mesh.size(tp) if _shards_dim0(dt.placements[tp]) else dt.shape[0]
+    sizes = [c.shape[0] for c in torch.empty(rows).chunk(mesh.size(d))]
+    sizes += [0] * (mesh.size(d) - len(sizes))
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded, group=mesh.get_group(d))
+    tp_part = torch.cat([p[:n] for p, n in zip(parts, sizes)])
+    tp_mesh = mesh[mesh.mesh_dim_names[tp]]
+    return DTensor.from_local(tp_part, tp_mesh, [dt.placements[tp]], run_check=False).full_tensor()
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of the global tensor ``whole`` in ``like``'s layout (the inverse of
+    :func:`whole_tensor`; no communication: every rank passes the same ``whole``)."""
+    if not isinstance(like, DTensor):
+        return whole
+    tp, dp = _split(like)
+    if tp is None or not dp:
+        return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None)
+    (d,) = dp
+    mesh = like.device_mesh
+    tp_mesh = mesh[mesh.mesh_dim_names[tp]]
+    tp_part = distribute_tensor(whole, tp_mesh, [like.placements[tp]], src_data_rank=None).to_local()
+    chunks = tp_part.chunk(mesh.size(d))
+    i = mesh.get_local_rank(d)
+    local = chunks[i] if i < len(chunks) else tp_part[:0]
+    return DTensor.from_local(local.contiguous(), mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
