@@ -122,10 +122,11 @@ def whole_tensor(dt: torch.Tensor) -> torch.Tensor:
     """The global tensor of ``dt`` (itself when it is not a DTensor). Collective over ``dt``'s mesh.
 
     FSDP over tensor parallel shards dim 0 of each rank's TP part (``_StridedShard`` on the
-    data-parallel dim, over TP's ``Shard``/``_StridedShard``); DTensor's own ``full_tensor()`` of such
-    a tensor returns the rows in another order (the fused qkv and the column-parallel FFN weights:
-    measured, tests/test_distributed_checkpoint.py). So FSDP's shard is gathered first (the TP
-    part, ``torch.chunk`` rows per data-parallel rank), then TP's, which DTensor gathers right."""
+    data-parallel dim, over TP's ``Shard``/``_StridedShard``); DTensor's own ``full_tensor()`` of the
+    fused qkv (strided on both mesh dims) returns its rows in another order (measured in torch 2.13;
+    the column-parallel FFN weights, ``Shard`` under TP, come out right). So FSDP's shard is gathered
+    first (the TP part, ``torch.chunk`` rows per data-parallel rank), then TP's, which DTensor
+    gathers right; every such tensor goes the same way."""
     if not isinstance(dt, DTensor):
         return dt
     tp, dp = _split(dt)
