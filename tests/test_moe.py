@@ -275,3 +275,33 @@ def test_fp32_loss_curve_unchanged(kw, impl):
     assert biases["reference"].abs().max() > 0  # the routing bias moved
     torch.testing.assert_close(torch.tensor(curves[impl]), torch.tensor(curves["reference"]), rtol=1e-5, atol=0)
     assert torch.equal(biases[impl], biases["reference"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("probed", [True, False])
+def test_compiles_to_one_graph(dtype, probed, monkeypatch):
+    """torch.compile(fullgraph=True) traces forward and backward without a graph break (which any
+    data-dependent shape or value read would force), through _grouped_mm when an eager probe said it runs
+    (bfloat16; float32's fake-tensor rule is missing in PyTorch 2.13) and through the padded bmm otherwise."""
+    from torch_mhc.models import moe as moe_module
+
+    if not probed:
+        monkeypatch.setattr(moe_module, "_GROUPED_MM_OK", {})
+    else:
+        assert grouped_mm_available(torch.device("cpu"), dtype)
+    calls = []
+    grouped_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or grouped_mm(*a, **k))
+    moe = random_moe(dim=32, dtype=dtype)
+    x = torch.randn(40, 32, dtype=dtype)
+    torch._dynamo.reset()
+    try:
+        y = torch.compile(moe, backend="eager", fullgraph=True)(x)
+        y.float().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert bool(calls) == (probed and dtype == torch.bfloat16)
+    moe.impl = "reference"
+    ref = moe(x)
+    tol = 0.02 if dtype == torch.bfloat16 else 1e-5  # bfloat16: a few units in the last place of the largest
+    torch.testing.assert_close(y, ref, rtol=tol, atol=tol * ref.abs().max().item())

@@ -111,13 +111,17 @@ _GROUPED_MM_OK: dict = {}
 
 
 def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward for ``dtype`` on ``device``, probed once per
-    device and dtype on a tiny aligned problem. CUDA and CPU only (PyTorch 2.13 runs it on the CPU in float32
-    and bfloat16, not float64; there it beat the padded ``bmm`` and the loop, see bench/results/moe_cpu.md)."""
+    """Whether ``torch._grouped_mm`` runs forward and backward for ``dtype`` on ``device`` (eagerly), probed
+    once per device and dtype on a tiny aligned problem. CUDA and CPU only (PyTorch 2.13 runs it on the CPU
+    in float32 and bfloat16, not float64; there it beat the padded ``bmm`` and the loop, see
+    bench/results/moe_cpu.md). Under ``torch.compile``: the answer of an eager call made earlier in the
+    process (an eager forward, or this function called before compiling), else False."""
     if device.type not in ("cuda", "cpu") or not hasattr(torch, "_grouped_mm") or \
             dtype not in (torch.bfloat16, torch.float32):
         return False
     key = (str(device), dtype)
+    if torch.compiler.is_compiling():  # no probing in a traced graph: an earlier eager answer, else no
+        return _GROUPED_MM_OK.get(key, False)
     if key not in _GROUPED_MM_OK:
         # (no random numbers: the probe leaves the generators alone; gradients on also under no_grad)
         with torch.inference_mode(False), torch.enable_grad():
@@ -153,6 +157,8 @@ def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3:
     n_rows = xs.shape[0]
     if impl == "auto":
         ok = grouped_mm_available(xs.device, xs.dtype) and all(s * xs.element_size() % 16 == 0 for s in w2.shape[1:])
+        # under torch.compile: _grouped_mm's fake-tensor rule takes bfloat16 only (PyTorch 2.13)
+        ok = ok and (xs.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
         impl = "grouped_mm" if ok else "padded"
     if impl == "grouped_mm":
         return _grouped_mm_swiglu(xs, counts, w1, w3, w2)
