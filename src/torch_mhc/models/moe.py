@@ -180,7 +180,8 @@ class MoE(nn.Module):
     experts, :meth:`forward_reference`). ``block``: rows per block of the padded path (None: by shape).
     The grouped forward and backward make no host sync (no ``.item()``, ``nonzero``, boolean indexing or
     other data-dependent shape), for any number of experts: the routing only changes values (sort
-    order, counts on the device), never a shape.
+    order, counts on the device), never a shape, so no layer needs even one. The only read-back is
+    ``grouped_mm_available``'s probe, once per process, device and dtype (tests/test_moe.py counts them).
     """
 
     def __init__(self, dim: int, n_routed: int, n_shared: int, top_k: int, expert_hidden: int, bias_rate: float = 1e-3):
