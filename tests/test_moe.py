@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_mhc.models import DecoderLM, ModelConfig, MoE
@@ -107,6 +108,25 @@ def test_grouped_mm_probe_works_without_gradients_and_draws_no_random_numbers(mo
         with context():
             assert grouped_mm_available(torch.device("cpu"), torch.float32)
         assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_grouped_mm_probe_is_invisible_to_saved_tensor_hooks(monkeypatch):
+    """The probe keeps its saved tensors to itself: outer saved-tensor hooks (memory counting) see none, and a
+    first forward under activation checkpointing, which probes, saves as many tensors as its recompute."""
+    from torch_mhc.models import moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_GROUPED_MM_OK", {})
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        assert grouped_mm_available(torch.device("cpu"), torch.float32)
+    assert packed == []
+    monkeypatch.setattr(moe_module, "_GROUPED_MM_OK", {})
+    moe = random_moe(dim=32, dtype=torch.float32)
+    x = torch.randn(24, 32, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=False).sum().backward()
+    y = x.detach().requires_grad_()
+    moe(y).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 def test_grouped_mm_on_cpu_equals_the_loop_float32(monkeypatch):

@@ -123,8 +123,10 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     if torch.compiler.is_compiling():  # no probing in a traced graph: an earlier eager answer, else no
         return _GROUPED_MM_OK.get(key, False)
     if key not in _GROUPED_MM_OK:
-        # (no random numbers: the probe leaves the generators alone; gradients on also under no_grad)
-        with torch.inference_mode(False), torch.enable_grad():
+        # No random numbers: the probe leaves the generators alone. Gradients on also under no_grad; its own
+        # saved-tensor hooks, so that outer ones (activation checkpointing, memory counting) never see it.
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             try:
                 x = torch.linspace(-1, 1, 32 * 16, device=device, dtype=dtype).view(32, 16).requires_grad_()
                 w = torch.linspace(-1, 1, 2 * 16 * 16, device=device, dtype=dtype).view(2, 16, 16).requires_grad_()
