@@ -16,6 +16,10 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Stream counts n the kernels are built for: powers of two (tl.arange over the streams) that have block tables
+# (ops/coefficients.py, ops/streams.py) and register budgets in the compile gate (ops/aot.py). Any other n (3, 5,
+# 6, 16, ...) runs the reference path: n = 16 would need its own tiles (it spills in fp32).
+FUSED_STREAMS = (1, 2, 4, 8)
 _backend = os.environ.get("TORCH_MHC_BACKEND", "auto")
 
 
@@ -47,8 +51,12 @@ def use_backend(name: str):
 
 
 def should_fuse(x: torch.Tensor) -> bool:
-    """Whether the kernels handle streams ``x`` under the current backend."""
-    if _backend == "reference" or x.dtype not in FUSED_DTYPES:
+    """Whether the kernels handle streams ``x [..., n, C]`` under the current backend: the one place that decides.
+
+    Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
+    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1, 2, 4, 8). Everything else (fp64, n = 3, 5,
+    6, 16, ...) takes the PyTorch reference path, forward and backward, with the same results."""
+    if _backend == "reference" or x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-2] not in FUSED_STREAMS:
         return False
     if _backend == "triton":
         return True

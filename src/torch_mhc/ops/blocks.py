@@ -1,7 +1,44 @@
-"""Triton helpers shared by the kernels: per-token row blocks and their offsets."""
+"""Triton helpers shared by the kernels: per-token row blocks and their offsets; launches under the tensors'
+device."""
 
+import contextlib
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+
+def device_guard(t: torch.Tensor | None):
+    """A context that makes ``t``'s CUDA device the current one. Triton (3.9) launches on the current device
+    (``driver.active.get_current_device()`` in ``JITFunction.run``), not on the tensors': without this, tensors on
+    ``cuda:1`` with ``cuda:0`` current would be handed to a kernel running on the wrong GPU."""
+    if t is None or t.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def _first_tensor(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+        if isinstance(a, (tuple, list)):
+            t = _first_tensor(a)
+            if t is not None:
+                return t
+    return None
+
+
+def on_tensors_device(fn):
+    """Decorator for a host function that launches kernels: run it under :func:`device_guard` of its first tensor
+    argument (looked into tuples), so every launch inside goes to the device its tensors live on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with device_guard(_first_tensor(args)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @triton.jit

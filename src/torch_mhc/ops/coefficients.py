@@ -1,7 +1,8 @@
 """Fused mHC coefficients: ``x [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n]`` (fp32).
 
 Forward, two kernels:
-  1. ``_gemm_fwd``: one pass over x computes ``raw = x @ phi`` (tensor cores, tf32, fp32 accumulate)
+  1. ``_gemm_fwd``: one pass over x computes ``raw = x @ phi`` (fp32 products for fp32
+     streams, tf32 tensor cores for bf16/fp16, fp32 accumulation; see :func:`dot_precision`)
      and the sum of squares, giving ``inv_rms``;
   2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and Sinkhorn-Knopp
      on each token's n x n block in registers.
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from torch_mhc.numerics import COL, EXP_SAFE_MAX, ROW, sinkhorn_steps
-from torch_mhc.ops.blocks import load_vec, mat_offsets, token_block
+from torch_mhc.ops.blocks import load_vec, mat_offsets, on_tensors_device, token_block
 
 
 @triton.jit(do_not_specialize=["T"])  # K_PER: its 16-divisibility keeps the loads vectorised
@@ -278,9 +279,26 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
 # padded to 128) takes K slices of 32 to stay clear of spills.
 GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4)}
 GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
+# fp32 streams (FP32_DOT = tf32x3: three tf32 products per dot, each operand split in a high and a low part, twice
+# the operand registers): 8 warps, 16 tokens per backward step, 32 tokens at n = 8 forward. With the bf16 table the
+# forward ran 195-255 registers (n = 8 spilled 112 bytes on sm_80) and the backward spilled at n = 4 (sm_80) and
+# n = 8; with these: forward 125-180, backward 58-255 (sm_80's mma.sync holds the split operands in registers), no
+# spills (compile gate; docs/design.md).
+GEMM_FWD_BLOCKS_FP32 = {1: (64, 64, 8), 2: (64, 64, 8), 4: (64, 64, 8), 8: (32, 32, 8)}
+GEMM_BWD_BLOCKS_FP32 = {1: (16, 64, 8), 2: (16, 64, 8), 4: (16, 64, 8), 8: (16, 32, 8)}
 EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8}
 FILL = 264  # programs that fill an H100 (2 per SM)
-PREC = "tf32"  # the interpreter ignores it (exact fp32): the same launch on the CPU and on the GPU
+# Input precision of every tl.dot (the coefficient GEMMs here; the read-ahead post and the chained post backward in
+# streams.py), by the streams' dtype. fp32 streams: FP32_DOT, products of the fp32 values (tf32 would truncate x and
+# phi to 10 mantissa bits: 1-5x the fp32 tests' tolerances, see docs/design.md for the register cost of each
+# choice); bf16/fp16 streams: tf32 tensor cores with fp32 accumulation (their x is exact in tf32; phi and the fp32
+# gradient rows lose bits below the streams' own rounding). The interpreter ignores it (exact fp32).
+FP32_DOT = "tf32x3"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of the kernels' tl.dot for streams of ``dtype``."""
+    return FP32_DOT if dtype == torch.float32 else "tf32"
 
 
 def gemm_fwd_split(n_t: int, K: int, bk: int) -> tuple[int, int]:
@@ -310,6 +328,7 @@ def _sinkhorn_pairs(iters: int, v4: bool) -> int:
     return pairs
 
 
+@on_tensors_device
 def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, v4: bool, raw_inv=None):
     """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n], saved): fp32; ``saved`` is what
     :func:`coefficients_backward` needs besides x2d and phi (fp32 bias and alpha, raw GEMM output, inv_rms).
@@ -317,12 +336,18 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
     T, K = x2d.shape
     M = 2 * n + n * n
     dev = x2d.device
+    bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
+    if T == 0:  # an empty batch: nothing to launch (the grids below would be empty, the split choice divides by 0)
+        raw, inv = raw_inv if raw_inv is not None else (x2d.new_empty(0, M, dtype=torch.float32),
+                                                          x2d.new_empty(0, dtype=torch.float32))
+        empty = x2d.new_empty(0, n, dtype=torch.float32)
+        return empty, empty.clone(), x2d.new_empty(0, n, n, dtype=torch.float32), (bias32, alpha32, raw, inv)
     if raw_inv is not None:
         raw, inv = raw_inv
     else:
         raw = torch.empty(T, M, device=dev, dtype=torch.float32)
         inv = torch.empty(T, device=dev, dtype=torch.float32)
-        bt, bk, warps = GEMM_FWD_BLOCKS[n]
+        bt, bk, warps = (GEMM_FWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_FWD_BLOCKS)[n]
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
         n_t = triton.cdiv(T, bt)
@@ -330,16 +355,15 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
         if split == 1:
             _gemm_fwd[(n_t, 1)](
                 x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps, K,
-                BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, SPLIT=False, num_warps=warps)
+                BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), SPLIT=False, num_warps=warps)
         else:  # few token blocks: K slices side by side fill the GPU; partials summed in a fixed order
             raw_part = torch.empty(split, T, M, device=dev, dtype=torch.float32)
             ss_part = torch.empty(split, T, device=dev, dtype=torch.float32)
             _gemm_fwd[(n_t, split)](
                 x2d, phi, raw_part, ss_part, T, K, M, phi.stride(0), phi.stride(1), eps, k_per,
-                BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, SPLIT=True, num_warps=warps)
+                BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), SPLIT=True, num_warps=warps)
             torch.sum(raw_part, 0, out=raw)
             torch.sum(ss_part, 0, out=inv).div_(K).add_(eps).sqrt_().reciprocal_()
-    bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
     post = torch.empty(T, n, device=dev, dtype=torch.float32)
     res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
@@ -349,6 +373,7 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
     return pre, post, res, (bias32, alpha32, raw, inv)
 
 
+@on_tensors_device
 def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, dpre, dpost, dres):
     """Gradients of (H_pre [T, n], H_post [T, n], H_res [T, n, n]; fp32, any may be None) -> (draw [T, M],
     coef [T], dbias [M], dalpha [3]), fp32: dL/draw, the RMS term of dx per element of x (dx = draw @ phi^T
@@ -363,6 +388,8 @@ def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, d
     n_epi = triton.cdiv(T, bt_epi)
     draw = torch.empty(T, M, device=dev, dtype=torch.float32)
     coef = torch.empty(T, device=dev, dtype=torch.float32)
+    if T == 0:
+        return draw, coef, torch.zeros(M, device=dev), torch.zeros(3, device=dev)
     dbias_part = torch.empty(n_epi, M, device=dev, dtype=torch.float32)
     dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
     _epilogue_bwd[(n_epi,)](
@@ -371,6 +398,7 @@ def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, d
     return draw, coef, dbias_part.sum(0), dalpha_part.sum(0)
 
 
+@on_tensors_device
 def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx: bool = True):
     """x2d [T, n*C], draw [T, M], coef [T] -> (dx [T, n*C] in x's dtype or None without ``write_dx``, dphi
     [n*C, M] fp32), one pass over x. ``dx``: a buffer already holding another term of x's gradient, added to
@@ -380,10 +408,13 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
     accum = dx is not None
     if write_dx and not accum:
         dx = torch.empty_like(x2d)
+    if T == 0:  # an empty batch: no tokens, a zero dphi (the token split below would divide by 0)
+        return dx, torch.zeros(K, M, device=x2d.device, dtype=torch.float32)
     h_pre, dy = pre_term if pre_term is not None else (draw, draw)  # unused pointers without FOLD_PRE
-    bt, bk, warps = GEMM_BWD_BLOCKS[n]
+    bt, bk, warps = (GEMM_BWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_BWD_BLOCKS)[n]
     if write_dx and pre_term is not None and (n > 1 or K % 16):  # the fold's gathers of H_pre and dy: 16 tokens
-        bt //= 2  # (compile gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 at n = 1 on sm_80)
+        bt = max(16, bt // 2)  # (compile gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 at
+        # n = 1 on sm_80); tl.dot needs 16
     n_k = triton.cdiv(K, bk)
     n_tblocks = triton.cdiv(T, bt)
     split_t = max(1, min(n_tblocks, triton.cdiv(FILL, n_k)))  # ~2 programs per SM on an H100
@@ -393,7 +424,7 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
     _gemm_bwd[(n_k, split_t)](
         x2d, phi, draw, coef, x2d if dx is None else dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0),
         phi.stride(1), t_per, N=n, ACCUM=accum and write_dx, FOLD_PRE=write_dx and pre_term is not None,
-        DX=write_dx, BT=bt, BK=bk, BM=_block_m(M), PREC=PREC, num_warps=warps)
+        DX=write_dx, BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), num_warps=warps)
     return dx, dphi_part.sum(0)
 
 

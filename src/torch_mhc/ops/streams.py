@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from torch_mhc.ops.blocks import on_tensors_device
 from torch_mhc.ops.blocks import token_block as _token_block
-from torch_mhc.ops.coefficients import FILL, PREC
+from torch_mhc.ops.coefficients import FILL, dot_precision
 
 
 @triton.jit
@@ -264,6 +265,11 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # The chained post backward holds n^2 dH_res sums and 2n tiles per chunk: n = 8 compiles to 226-255 registers
 # (spills with 32 or 64 tokens), so n = 8 keeps the plain backward (the read writes its own dx).
 CHAIN_MAX_STREAMS = 4
+# The read-ahead post and the chained post backward store a chunk, pass tl.debug_barrier() and load it back in the
+# same loop iteration. Their launches take num_stages=1: the software pipeliner (default 3 stages on sm_80/sm_90)
+# then leaves the loop alone, so it cannot issue the next iteration's loads ahead of this iteration's stores and
+# barrier. (Each of the two kernels has this one loop.)
+STORE_RELOAD_STAGES = 1
 
 
 def _read_ahead_blocks(n: int, C: int, T: int) -> tuple[int, int, int]:
@@ -281,60 +287,77 @@ def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
+@on_tensors_device
 def pre_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """x [T, n, C], h_pre [T, n] fp32 -> y [T, C] (x's dtype)."""
     T, n, C = x.shape
     y = torch.empty(T, C, device=x.device, dtype=x.dtype)
+    if T == 0:
+        return y
     bt, bc, warps = _blocks(n, C)
     _pre_fwd[(triton.cdiv(T, bt),)](x, h_pre, y, T, C, N=n, BT=bt, BC=bc, num_warps=warps)
     return y
 
 
+@on_tensors_device
 def pre_backward(x: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor, write_dx: bool = True):
     """-> (dx [T, n, C] or None without ``write_dx``, dH_pre [T, n] fp32)."""
     T, n, C = x.shape
     dx = torch.empty_like(x) if write_dx else None
     dh = torch.empty(T, n, device=x.device, dtype=torch.float32)
+    if T == 0:
+        return dx, dh
     bt, bc, warps = _blocks(n, C)
     _pre_bwd[(triton.cdiv(T, bt),)](x, h_pre, dy.contiguous(), x if dx is None else dx, dh, T, C, N=n, BT=bt, BC=bc,
                                     WRITE_DX=write_dx, num_warps=warps)
     return dx, dh
 
 
+@on_tensors_device
 def post_forward(x, h_post, h_res, f, read_ahead=None):
     """x [T, n, C], h_post [T, n], h_res [T, n, n] (fp32), f [T, C] -> H_res x + H_post^T f [T, n, C].
     ``read_ahead`` = (phi [n*C, M], eps) of the next sublayer: also return its GEMM on the new state,
     (raw [T, M], inv_rms [T]) fp32, computed from the stored values in the same pass."""
     T, n, C = x.shape
     out = torch.empty_like(x)
+    if T == 0:  # an empty batch: nothing to launch
+        return out if read_ahead is None else (out, (x.new_empty(0, read_ahead[0].shape[1], dtype=torch.float32),
+                                                     x.new_empty(0, dtype=torch.float32)))
     if read_ahead is None:
         bt, bc, warps = _blocks(n, C)
         _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, out, out, out, T, C, 1, 1, 1, 0.0,
-                                         N=n, BT=bt, BC=bc, PROJ=False, BM=16, PREC=PREC, num_warps=warps)
+                                         N=n, BT=bt, BC=bc, PROJ=False, BM=16, PREC=dot_precision(x.dtype),
+                                         num_warps=warps)
         return out
     phi, eps = read_ahead
     M = phi.shape[1]
     raw = torch.empty(T, M, device=x.device, dtype=torch.float32)
     inv = torch.empty(T, device=x.device, dtype=torch.float32)
     bt, bc, warps = _read_ahead_blocks(n, C, T)
+    if x.dtype == torch.float32 and n == 4 and bt == 32:  # fp32 (tf32x3 dot) at n = 4: 32 tokens spill 16 bytes on
+        bt = 16  # sm_90; 16 and 64 do not (compile gate)
     _post_fwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, out, phi, raw, inv, T, C, M, phi.stride(0), phi.stride(1),
                                      eps, N=n, BT=bt, BC=bc, PROJ=True, BM=max(16, triton.next_power_of_2(M)),
-                                     PREC=PREC, num_warps=warps)
+                                     PREC=dot_precision(x.dtype), num_warps=warps, num_stages=STORE_RELOAD_STAGES)
     return out, (raw, inv)
 
 
+@on_tensors_device
 def post_backward(x, h_post, h_res, f, dout):
     """-> (dx [T, n, C], dH_post [T, n], dH_res [T, n, n] (fp32), df [T, C])."""
     T, n, C = x.shape
     dx, df = torch.empty_like(x), torch.empty_like(f)
     dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
     dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
+    if T == 0:
+        return dx, dhp, dhr, df
     bt, bc, warps = _blocks(n, C, post_bwd=True)
     _post_bwd[(triton.cdiv(T, bt),)](x, f, h_post, h_res, dout.contiguous(), dx, df, dhp, dhr, T, C,
                                      N=n, BT=bt, BC=bc, num_warps=warps)
     return dx, dhp, dhr, df
 
 
+@on_tensors_device
 def post_backward_chain(x, h_post, h_res, f, g, nxt):
     """Post backward with the next sublayer's terms of dout summed in (:func:`_post_bwd_chain`): x [T, n, C],
     h_post [T, n], h_res [T, n, n] (fp32), f [T, C], g [T, n, C] (the rest of dout), ``nxt`` = (dy [T, C],
@@ -345,6 +368,8 @@ def post_backward_chain(x, h_post, h_res, f, g, nxt):
     dx, df = torch.empty_like(x), torch.empty_like(f)
     dhp = torch.empty(T, n, device=x.device, dtype=torch.float32)
     dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
+    if T == 0:
+        return dx, dhp, dhr, df
     bt, bc, warps = _read_ahead_blocks(n, C, T)  # tl.dot tiles again: compile gate, n = 4: 102-128 registers,
     if x.dtype == torch.float32:  # except fp32 streams with 64 tokens: 153 on sm_90
         bt = min(bt, 32)
@@ -353,7 +378,8 @@ def post_backward_chain(x, h_post, h_res, f, g, nxt):
     _post_bwd_chain[(grid,)](
         x, f, h_post, h_res, g, dy, h_pre, draw, coef, phi, dx, df, dhp, dhr, scratch, T, C, M, phi.stride(0),
         phi.stride(1),
-        N=n, BT=bt, BC=bc, BM=max(16, triton.next_power_of_2(M)), PREC=PREC, num_warps=warps)
+        N=n, BT=bt, BC=bc, BM=max(16, triton.next_power_of_2(M)), PREC=dot_precision(x.dtype), num_warps=warps,
+        num_stages=STORE_RELOAD_STAGES)
     return dx, dhp, dhr, df
 
 
