@@ -117,7 +117,7 @@ def test_token_cache_is_verified_and_rebuilt(small_text, tmp_path, capsys):
     _, m4 = load_tokens(str(small_text), tok, tmp_path / "cache")
     assert m4["cached"]
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "cache" / f".tokens-0123.npy.tmp{int(dead.stdout)}"  # a killed tokenisation's leftover
+    stale = tmp_path / "cache" / f".tmp{int(dead.stdout)}.tokens-0123.npy"  # a killed tokenisation's leftover
     stale.write_bytes(b"half")
     small_text.write_text(small_text.read_text() + "x")
     load_tokens(str(small_text), tok, tmp_path / "cache")

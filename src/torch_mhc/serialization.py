@@ -10,11 +10,13 @@ through one of two doors:
   caller allows (DCP's ``.metadata``, which torch itself reads with plain ``pickle.load``).
 
 Anything else in a file is refused with a :class:`UserError` naming the file and the global it asked for.
+:func:`write_atomically` is the matching door out: a file appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch_mhc.errors import UserError
+from torch_mhc.errors import UserError, discard, write_error
 
 #: The globals a torch-mhc checkpoint may hold besides tensors and plain Python values: numpy's
 #: ``RandomState.get_state()`` (an ``ndarray`` of ``uint32``) in single-process checkpoints.
@@ -92,3 +94,24 @@ def file_sha256(path: str | Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def write_atomically(path: str | Path, write, then: str = "run the command again",
+                     note: str = "nothing was written") -> Path:
+    """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so numpy adds none), renamed to
+    ``path``. On any failure the temporary file is removed; a full disk or a read-only file system,
+    whatever the writing library raised, is a UserError naming ``path`` (``note``: what state things
+    are in; ``then``: what to run once there is space)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        error = write_error(e, path, then, note)
+        discard(tmp)  # after write_error: a full disk is seen full
+        if error is not None:
+            raise error from None
+        raise
+    return path

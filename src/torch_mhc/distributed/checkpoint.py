@@ -40,7 +40,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 
 from torch_mhc.distributed.tensor_parallel import shard_like, whole_tensor
 from torch_mhc.errors import UserError
-from torch_mhc.serialization import file_sha256, load_torch_file, restricted_unpickle
+from torch_mhc.serialization import file_sha256, load_torch_file, restricted_unpickle, write_atomically
 
 DCP_RE = re.compile(r"^dcp_step_(\d+)$")
 TRAINER_FILE = "trainer.pt"
@@ -365,21 +365,8 @@ def save_safetensors(tensors: dict, out: str | Path, metadata: dict) -> Path:
     is a UserError naming ``out``. ``out`` must not be a directory."""
     from safetensors.torch import save_file
 
-    from torch_mhc.errors import discard, write_error
-
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a directory; export-weights writes one .safetensors file: give its path "
                         f"(e.g. {out / 'model.safetensors'}). Nothing was written.")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out)
-    except Exception as e:
-        error = write_error(e, out, "run the command again", "nothing was written")
-        discard(tmp)  # after write_error: a full disk is seen full
-        if error is not None:
-            raise error from None
-        raise
-    return out
+    return write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from torch_mhc.errors import discard, is_read_only, write_error, write_failure
+from torch_mhc.errors import is_read_only, write_failure
+from torch_mhc.serialization import write_atomically
 from torch_mhc.train.config import UserError
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".json", ".csv", ".tex", ".html", ".xml", ".c", ".h", ".js", ""}
@@ -170,10 +171,7 @@ def bpe_tokenizer(spec: str, source: str, cache_dir: str | Path | None, val_frac
         keep -= len(t)
     tok = HFTokenizer(train_bpe([t for t in train_texts if t], vocab_size), spec)
     if cache_dir is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tok.save(tmp)
-        os.replace(tmp, path)
+        write_atomically(path, tok.save, note="the tokenizer cache was not written")
         tok.path = path
     return tok
 
@@ -387,8 +385,8 @@ def _read_cache(cache: Path, meta_path: Path) -> tuple[np.ndarray, dict] | None:
 
 def _remove_dead_temps(cache_dir: Path) -> None:
     """Delete temporary cache files left by processes that no longer run (a killed tokenisation)."""
-    for p in cache_dir.glob(".tokens-*.tmp*"):
-        pid = p.name.rsplit(".tmp", 1)[-1]
+    for p in cache_dir.glob(".tmp*.*"):  # serialization.write_atomically's temporary names: .tmp<pid>.<name>
+        pid = p.name[len(".tmp"):].split(".", 1)[0]
         if not pid.isdigit():
             continue
         try:
@@ -397,22 +395,6 @@ def _remove_dead_temps(cache_dir: Path) -> None:
             p.unlink(missing_ok=True)
         except PermissionError:
             pass  # alive, another user's
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(file)`` into a temporary file renamed to ``path``; nothing is left behind on failure, and a full
-    disk (whatever numpy raises: its "N requested and M written" has no errno) is a UserError naming the file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException as e:
-        error = write_error(e, path, "run the command again", "the token cache was not written")
-        discard(tmp)  # after write_error: a full disk is seen full
-        if error is not None:
-            raise error from None
-        raise
 
 
 def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarray, dict]:
@@ -460,8 +442,9 @@ def load_tokens(source: str, tokenizer, cache_dir: str | Path) -> tuple[np.ndarr
         return tokens, {**meta, "cached": False}
     _remove_dead_temps(cache_dir)
     meta_path.unlink(missing_ok=True)  # no metadata vouches for the cache while it is replaced
-    _write_atomic(cache, lambda f: np.save(f, tokens))
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+    lost = "the token cache was not written"
+    write_atomically(cache, lambda tmp: np.save(tmp, tokens), note=lost)
+    write_atomically(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)), note=lost)
     return np.load(cache, mmap_mode="r", allow_pickle=False), {**meta, "cached": False}
 
 
