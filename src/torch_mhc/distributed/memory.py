@@ -25,6 +25,51 @@ from torch_mhc.models.decoder import DecoderLM
 GIB = 2**30
 
 
+class SavedBytes:
+    """Counts what autograd saves for backward during a forward (``with SavedBytes(model) as saved: ...``;
+    ``saved.bytes`` after): every distinct storage saved, once, at its size; the module's own parameters and
+    buffers are not counted (they are not activations). Saved-tensor hooks see only what the innermost hooks
+    see: inside mHC's stream recompute it counts what that keeps (its recipes stand for tensors autograd keeps
+    anyway), inside an activation-checkpointed block nothing (the checkpoint keeps the block's input alive by
+    reference: not counted here)."""
+
+    def __init__(self, module: torch.nn.Module | None = None):
+        self.skip = set() if module is None else {
+            t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers()]}
+        self.storages: dict[int, torch.Tensor] = {}  # held: no storage is freed and reused while counting
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.storages.values())
+
+    def add(self, t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.skip:
+                self.storages.setdefault(ptr, t)
+        return t
+
+    def __enter__(self):
+        from torch_mhc.nn import recompute
+
+        self._pack = pack = recompute.StreamRecompute.pack
+        counter = self
+
+        def counted(rc, t):
+            return counter.add(pack(rc, t))
+
+        recompute.StreamRecompute.pack = counted
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.add, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch_mhc.nn import recompute
+
+        self._hooks.__exit__(*exc)
+        recompute.StreamRecompute.pack = self._pack
+
+
 def block_params(model: DecoderLM) -> list[int]:
     return [sum(p.numel() for p in b.parameters()) for b in model.blocks]
 

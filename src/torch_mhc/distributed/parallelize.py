@@ -1,14 +1,20 @@
 """Apply parallelism to a built ``DecoderLM`` (torchtitan's order): tensor/sequence parallel ->
-activation checkpointing / mHC recompute -> torch.compile -> data parallel (FSDP2 or DDP).
+activation checkpointing -> torch.compile -> data parallel (FSDP2 or DDP).
 
-The model itself holds no parallel code. mHC's own selective recompute stays the model's setting
-(``model.recompute``); it runs unchanged inside each rank.
+The model itself holds no parallel code. Activation checkpointing (``model.activation_checkpoint``) is
+applied here by :func:`apply_activation_checkpoint`, which the one-process trainer calls too. mHC's own
+selective recompute stays the model's setting (``model.recompute``); it runs unchanged inside each rank,
+and composes with activation checkpointing (inside a checkpointed block nothing is saved for it to drop;
+it still drops the states of the blocks that are not checkpointed).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -28,6 +34,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *, compi
         from torch_mhc.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"])
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        apply_activation_checkpoint(model, cfg.activation_checkpoint)
     if compile:
         for block in model.blocks:
             block.compile()
@@ -38,6 +47,78 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *, compi
         apply_ddp(model, dp_mesh)
     else:
         apply_fsdp(model, dp_mesh, param_dtype)
+    return model
+
+
+def checkpointed_blocks(mode: str, n_blocks: int) -> list[int]:
+    """The indices of the blocks that ``mode`` checkpoints: none -> [], block -> all, every:K -> one block
+    in K (torchtitan's ``ac_freq``: blocks K-1, 2K-1, ...)."""
+    from torch_mhc.models.decoder import ModelConfig
+
+    every = ModelConfig(activation_checkpoint=mode).checkpoint_every
+    return [] if every == 0 else [i for i in range(n_blocks) if (i + 1) % every == 0]
+
+
+class _Checkpointed:
+    """Mixed into a block's class (the block keeps its own class, attributes, parameter names and state-dict
+    keys): its forward runs under ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only the block's
+    inputs and re-runs its forward in backward. Without gradients (eval, sampling) the forward is plain."""
+
+    def forward(self, *args, **kwargs):
+        forward = super().forward
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        if torch.compiler.is_compiling():  # traced as torch's checkpoint op (a recompute leaves no side effects)
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return torch.utils.checkpoint.checkpoint(
+            forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_moe_load(self)),
+            **kwargs)
+
+
+class _keep_moe_load:
+    """Around a block's recompute: its MoE layers count their expert load once per forward, not again.
+    (Reusable: torch may enter the recompute context once per recompute of the block's graph.)"""
+
+    def __init__(self, block: nn.Module):
+        from torch_mhc.models.moe import MoE
+
+        self.moes = [m for m in block.modules() if isinstance(m, MoE)]
+
+    def __enter__(self):
+        self.loads = [m.load.clone() for m in self.moes]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for m, load in zip(self.moes, self.loads):
+                m.load.copy_(load)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
+
+
+def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
+    """Checkpoint the blocks of ``model`` (a ``DecoderLM``) that ``mode`` names (``none``, ``block``,
+    ``every:K``), in place. Parameter names and state-dict keys do not change (the block's class becomes a
+    subclass of its own whose forward is checkpointed), so checkpoints load either way. Under the fused kernels,
+    a connection's read-ahead of its next reader's GEMM is not chained across a checkpointed block's boundary
+    (the recompute reads its input anew). Call it before torch.compile and data parallel, as
+    :func:`parallelize` does; idempotent."""
+    if mode == "none":
+        return model
+    blocks = list(model.blocks)
+    chosen = checkpointed_blocks(mode, len(blocks))
+    for i in chosen:
+        block = blocks[i]
+        cls = type(block)
+        if isinstance(block, _Checkpointed):
+            continue
+        if cls not in _CHECKPOINTED_CLASSES:
+            _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
+        block.__class__ = _CHECKPOINTED_CLASSES[cls]
+        # the connection before the block, and the block's last one, no longer compute their reader's GEMM
+        for conn in ([blocks[i - 1].ffn] if i > 0 else []) + [block.ffn]:
+            if hasattr(conn, "next_reader"):
+                conn.next_reader = None
     return model
 
 

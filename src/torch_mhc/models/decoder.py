@@ -58,6 +58,9 @@ class ModelConfig:
     variant: str = "paper"  # paper | deepseek-v4
     recompute: bool = False  # selective recompute of the stream states (paper section 4.3)
     recompute_every: int = 0  # keep one state every L_r sublayers; 0: the paper's sqrt(n L / (n + 2))
+    # activation checkpointing (applied by the trainer / parallelize, not by the model): none | block (every
+    # block keeps only its input and recomputes its forward in backward) | every:K (one block in K)
+    activation_checkpoint: str = "none"
     # mixture of experts (DeepSeek-style); off by default
     moe: bool = False
     n_routed_experts: int = 8
@@ -79,11 +82,29 @@ class ModelConfig:
     def streams(self) -> int:
         return 1 if self.connection == "residual" else self.n_streams
 
+    @property
+    def checkpoint_every(self) -> int:
+        """``activation_checkpoint`` as an interval: 0 for none, 1 for block, K for every:K (ValueError otherwise)."""
+        text = self.activation_checkpoint
+        if text == "none":
+            return 0
+        if text == "block":
+            return 1
+        head, _, k = text.partition(":")
+        if head == "every" and k.isdigit() and int(k) >= 1:
+            return int(k)
+        raise ValueError(f"activation_checkpoint must be none, block or every:K with an integer K >= 1 (got {text!r})")
+
     def validate(self) -> None:
         """Raise ValueError naming every impossible setting."""
         errors = []
         if self.recompute_every < 0:
             errors.append(f"recompute_every must be >= 0 (got {self.recompute_every})")
+        try:
+            self.checkpoint_every
+        except (ValueError, AttributeError) as e:
+            errors.append(str(e) if isinstance(e, ValueError) else
+                          f"activation_checkpoint must be a string (got {self.activation_checkpoint!r})")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "n_streams", "sinkhorn_iters"):
             if getattr(self, name) < 1:
                 errors.append(f"{name} must be >= 1 (got {getattr(self, name)})")

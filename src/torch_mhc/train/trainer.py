@@ -20,7 +20,7 @@ import torch
 from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch, grad_norms_by_group
 from torch_mhc.distributed import checkpoint as dcp_ckpt
 from torch_mhc.distributed import runtime
-from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
+from torch_mhc.distributed.parallelize import apply_activation_checkpoint, clip_grad_norm_, sync_moe_load
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.nn import chained_backward
 from torch_mhc.train.checkpoint import (
@@ -252,6 +252,7 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
         check_memory(cfg, device, bytes_per_value=2 if autocast_dtype is not None else 4)
     if ctx is None:
         model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
+        apply_activation_checkpoint(model, cfg.model.activation_checkpoint)  # as parallelize() does under torchrun
     else:
         model = runtime.build_model(cfg.model, ctx, device, compile=cfg.compile, param_dtype=autocast_dtype)
     cache = Path(run_dir).parent / "cache"

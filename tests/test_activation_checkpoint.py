@@ -1,0 +1,157 @@
+"""Activation checkpointing per block (``model.activation_checkpoint``): validated in the config; the same
+outputs, gradients and MoE loads bit for bit on CPU, with and without mHC's stream recompute; unchanged
+parameter names and state-dict keys; less saved memory (counted with saved-tensor hooks); applied by
+``parallelize`` and by the one-process trainer, whose loss curve it does not change."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY
+from torch_mhc.distributed.memory import SavedBytes
+from torch_mhc.distributed.mesh import ParallelDims
+from torch_mhc.distributed.parallelize import apply_activation_checkpoint, checkpointed_blocks, parallelize
+from torch_mhc.errors import UserError
+from torch_mhc.models.decoder import DecoderLM, ModelConfig
+from torch_mhc.train.config import build_config, resume_changes
+
+
+def paper_like(mode: str = "none", recompute: bool = False, **kw) -> ModelConfig:
+    """Four blocks: one dense then three MoE, the V4 variant with the head merge (the 27B config's structure)."""
+    values = dict(vocab_size=64, dim=32, n_layers=4, n_heads=2, max_seq_len=16, moe=True, n_routed_experts=4,
+                  top_k=2, first_dense_layers=1, variant="deepseek-v4", merge="head", recompute=recompute,
+                  recompute_every=2, activation_checkpoint=mode)
+    return ModelConfig(**{**values, **kw})
+
+
+def build(cfg: ModelConfig) -> DecoderLM:
+    torch.manual_seed(0)
+    model = DecoderLM(cfg)
+    apply_activation_checkpoint(model, cfg.activation_checkpoint)
+    return model
+
+
+def step(model: DecoderLM):
+    """One forward and backward; (logits, loss, gradients by name, MoE loads, saved bytes)."""
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with SavedBytes(model) as saved:
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads, [m.load.clone() for m in model.moe_layers()], saved.bytes
+
+
+@pytest.mark.parametrize("value", ["blocks", "every", "every:0", "every:-1", "every:x", "every:2:3", "Block", ""])
+def test_bad_settings_are_refused_by_the_config(value):
+    with pytest.raises(UserError, match="activation_checkpoint must be none, block or every:K"):
+        build_config(overrides=[f"model.activation_checkpoint={value}"])
+
+
+def test_which_blocks_are_checkpointed():
+    assert build_config(overrides=["model.activation_checkpoint=every:3"]).model.checkpoint_every == 3
+    assert checkpointed_blocks("none", 4) == []
+    assert checkpointed_blocks("block", 4) == checkpointed_blocks("every:1", 4) == [0, 1, 2, 3]
+    assert checkpointed_blocks("every:2", 5) == [1, 3]  # torchtitan's ac_freq: the K-th, 2K-th, ... block
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "stream-recompute"])
+@pytest.mark.parametrize("mode", ["block", "every:2"])
+def test_same_outputs_gradients_and_loads_bit_for_bit(mode, recompute):
+    ref_model, model = build(paper_like("none", recompute)), build(paper_like(mode, recompute))
+    assert [type(b).__name__ for b in model.blocks] != [type(b).__name__ for b in ref_model.blocks]
+    logits, loss, grads, loads, saved = step(model)
+    ref_logits, ref_loss, ref_grads, ref_loads, ref_saved = step(ref_model)
+    assert saved < ref_saved  # checkpointing did happen
+    assert torch.equal(logits, ref_logits) and torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    # each MoE layer counts its expert load once per forward, not again in the recompute
+    assert len(loads) == 3 and all(torch.equal(a, b) for a, b in zip(loads, ref_loads))
+    assert all(load.sum() == 2 * 15 * 2 for load in loads)  # tokens x top_k
+
+
+def test_parameter_names_and_state_dict_keys_unchanged_checkpoints_load_either_way():
+    plain, ac = build(paper_like("none")), build(paper_like("block"))
+    assert [n for n, _ in ac.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(ac.state_dict()) == list(plain.state_dict())
+    assert ac.parameter_roles() == plain.parameter_roles()
+    torch.manual_seed(5)
+    other = DecoderLM(paper_like("none"))  # other weights: a checkpoint of a run without AC
+    ac.load_state_dict(other.state_dict())
+    plain.load_state_dict(ac.state_dict())
+    for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    apply_activation_checkpoint(ac, "block")  # idempotent: no class of a class
+    assert type(ac.blocks[0]).__mro__.count(type(ac.blocks[0]).__mro__[1]) == 1
+    assert type(ac.blocks[0]).__name__ == "CheckpointedBlock"
+
+
+@pytest.mark.parametrize("connection", ["mhc", "hc", "residual"])
+def test_saved_memory_block_less_than_every2_less_than_none(connection):
+    """Bytes autograd saves (distinct storages, parameters excluded), with and without stream recompute."""
+    measured = {}
+    for recompute in (False, True):
+        for mode in ("none", "every:2", "block"):
+            cfg = paper_like(mode, recompute, connection=connection, merge="sum")
+            measured[recompute, mode] = step(build(cfg))[-1]
+        assert measured[recompute, "block"] < measured[recompute, "every:2"] < measured[recompute, "none"]
+    if connection != "residual":  # stream recompute drops states (residual has none to drop)
+        assert measured[True, "none"] < measured[False, "none"]
+    print(connection, measured)
+
+
+def test_eval_without_gradients_runs_the_plain_forward(monkeypatch):
+    model = build(paper_like("block"))
+    idx = torch.randint(0, 64, (2, 8))
+    ref = model(idx)[0].detach()
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    assert calls == [] and torch.equal(logits, ref)
+    model(idx)
+    assert len(calls) == 4  # with gradients: each block checkpointed
+
+
+def test_parallelize_applies_it_before_data_parallel():
+    model = DecoderLM(paper_like("every:2"))
+    dims = ParallelDims(dp_shard=1)
+    parallelize(model, dims, SimpleNamespace(mesh_dim_names=()))  # one rank: no TP, no data parallel
+    assert [type(b).__name__ for b in model.blocks] == ["Block", "CheckpointedBlock"] * 2
+
+
+def _run(tmp_path, data, name, *extra):
+    from torch_mhc.train.trainer import start_run
+
+    sets = [*TINY, "model.n_layers=3", "model.moe=true", "model.n_routed_experts=4", "model.variant=deepseek-v4",
+            "model.merge=head", f"data={data}", f"out_dir={tmp_path / 'runs'}", f"run_name={name}", *extra]
+    run_dir, _ = start_run(None, sets, log=lambda *_: None)
+    return run_dir, [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mhc_train_gives_the_same_loss_curve(tmp_path, small_text):
+    """Losses, gradient norms, validation losses and diagnostics: equal, with and without stream recompute."""
+
+    def curve(records):
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_mb")} for r in records]
+
+    _, plain = _run(tmp_path, small_text, "plain")
+    run_dir, block = _run(tmp_path, small_text, "block", "model.activation_checkpoint=block")
+    _, rec = _run(tmp_path, small_text, "rec", "model.recompute=true")
+    _, rec_every = _run(tmp_path, small_text, "rec_every", "model.recompute=true",
+                        "model.activation_checkpoint=every:2")
+    assert sum("loss" in r for r in plain) >= 3 and sum("val_loss" in r for r in plain) >= 2
+    assert any("max_composite_fwd_gain" in r for r in plain)
+    assert curve(block) == curve(plain)
+    assert curve(rec_every) == curve(rec)
+    assert json.loads((run_dir / "config.json").read_text())["model"]["activation_checkpoint"] == "block"
+
+
+def test_a_resumed_run_may_switch_it():
+    old = build_config(overrides=["model.activation_checkpoint=none"])
+    new = build_config(overrides=["model.activation_checkpoint=every:2"])
+    assert resume_changes(old, new) == {"model.activation_checkpoint": ["none", "every:2"]}
