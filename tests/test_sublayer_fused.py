@@ -635,3 +635,37 @@ def test_chained_backward_deepseek_v4_fp32(monkeypatch):
     assert rel_err(results["triton"][0], results["reference"][0]) < TOL[torch.float32]
     for a, b in zip(results["triton"][1:], results["reference"][1:]):
         assert rel_err(a, b) < 1e-3
+
+
+def test_trainer_dtypes_fp32_streams_bf16_sublayer(monkeypatch):
+    """What `mhc train` runs: fp32 streams, sublayers under bf16 autocast (their output bf16, the gradient of their
+    input fp32), a chained stack (read-ahead forward, chained backward). Against the fp32 reference without autocast,
+    the output and every gradient are as close as the reference path's own under autocast, within 4x or 2^-6 (the
+    bf16 sublayers' gradients are sums of bf16 products; the interpreter truncates to bf16 where GPUs round)."""
+    from torch_mhc.nn import chain_reads
+    from torch_mhc.ops import streams
+
+    chain = CountLaunches(streams._post_bwd_chain)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
+    n, C, T = 4, 24, 7
+    conns = [make_conn(n, C, seed=i) for i in range(2)]
+    chain_reads(conns)
+    x0 = torch.randn(T, n, C)
+
+    def run(backend, autocast):
+        x = x0.clone().requires_grad_()
+        with (ops.use_backend(backend), chained_backward(),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+            s = x
+            for c in conns:
+                s = c(s)
+        params = [p for c in conns for p in c.parameters()]
+        return [s, *torch.autograd.grad(weighted(s), [x, *params])]
+
+    truth = run("reference", False)
+    ref = run("reference", True)
+    got = run("triton", True)
+    assert chain.launches == 1
+    assert got[0].dtype == torch.float32
+    for g, r, t in zip(got, ref, truth):
+        assert rel_err(g, t) < max(4 * rel_err(r, t), TOL[torch.bfloat16])

@@ -126,11 +126,12 @@ def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Te
             torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
 
 
-def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True) -> torch.Tensor:
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True, f_dtype=None) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
     sublayer Functions with one dx buffer (what connections run), the post reading ahead for a next sublayer
     with the same phi (:func:`chain` of one); False: the separate ops (coefficients, pre, post: what code calling
-    them directly, and recompute's rebuild, run)."""
+    them directly, and recompute's rebuild, run). ``f_dtype``: the sublayer's output in another dtype than the streams
+    (the trainer: fp32 streams, bf16 outputs of a sublayer under autocast)."""
     from torch_mhc.ops import (
         fused_mhc_coefficients,
         fused_stream_post,
@@ -138,12 +139,13 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     )
 
     if fused:
-        return chain(x, [(phi, bias, alpha)], variant, iters, chain_backward=False)
+        return chain(x, [(phi, bias, alpha)], variant, iters, chain_backward=False, f_dtype=f_dtype)
     h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
-    return fused_stream_post(x, h_post, h_res, fused_stream_pre(x, h_pre))
+    y = fused_stream_pre(x, h_pre)
+    return fused_stream_post(x, h_post, h_res, y if f_dtype is None else y.to(f_dtype))
 
 
-def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True) -> torch.Tensor:
+def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True, f_dtype=None) -> torch.Tensor:
     """Fused sublayers in a row (F = identity), ``layers`` = [(phi, bias, alpha)] one per sublayer: each post reads
     ahead for the next sublayer's phi, each read takes the previous post's read-ahead and, with ``chain_backward``,
     leaves its state gradient to that post's backward. -> the last state."""
@@ -154,19 +156,21 @@ def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True
         nxt = layers[i + 1][0] if i + 1 < len(layers) else phi
         y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
                                                          read_ahead=ahead)
-        x, ahead = fused_sublayer_post(link, h_post, h_res, y, read_ahead=(nxt, 1e-6), chain_backward=chain_backward)
+        f = y if f_dtype is None else y.to(f_dtype)
+        x, ahead = fused_sublayer_post(link, h_post, h_res, f, read_ahead=(nxt, 1e-6), chain_backward=chain_backward)
     return x
 
 
-def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True) -> None:
+def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True,
+                 f_dtype=None) -> None:
     """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: also two chained sublayers (the
     first runs the coefficient GEMM; the second's read takes the first post's read-ahead and leaves its state
     gradient to the first post's chained backward)."""
     x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype)
-    out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused)
+    out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused, f_dtype)
     out.backward(torch.ones_like(out))
     if fused:
-        out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype)[1:]], variant, iters)
+        out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype)[1:]], variant, iters, f_dtype=f_dtype)
         out.backward(torch.ones_like(out))
 
 
@@ -249,6 +253,12 @@ GATE_CASES = [
     for n in (1, 2, 4, 8)
     for T in (8448, 16896)
     for dtype in (torch.float32, torch.bfloat16, torch.float16)
+] + [  # the trainer's setting: fp32 streams, the sublayer's output in bf16 (autocast); its gradient dy stays fp32
+    dict(n=n, C=C, T=T, dtype=torch.float32, variant="paper", iters=20, fused=fused, f_dtype=torch.bfloat16)
+    for n in (1, 2, 4, 8)
+    for C, T in ((24, 48), (1024, 48), (16, 8448))
+    for fused in (True, False)
+    if fused or T == 48
 ]
 
 
