@@ -1,28 +1,114 @@
-"""The per-GPU memory estimate: states are 16 bytes per parameter over the shards; TP divides the
-activations; the paper configs give the README's table."""
+"""The per-GPU memory estimate (``mhc memory``): its activation terms agree with what autograd saves
+(saved-tensor hooks, bf16, the mHC kernels through Triton's interpreter) within 10% per layer; states are
+16 bytes per parameter over the shards; FSDP2 adds a block's gathered parameters and unsharded gradients;
+activation checkpointing keeps block inputs and one block; layouts ``mhc train`` refuses are marked."""
+
+import dataclasses
 
 import pytest
+import torch
 
 from conftest import REPO
-from torch_mhc.distributed.memory import memory_per_gpu, parse_layout
+from torch_mhc.cli import main
+from torch_mhc.distributed.memory import (
+    SavedBytes,
+    activation_bytes_per_token,
+    block_params,
+    layer_activation_bytes,
+    memory_per_gpu,
+    memory_table,
+    parse_layout,
+)
 from torch_mhc.models import DecoderLM
+from torch_mhc.models.decoder import ModelConfig
 from torch_mhc.train.config import build_config
+
+
+def measured_layer_bytes(cfg: ModelConfig, layer: int, batch: int = 2, seq: int = 64) -> float:
+    """Bytes per token autograd saves in block ``layer`` (bf16 model, input state from the blocks before)."""
+    torch.manual_seed(0)
+    model = DecoderLM(cfg).to(torch.bfloat16)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = model.enter_streams(idx)
+        for block in model.blocks[:layer]:
+            h = block(h, model.rope_cos, model.rope_sin)
+    h.requires_grad_()
+    with SavedBytes(model) as saved:
+        model.blocks[layer](h, model.rope_cos, model.rope_sin)
+    return saved.bytes / (batch * seq)
+
+
+@pytest.mark.parametrize("connection", ["mhc", "hc", "residual"])
+@pytest.mark.parametrize("n, dim, heads", [(4, 64, 4), (2, 128, 8)])
+def test_activation_terms_within_10_percent_of_saved_bytes(connection, n, dim, heads):
+    """Layer 1 dense, layer 2 MoE (layer 0 reads the copied embedding, a view: not a typical layer)."""
+    pytest.importorskip("triton")
+    from torch_mhc.ops import use_backend
+
+    cfg = ModelConfig(vocab_size=64, dim=dim, n_heads=heads, n_layers=3, max_seq_len=64, connection=connection,
+                      n_streams=n, moe=True, first_dense_layers=2, n_routed_experts=8, top_k=2, variant="deepseek-v4")
+    with use_backend("triton"):  # the GPU path: the fused mHC kernels
+        for layer in (1, 2):
+            measured, estimate = measured_layer_bytes(cfg, layer), layer_activation_bytes(cfg, layer)
+            assert estimate == pytest.approx(measured, rel=0.10), (layer, measured, estimate)
+            print(connection, n, dim, "dense" if layer == 1 else "MoE", f"measured/estimate {measured / estimate:.3f}")
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_block():
+    cfg = ModelConfig(dim=64, n_heads=4, n_layers=4, moe=True, first_dense_layers=1)
+    layers = [layer_activation_bytes(cfg, i) for i in range(4)]
+    state = 2 * cfg.n_streams * cfg.dim
+    assert activation_bytes_per_token(cfg) == pytest.approx(sum(layers))
+    assert activation_bytes_per_token(cfg, checkpoint="block") == pytest.approx(4 * state + max(layers))
+    assert activation_bytes_per_token(cfg, checkpoint="every:2") == pytest.approx(
+        layers[0] + layers[2] + 2 * state + max(layers[1], layers[3]))
+    ac = dataclasses.replace(cfg, activation_checkpoint="block")  # the config's own setting is the default
+    assert activation_bytes_per_token(ac) == activation_bytes_per_token(cfg, checkpoint="block")
 
 
 def test_memory_estimate_scales_with_the_layout():
     cfg = build_config(overrides=["model.dim=64", "model.n_layers=2", "model.n_heads=4"])
-    n = DecoderLM(cfg.model).num_params()
+    model = DecoderLM(cfg.model)
+    n = model.num_params()
     one = memory_per_gpu(cfg, parse_layout("dp_shard=1,dp_mode=ddp"))
     fsdp = memory_per_gpu(cfg, parse_layout("dp_shard=8"))
     tp = memory_per_gpu(cfg, parse_layout("tp=4,dp_shard=2"))
     assert one["states"] * 2**30 == pytest.approx(16 * n)
     assert fsdp["states"] == pytest.approx(one["states"] / 8) == pytest.approx(tp["states"])
-    assert tp["activations"] == pytest.approx(one["activations"] / 4)
-    assert one["gathered"] == 0 and fsdp["gathered"] > 0
+    # sequence parallel splits all but the all-gathered inputs of qkv and w1/w3 (2 C each per sublayer)
+    gathered_inputs = 2 * 2 * 64 * cfg.model.n_layers * cfg.seq_len / 2**30
+    assert tp["activations"] == pytest.approx((one["activations"] - gathered_inputs) / 4 + gathered_inputs)
+    assert one["gathered"] == one["grads"] == 0
+    assert fsdp["gathered"] * 2**30 == pytest.approx(4 * max(block_params(model)))  # two bf16 blocks
+    assert fsdp["grads"] * 2**30 == pytest.approx(6 * max(block_params(model)))  # bf16 grads + fp32 reduce input
+    assert fsdp["total"] == pytest.approx(sum(fsdp[k] for k in ("states", "gathered", "grads", "activations",
+                                                                  "logits")))
 
 
-def test_paper_27b_fits_80gb_with_tp8():
+def test_paper_27b_layouts():
     cfg = build_config(config_file=str(REPO / "configs" / "paper-27b.toml"))
-    m = memory_per_gpu(cfg, parse_layout("tp=8,dp_shard=8"))
-    assert 20 < m["params_b"] < 35 and m["total"] < 80
+    fsdp64 = memory_per_gpu(cfg, parse_layout("dp_shard=64"))
+    assert 20 < fsdp64["params_b"] < 35 and fsdp64["total"] < 80
     assert memory_per_gpu(cfg, parse_layout("dp_shard=8"))["total"] > 80
+    block = memory_per_gpu(cfg, parse_layout("dp_shard=64"), checkpoint="block")
+    every2 = memory_per_gpu(cfg, parse_layout("dp_shard=64"), checkpoint="every:2")
+    assert block["activations"] < every2["activations"] < fsdp64["activations"]
+    lines = memory_table(cfg, ["dp_shard=64", "tp=8,dp_shard=8", "pp=2,dp_shard=32", "dp_shard=64,ac=block"])
+    assert "refused" not in lines[2] and "refused" not in lines[5]
+    assert "refused by mhc train" in lines[3] and "model.moe with parallel.tp > 1" in lines[3]
+    assert "refused by mhc train" in lines[4] and "parallel.pp > 1" in lines[4]
+    assert f"{block['total']:.1f}" in lines[5]
+
+
+def test_dense_tp_is_not_refused_and_bad_layouts_are(capsys):
+    cfg = build_config(overrides=["model.dim=64", "model.n_heads=4", "batch_size=16"])
+    lines = memory_table(cfg, ["tp=2,dp_shard=4", "tp=3,dp_shard=2", "dp_shard=5"])
+    assert "refused" not in lines[2]
+    assert "parallel.tp (3) must divide model.n_heads (4)" in lines[3]
+    assert "batch_size (16, the global batch) must be divisible" in lines[4]
+    config = str(REPO / "configs" / "paper-3b.toml")
+    assert main(["memory", config, "dp_shard=8,ac=blocks"]) == 2
+    assert "ac (none, block or every:K)" in capsys.readouterr().err
+    assert main(["memory", config, "dp_shard=8", "--set", "model.activation_checkpoint=block"]) in (0, None)
+    assert "activation checkpointing block" in capsys.readouterr().out

@@ -80,16 +80,16 @@ def _cmd_compare(args) -> None:
 
 
 def _cmd_memory(args) -> None:
-    from torch_mhc.distributed.memory import memory_table, parse_layout
+    from torch_mhc.distributed.memory import memory_table, parse_row
     from torch_mhc.train.config import build_config
 
-    cfg = build_config(config_file=args.config)
+    cfg = build_config(config_file=args.config, overrides=args.set)
     for text in args.layouts:
         try:
-            parse_layout(text)
+            parse_row(text)
         except (TypeError, ValueError) as e:
             raise UserError(f"layout {text!r} is not KEY=VALUE[,KEY=VALUE] over dp_shard, dp_replicate, tp, pp, "
-                            f"dp_mode ({e}).") from None
+                            f"dp_mode, ac (none, block or every:K) ({e}).") from None
     print(args.config + ": " + "\n".join(memory_table(cfg, args.layouts)))
 
 
@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     mm = sub.add_parser("memory", parents=[common], help="estimated memory per GPU of a config under parallel layouts")
     mm.add_argument("config", help="TOML or JSON training config, e.g. configs/paper-27b.toml")
-    mm.add_argument("layouts", nargs="+", metavar="LAYOUT", help="e.g. dp_shard=64 or tp=8,dp_shard=8")
+    mm.add_argument("layouts", nargs="+", metavar="LAYOUT",
+                    help="e.g. dp_shard=64, tp=8,dp_shard=8 or dp_shard=64,ac=block (activation checkpointing)")
+    mm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override, e.g. model.activation_checkpoint=block or seq_len=8192")
     mm.set_defaults(func=_cmd_memory)
 
     x = sub.add_parser("export-weights", parents=[common],

@@ -1,25 +1,37 @@
-"""Per-GPU memory estimate of a training config under a parallel layout (a planning aid, not a
-measurement): parameter, gradient and AdamW states, FSDP2's gathered blocks, and activations.
+"""Per-GPU memory estimate of a training config under a parallel layout (a planning aid, calibrated against
+measurement): parameter, gradient and AdamW states, FSDP2's gathered blocks and unsharded gradient buffers,
+activations and logits.
 
-    mhc memory configs/paper-27b.toml dp_shard=64 tp=8,dp_shard=8
+    mhc memory configs/paper-27b.toml dp_shard=64 tp=8,dp_shard=8 dp_shard=64,ac=block
 
-Model: bf16 compute (FSDP2 mixed precision: bf16 gathered params, fp32 master params, fp32 grads,
-fp32 AdamW moments = 16 bytes per parameter, divided over the shards). Activations are saved
-tensors per token in bf16, without activation checkpointing or mHC recompute (an upper estimate):
-per sublayer the mHC stream state and its working copy (2 n C), attention 6 C, a dense SwiGLU
-2 C + 3 H, an MoE layer 2 C + top_k (C + 3 H_e) + 3 n_shared H_e; plus the logits (bf16) and the
-fp32 loss input and its gradient (10 bytes x vocab per token). Tensor parallel with sequence
-parallel divides the activations (and the sharded weights) by tp; the full logits are on every TP
-rank. Pipeline (1F1B) stages hold 1/pp of the layers but up to pp micro-batches in flight.
+Model: bf16 compute (FSDP2 mixed precision: bf16 gathered params, fp32 master params, fp32 grads, fp32 AdamW
+moments = 16 bytes per parameter, divided over the shards). FSDP2 holds one block gathered while it prefetches
+the next (2 x 2 bytes per block parameter) and, in backward, a block's unsharded bf16 gradients with their
+fp32 reduce-scatter input (6 bytes per block parameter).
+
+Activations are the bytes autograd saves per token, term by term (:func:`layer_activation_bytes`), calibrated
+against saved-tensor hooks (:class:`SavedBytes`) on small shapes, bf16, with the mHC kernels (on CPU through
+Triton's interpreter): within 2% per layer for dense and MoE layers of mHC, HC and residual models
+(tests/test_distributed_memory.py). Each RMSNorm counts as torch's composite (an fp32 copy of its input and
+its output, 8 C + 4 bytes); CUDA's fused RMSNorm keeps less (2 C + 4), so on GPUs the figure is a little high.
+mHC's own stream recompute (``model.recompute``) is not counted (it drops 2 n C per dropped state).
+Activation checkpointing (``model.activation_checkpoint``, or ``ac=`` in a layout): a checkpointed block
+keeps only its input state (2 n C), and one block's activations live again during its recompute. Tensor
+parallel with sequence parallel divides the activations by tp except the all-gathered inputs of the
+column-parallel projections; the full logits are on every TP rank. The logits are bf16 plus the fp32 loss
+input and its gradient (10 bytes x vocab per token). Pipeline (1F1B) stages hold 1/pp of the layers but up
+to pp micro-batches in flight. Layouts that ``mhc train`` refuses are marked, not estimated.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 
-from torch_mhc.distributed.mesh import ParallelConfig
+from torch_mhc.distributed.mesh import ParallelConfig, static_errors
+from torch_mhc.errors import UserError
 from torch_mhc.models.decoder import DecoderLM
 
 GIB = 2**30
@@ -74,24 +86,72 @@ def block_params(model: DecoderLM) -> list[int]:
     return [sum(p.numel() for p in b.parameters()) for b in model.blocks]
 
 
-def activation_bytes_per_token(cfg) -> float:
-    """Saved bf16 activations per token of the whole stack (no recompute), without the logits."""
-    C, n, H = cfg.dim, cfg.streams, cfg.ffn_hidden
-    total = 0
-    for i in range(cfg.n_layers):
-        stream = 2 * n * C if cfg.streams > 1 else C
-        attn = 6 * C
-        if cfg.moe and i >= cfg.first_dense_layers:
-            ffn = 2 * C + cfg.top_k * (C + 3 * cfg.moe_hidden) + 3 * cfg.n_shared_experts * cfg.moe_hidden
-        else:
-            ffn = 2 * C + 3 * H
-        total += 2 * stream + attn + ffn
-    return 2.0 * total
+def connection_bytes(cfg) -> float:
+    """Bytes per token one connection (around one sublayer) saves: the stream state it reads (bf16), the
+    sublayer output it writes in, and its fp32 coefficients."""
+    n, C = cfg.streams, cfg.dim
+    if cfg.connection == "residual" or n == 1:
+        return 0.0
+    if cfg.connection == "hc":  # reference path: fp32 copies of the state for the coefficients
+        return 10 * n * C + 2 * C + 4 * (5 * n + 2 * n * n)
+    return 2 * n * C + 2 * C + 4 * (4 * n + 2 * n * n + 1)  # mHC, fused read and write
 
 
-def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1) -> dict[str, float]:
+def layer_activation_bytes(cfg, i: int, tp: int = 1) -> float:
+    """Bytes per token that block ``i`` saves for backward (bf16 compute), on one of ``tp`` ranks."""
+    C, H = cfg.dim, cfg.ffn_hidden
+    norm = 8 * C + 4  # fp32 copy of the input and its normalised fp32 output, rstd
+    gathered_in = 2 * C  # the sequence-parallel input all-gathered for a column-parallel projection: not split
+    attn = (norm + 14 * C + 4 * cfg.n_heads) / tp + gathered_in  # q, k (rotated), qkv, out, proj input; lse
+    if cfg.moe and i >= cfg.first_dense_layers:
+        k, He, E = cfg.top_k, cfg.moe_hidden, cfg.n_routed_experts
+        # router scores, indices, weights; gathered tokens and the k expert outputs; 4 He per routed row and per
+        # shared expert (w1 and w3 outputs, their SwiGLU, the w2 input)
+        ffn = norm + 2 * C + 4 * E + 32 * k + 8 + 4 * k * C + 8 * k * He + 8 * He * cfg.n_shared_experts
+        ffn = ffn / tp
+    else:
+        ffn = (norm + 8 * H) / tp + gathered_in  # w1, w3 outputs, SwiGLU, w2 input
+    return attn + ffn + 2 * connection_bytes(cfg) / tp
+
+
+def activation_bytes_per_token(cfg, tp: int = 1, checkpoint: str | None = None) -> float:
+    """Saved bf16 activations per token of the whole stack (without the logits) on one of ``tp`` ranks, under
+    activation checkpointing ``checkpoint`` (default: the config's ``activation_checkpoint``)."""
+    from torch_mhc.distributed.parallelize import checkpointed_blocks
+
+    mode = cfg.activation_checkpoint if checkpoint is None else checkpoint
+    per_layer = [layer_activation_bytes(cfg, i, tp) for i in range(cfg.n_layers)]
+    chosen = set(checkpointed_blocks(mode, cfg.n_layers))
+    kept = sum(b for i, b in enumerate(per_layer) if i not in chosen)
+    inputs = len(chosen) * 2 * cfg.streams * cfg.dim / tp  # a checkpointed block keeps its input state
+    recompute = max((per_layer[i] for i in chosen), default=0.0)  # one block's activations, live again
+    return kept + inputs + recompute
+
+
+def refused(train_cfg, parallel: ParallelConfig) -> str | None:
+    """Why ``mhc train`` would refuse ``parallel`` for this config (the checks it runs), or None."""
+    from torch_mhc.distributed.tensor_parallel import check_tensor_parallel
+
+    cfg = train_cfg.model
+    errors = static_errors(parallel, cfg.n_heads, train_cfg.batch_size)
+    if errors:
+        return "; ".join(errors)
+    if parallel.pp > 1:  # distributed/runtime.py distributed_context
+        return "parallel.pp > 1 is not available in mhc train yet"
+    if parallel.tp > 1:
+        try:
+            check_tensor_parallel(SimpleNamespace(cfg=cfg), parallel.tp)
+        except UserError as e:
+            return str(e).removeprefix("invalid parallel settings: ").rstrip(".")
+    return None
+
+
+def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
+                   checkpoint: str | None = None) -> dict[str, float]:
     """GiB per GPU: ``states`` (params + grads + AdamW), ``gathered`` (FSDP2's unsharded bf16 blocks),
-    ``activations`` (one micro-batch, or pp of them in flight), ``logits`` and ``total``."""
+    ``grads`` (FSDP2's unsharded gradient buffers of one block), ``activations`` (one micro-batch, or pp of
+    them in flight; under activation checkpointing ``checkpoint``, default the config's), ``logits`` and
+    ``total``. An estimate for any layout, also one ``mhc train`` refuses (see :func:`refused`)."""
     cfg = train_cfg.model
     with torch.device("meta"):
         model = DecoderLM(cfg)
@@ -99,32 +159,53 @@ def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1) ->
     tp, pp = parallel.tp, parallel.pp
     shard = (parallel.dp_shard if parallel.dp_mode == "fsdp" else 1) * tp * pp
     states = 16 * n_params / shard
-    gathered = 0.0
+    gathered = grads = 0.0
     if parallel.dp_mode == "fsdp" and parallel.dp_shard > 1:
         gathered = 2 * 2 * max(block_params(model)) / tp  # this block and the prefetched next one, bf16
+        grads = (2 + 4) * max(block_params(model)) / tp  # one block's bf16 gradients and fp32 reduce-scatter input
     tokens = micro_batch * train_cfg.seq_len
     in_flight = pp  # 1F1B: stage 0 holds pp micro-batches of its L/pp layers
-    activations = tokens * activation_bytes_per_token(cfg) / tp / pp * in_flight
+    activations = tokens * activation_bytes_per_token(cfg, tp, checkpoint) / pp * in_flight
     logits = tokens * cfg.vocab_size * 10
-    out = {"params_b": n_params / 1e9, "states": states / GIB, "gathered": gathered / GIB,
+    out = {"params_b": n_params / 1e9, "states": states / GIB, "gathered": gathered / GIB, "grads": grads / GIB,
            "activations": activations / GIB, "logits": logits / GIB}
-    out["total"] = out["states"] + out["gathered"] + out["activations"] + out["logits"]
+    out["total"] = out["states"] + out["gathered"] + out["grads"] + out["activations"] + out["logits"]
     return out
 
 
-def parse_layout(text: str) -> ParallelConfig:
+LAYOUT_KEYS = ("dp_shard", "dp_replicate", "tp", "pp", "dp_mode", "ac")
+
+
+def parse_row(text: str) -> tuple[ParallelConfig, str | None]:
+    """``tp=8,dp_shard=8,ac=block`` -> (the layout, the activation checkpointing it names or None)."""
     values = dict(kv.split("=", 1) for kv in text.split(",") if kv)
-    return replace(ParallelConfig(), **{k: (v if k == "dp_mode" else int(v)) for k, v in values.items()})
+    ac = values.pop("ac", None)
+    if ac is not None:
+        from torch_mhc.models.decoder import ModelConfig
+
+        ModelConfig(activation_checkpoint=ac).checkpoint_every  # ValueError when not none | block | every:K
+    return replace(ParallelConfig(), **{k: (v if k == "dp_mode" else int(v)) for k, v in values.items()}), ac
+
+
+def parse_layout(text: str) -> ParallelConfig:
+    return parse_row(text)[0]
 
 
 def memory_table(train_cfg, layouts: list[str]) -> list[str]:
-    """The lines ``mhc memory`` prints: one per layout (``dp_shard=8``, ``tp=8,dp_shard=8``, ...)."""
-    lines = [f"seq_len {train_cfg.seq_len}, micro-batch 1 sequence per GPU (bf16, no recompute)",
-             f"{'layout':<34}{'GPUs':>6}{'states':>9}{'gathered':>10}{'activ.':>9}{'logits':>8}{'total GiB':>11}"]
+    """The lines ``mhc memory`` prints, one per layout (``dp_shard=8``, ``tp=8,dp_shard=8``, ``dp_shard=8,ac=block``).
+    """
+    lines = [f"seq_len {train_cfg.seq_len}, micro-batch 1 sequence per GPU (bf16, activation checkpointing "
+             f"{train_cfg.model.activation_checkpoint} unless the layout sets ac=, no mHC recompute)",
+             f"{'layout':<34}{'GPUs':>6}{'states':>9}{'gathered':>10}{'grads':>7}{'activ.':>9}{'logits':>8}"
+             f"{'total GiB':>11}"]
     for text in layouts:
-        par = parse_layout(text)
-        m = memory_per_gpu(train_cfg, par)
+        par, ac = parse_row(text)
         gpus = par.dp_shard * par.dp_replicate * par.tp * par.pp
-        lines.append(f"{text:<34}{gpus:>6}{m['states']:>9.1f}{m['gathered']:>10.1f}{m['activations']:>9.1f}"
-                     f"{m['logits']:>8.1f}{m['total']:>11.1f}")
+        why = refused(train_cfg, par)
+        if why is not None:
+            lines.append(f"{text:<34}{gpus:>6}  refused by mhc train: {why}")
+            continue
+        m = memory_per_gpu(train_cfg, par, checkpoint=ac)
+        lines.append(f"{text:<34}{gpus:>6}{m['states']:>9.1f}{m['gathered']:>10.1f}{m['grads']:>7.1f}"
+                     f"{m['activations']:>9.1f}{m['logits']:>8.1f}{m['total']:>11.1f}")
     return lines
