@@ -489,3 +489,20 @@ def test_store_reload_loops_are_not_pipelined(monkeypatch):
     reads_ahead = [k for k in post.kwargs if k["PROJ"]]
     assert len(reads_ahead) == 2 and chain.launches == 2  # the posts that have a reader
     assert all(k.get("num_stages") == 1 for k in reads_ahead + chain.kwargs)
+
+
+def test_direct_calls_with_other_n_raise_a_clear_error():
+    """The fused entry points called directly (not through torch_mhc.nn.functional) with an n the kernels are not
+    built for: a ValueError that names n and the way out, before any kernel runs (a KeyError in a block table, or
+    a forward that ran and a backward that failed, before)."""
+    n, C, T = 3, 8, 4
+    x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=0)
+    h = torch.rand(T, n, device=DEVICE)
+    h_res = torch.rand(T, n, n, device=DEVICE)
+    f = torch.randn(T, C, device=DEVICE)
+    calls = [lambda: ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper"),
+             lambda: ops.fused_stream_pre(x, h), lambda: ops.fused_stream_post(x, h, h_res, f),
+             lambda: ops.fused_sublayer_pre(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper")]
+    for call in calls:
+        with pytest.raises(ValueError, match="n = 3"):
+            call()

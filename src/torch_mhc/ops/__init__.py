@@ -63,6 +63,14 @@ def should_fuse(x: torch.Tensor) -> bool:
     return x.is_cuda and triton_available()
 
 
+def _require_fused_streams(n: int, what: str) -> None:
+    """The entry points below are the kernels themselves: an n they are not built for is a clear error here, not a
+    KeyError in a block table or a failure in the backward (model code asks :func:`should_fuse` first)."""
+    if n not in FUSED_STREAMS:
+        raise ValueError(f"{what}: the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; "
+                         "torch_mhc.nn.functional runs the reference path for other n (see should_fuse)")
+
+
 # The kernels import triton; these entry points import them on first use, so ``import torch_mhc``
 # works without triton.
 
@@ -72,6 +80,7 @@ def fused_mhc_coefficients(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x ``[..., n, C]``, phi ``[n*C, 2n+n^2]``, bias ``[2n+n^2]``, alpha ``[3]`` -> fp32 (H_pre ``[..., n]``,
     H_post ``[..., n]``, H_res ``[..., n, n]``); see :mod:`torch_mhc.ops.coefficients`."""
+    _require_fused_streams(x.shape[-2], "fused_mhc_coefficients")
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
     return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
@@ -79,6 +88,7 @@ def fused_mhc_coefficients(
 
 def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``sum_i H_pre[i] x_i`` ``[..., C]`` in x's dtype."""
+    _require_fused_streams(x.shape[-2], "fused_stream_pre")
     from torch_mhc.ops.streams import fused_stream_pre as impl
 
     return impl(x, h_pre)
@@ -87,6 +97,7 @@ def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor) -> torch.Tensor:
     """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f_out ``[..., C]`` -> ``H_res x + H_post^T f``
     ``[..., n, C]`` in x's dtype."""
+    _require_fused_streams(x.shape[-2], "fused_stream_post")
     from torch_mhc.ops.streams import fused_stream_post as impl
 
     return impl(x, h_post, h_res, f_out)
@@ -98,6 +109,7 @@ def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, a
     autograd Function whose backward takes post's dx through ``link`` and adds pre's and the coefficient
     GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`.
     ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi)."""
+    _require_fused_streams(x.shape[-2], "fused_sublayer_pre")
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
     return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, read_ahead=read_ahead)
