@@ -155,3 +155,75 @@ def test_a_resumed_run_may_switch_it():
     old = build_config(overrides=["model.activation_checkpoint=none"])
     new = build_config(overrides=["model.activation_checkpoint=every:2"])
     assert resume_changes(old, new) == {"model.activation_checkpoint": ["none", "every:2"]}
+
+
+def _steps(model, data, rows, dp_avg: bool) -> tuple[list[float], dict]:
+    """Three AdamW steps with clipping and the MoE bias update; (losses of the global batch, full state)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for x, y in data:
+        _, loss = model(x[rows], y[rows])
+        loss.backward()
+        clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if dp_avg:
+            sync_moe_load(model)
+        for moe in model.moe_layers():
+            moe.update_bias()
+        loss = loss.detach()
+        if dp_avg:
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        losses.append(loss.item())
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+             for k, v in model.state_dict().items()}
+    return losses, state
+
+
+DIST_CASES = [({"dp_mode": "fsdp"}, "none", False), ({"dp_mode": "fsdp"}, "block", False),
+              ({"dp_mode": "fsdp"}, "every:2", True), ({"dp_mode": "fsdp"}, "none", True),
+              ({"dp_mode": "ddp", "dp_replicate": 2, "dp_shard": 1}, "block", False)]
+
+
+def _dist_worker(rank, world, cases):
+    from distributed_helpers import batches
+    from torch_mhc.distributed import global_rows
+    from torch_mhc.distributed.mesh import ParallelConfig
+
+    out = []
+    for settings, mode, recompute in cases:
+        dims = ParallelDims.from_config(ParallelConfig(**settings), world)
+        mesh = dims.build_mesh("cpu")
+        torch.manual_seed(0)
+        model = parallelize(DecoderLM(paper_like(mode, recompute, n_layers=3)), dims, mesh)
+        rows = global_rows(4, dims.dp, dims.dp_rank(mesh))
+        out.append((*_steps(model, batches(3, 4, 15), rows, dp_avg=True), [type(b).__name__ for b in model.blocks]))
+    return out
+
+
+def test_composes_with_fsdp2_and_ddp_on_two_ranks(tmp_path):
+    """On 2 gloo ranks: FSDP2 with block, and with every:2 + stream recompute, bit-identical to FSDP2 without
+    (same ops, same reductions); all, and DDP with block, equal to one process within float32 rounding."""
+    from distributed_helpers import batches, spawn
+
+    results = spawn(_dist_worker, 2, tmp_path, DIST_CASES)
+    torch.manual_seed(0)
+    one = _steps(DecoderLM(paper_like("none", n_layers=3)), batches(3, 4, 15), slice(None), dp_avg=False)
+    for rank in results:
+        plain, block, every2_rec, plain_rec, ddp_block = rank
+        assert block[2] == ["FSDPCheckpointedBlock"] * 3 and plain[2] == ["FSDPBlock"] * 3
+        assert every2_rec[2] == ["FSDPBlock", "FSDPCheckpointedBlock", "FSDPBlock"]
+        assert ddp_block[2] == ["CheckpointedBlock"] * 3
+        assert block[0] == plain[0] and every2_rec[0] == plain_rec[0]
+        for k in plain[1]:
+            assert torch.equal(block[1][k], plain[1][k]) and torch.equal(every2_rec[1][k], plain_rec[1][k]), k
+        for losses, state, _ in rank:
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(one[0]), rtol=1e-5, atol=0)
+            for k, v in one[1].items():
+                torch.testing.assert_close(state[k], v, rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")

@@ -68,7 +68,9 @@ class _Checkpointed:
         forward = super().forward
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        if torch.compiler.is_compiling():  # traced as torch's checkpoint op (a recompute leaves no side effects)
+        if torch.compiler.is_compiling():  # traced as torch's checkpoint op, which takes no context_fn: the MoE
+            # loads of a checkpointed block are counted twice (measured on CPU); the bias update reads only
+            # sign(mean(load) - load) of each layer, so training is unchanged
             return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return torch.utils.checkpoint.checkpoint(
             forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_moe_load(self)),
