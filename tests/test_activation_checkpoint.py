@@ -227,3 +227,24 @@ def test_composes_with_fsdp2_and_ddp_on_two_ranks(tmp_path):
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(one[0]), rtol=1e-5, atol=0)
             for k, v in one[1].items():
                 torch.testing.assert_close(state[k], v, rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_under_torch_compile_moe_loads_are_counted_once():
+    """torch.compile (as the one-process trainer applies it): a checkpointed MoE block runs its checkpoint
+    eagerly (dynamo falls back on a checkpoint whose forward mutates a buffer, and then would count the expert
+    load again in the recompute); the losses and gradients agree to float32 rounding."""
+    def run(mode: str, compiled: bool):
+        model = build(paper_like(mode, n_layers=2, merge="sum", variant="paper"))
+        call = torch.compile(model) if compiled else model
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        _, loss = call(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, [m.load for m in model.moe_layers()]
+
+    ref_loss, ref_grads, ref_loads = run("none", False)
+    loss, grads, loads = run("block", True)
+    assert len(loads) == 1 and torch.equal(loads[0], ref_loads[0])
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"{n}: {m}")

@@ -68,13 +68,20 @@ class _Checkpointed:
         forward = super().forward
         if not torch.is_grad_enabled():
             return forward(*args, **kwargs)
-        if torch.compiler.is_compiling():  # traced as torch's checkpoint op, which takes no context_fn: the MoE
-            # loads of a checkpointed block are counted twice (measured on CPU); the bias update reads only
-            # sign(mean(load) - load) of each layer, so training is unchanged
+        if not self._checkpoint_moe:
             return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return torch.utils.checkpoint.checkpoint(
-            forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_moe_load(self)),
-            **kwargs)
+        return _checkpoint_keeping_moe_load(self, forward, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _checkpoint_keeping_moe_load(block: nn.Module, forward, *args, **kwargs):
+    """A checkpointed block with MoE layers, which count their expert load in forward: the load is restored after
+    the recompute. Eager also under torch.compile (dynamo traces neither a checkpoint whose forward mutates a
+    buffer nor a context_fn; it would fall back to a checkpoint that counts the load twice); a dense block's
+    checkpoint is traced and compiled."""
+    return torch.utils.checkpoint.checkpoint(
+        forward, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _keep_moe_load(block)),
+        **kwargs)
 
 
 class _keep_moe_load:
@@ -107,6 +114,8 @@ def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
     :func:`parallelize` does; idempotent."""
     if mode == "none":
         return model
+    from torch_mhc.models.moe import MoE
+
     blocks = list(model.blocks)
     chosen = checkpointed_blocks(mode, len(blocks))
     for i in chosen:
@@ -117,6 +126,7 @@ def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
         if cls not in _CHECKPOINTED_CLASSES:
             _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
         block.__class__ = _CHECKPOINTED_CLASSES[cls]
+        block._checkpoint_moe = any(isinstance(m, MoE) for m in block.modules())
         # the connection before the block, and the block's last one, no longer compute their reader's GEMM
         for conn in ([blocks[i - 1].ffn] if i > 0 else []) + [block.ffn]:
             if hasattr(conn, "next_reader"):
