@@ -248,3 +248,29 @@ def test_under_torch_compile_moe_loads_are_counted_once():
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("mode", ["block", "every:2"])
+def test_fused_kernels_with_chained_backward(mode):
+    """The GPU path (the mHC kernels, here through Triton's interpreter) inside ``chained_backward`` as the trainer
+    runs it: a post's read-ahead and deferred gradient terms are not chained across a checkpointed block's
+    boundary (the recompute runs outside the scope and reads anew), so gradients equal those without checkpointing
+    to float32 rounding (the kernels sum in another order when not chained)."""
+    pytest.importorskip("triton")
+    from torch_mhc.nn import chained_backward
+    from torch_mhc.ops import use_backend
+
+    def run(mode):
+        model = build(paper_like(mode))
+        idx = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+        with chained_backward():
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    with use_backend("triton"):
+        ref_loss, ref = run("none")
+        loss, grads = run(mode)
+    assert torch.equal(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
