@@ -59,12 +59,36 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_block():
     cfg = ModelConfig(dim=64, n_heads=4, n_layers=4, moe=True, first_dense_layers=1)
     layers = [layer_activation_bytes(cfg, i) for i in range(4)]
     state = 2 * cfg.n_streams * cfg.dim
+    unchained = 4 * cfg.n_streams * cfg.dim + 8  # a read after a checkpointed block, without the read-ahead
     assert activation_bytes_per_token(cfg) == pytest.approx(sum(layers))
-    assert activation_bytes_per_token(cfg, checkpoint="block") == pytest.approx(4 * state + max(layers))
+    assert activation_bytes_per_token(cfg, checkpoint="block") == pytest.approx(4 * state + max(layers) + unchained)
     assert activation_bytes_per_token(cfg, checkpoint="every:2") == pytest.approx(
-        layers[0] + layers[2] + 2 * state + max(layers[1], layers[3]))
+        layers[0] + layers[2] + unchained + 2 * state + max(layers[1], layers[3]) + unchained)
     ac = dataclasses.replace(cfg, activation_checkpoint="block")  # the config's own setting is the default
     assert activation_bytes_per_token(ac) == activation_bytes_per_token(cfg, checkpoint="block")
+
+
+@pytest.mark.parametrize("connection", ["mhc", "hc"])
+def test_blocks_kept_under_every2_match_saved_bytes(connection):
+    """Under every:2 the blocks not checkpointed save what the estimate says (within 10%; the checkpointed
+    blocks' inputs and the recompute are not seen by saved-tensor hooks)."""
+    pytest.importorskip("triton")
+    from torch_mhc.distributed.parallelize import apply_activation_checkpoint
+    from torch_mhc.ops import use_backend
+
+    cfg = ModelConfig(vocab_size=64, dim=64, n_heads=4, n_layers=4, max_seq_len=64, connection=connection,
+                      moe=True, first_dense_layers=1, n_routed_experts=8, top_k=2, activation_checkpoint="every:2")
+    torch.manual_seed(0)
+    model = apply_activation_checkpoint(DecoderLM(cfg).to(torch.bfloat16), "every:2")
+    idx = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
+    with use_backend("triton"), SavedBytes(model) as saved:
+        h = model.enter_streams(idx)
+        for block in model.blocks:
+            h = block(h, model.rope_cos, model.rope_sin)
+    unchained = 4 * 4 * 64 + 8 if connection == "mhc" else 0
+    recompute = max(layer_activation_bytes(cfg, i) for i in (1, 3)) + unchained
+    kept = activation_bytes_per_token(cfg) - 2 * (2 * 4 * 64) - recompute
+    assert saved.bytes / 128 == pytest.approx(kept, rel=0.10)
 
 
 def test_memory_estimate_scales_with_the_layout():

@@ -122,9 +122,13 @@ def activation_bytes_per_token(cfg, tp: int = 1, checkpoint: str | None = None) 
     mode = cfg.activation_checkpoint if checkpoint is None else checkpoint
     per_layer = [layer_activation_bytes(cfg, i, tp) for i in range(cfg.n_layers)]
     chosen = set(checkpointed_blocks(mode, cfg.n_layers))
-    kept = sum(b for i, b in enumerate(per_layer) if i not in chosen)
+    # a block's first mHC read after a checkpointed block gets no read-ahead from the post before it (the chain
+    # is cut there, see parallelize.apply_activation_checkpoint): it keeps an fp32 copy of the state
+    unchained = 4 * cfg.streams * cfg.dim + 8 if cfg.connection == "mhc" and cfg.streams > 1 else 0.0
+    kept = sum(b + (unchained if i - 1 in chosen else 0.0) for i, b in enumerate(per_layer) if i not in chosen)
     inputs = len(chosen) * 2 * cfg.streams * cfg.dim / tp  # a checkpointed block keeps its input state
-    recompute = max((per_layer[i] for i in chosen), default=0.0)  # one block's activations, live again
+    # one block's activations, live again during its recompute (whose first read is not chained either)
+    recompute = max((per_layer[i] + unchained for i in chosen), default=0.0)
     return kept + inputs + recompute
 
 
