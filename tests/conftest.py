@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,24 @@ TINY = [
     "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.max_seq_len=32", "seq_len=32", "batch_size=4",
     "steps=6", "warmup=2", "log_every=2", "eval_every=3", "eval_batches=2", "ckpt_every=3", "diag_every=3",
 ]
+
+
+def cli_env() -> dict:
+    """The environment for ``python -m torch_mhc`` subprocesses: this process's import path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+
+def cli(args, cwd, timeout=300):
+    """``mhc ARGS`` in a fresh process (where the process boundary matters: tracebacks, locks, signals)."""
+    return subprocess.run([sys.executable, "-m", "torch_mhc", *args], capture_output=True, cwd=cwd, env=cli_env(),
+                          timeout=timeout)
+
+
+def expect_error(capsys, args, message):
+    """``mhc ARGS`` (through ``main``) exits 2 with ``message`` in its one-paragraph error, no traceback."""
+    from torch_mhc.cli import main
+
+    assert main(args) == 2, args
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, (args, err)
+    return err

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, cli, cli_env, expect_error
 from torch_mhc.cli import main
 from torch_mhc.reports.plots import read_jsonl
 from torch_mhc.train import checkpoint as ckpt
@@ -26,26 +26,8 @@ from torch_mhc.train.data import ByteTokenizer, load_tokens
 from torch_mhc.train.trainer import MetricsWriter
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def cli(args, cwd, timeout=120):
-    """``mhc ARGS`` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "torch_mhc", *args], capture_output=True, cwd=cwd, env=_env(),
-                          timeout=timeout)
-
-
 def sets(out_dir, data, *extra):
     return [a for s in [*TINY, f"data={data}", f"out_dir={out_dir}", *extra] for a in ("--set", s)]
-
-
-def expect_error(capsys, args, message):
-    """``mhc ARGS`` exits 2 with ``message`` in its one-paragraph error, no traceback."""
-    assert main(args) == 2, args
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err, (args, err)
-    return err
 
 
 # ------------------------------------------------------------------ real small file systems
@@ -305,7 +287,7 @@ def test_sigterm_before_the_first_checkpoint(small_text, tmp_path, capsys):
     run_dir = out / "t"
     p = subprocess.Popen([sys.executable, "-m", "torch_mhc", "train", *args, "--set", "steps=100000",
                           "--set", "ckpt_every=100000", "--set", "log_every=1"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=_env())
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, env=cli_env())
     try:
         deadline = time.time() + 120
         while not ((run_dir / "metrics.jsonl").is_file() and (run_dir / "metrics.jsonl").stat().st_size):

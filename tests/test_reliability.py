@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, cli, cli_env, expect_error
 from torch_mhc.cli import main
 from torch_mhc.reports.plots import plot_runs, read_jsonl, run_labels
 from torch_mhc.train import checkpoint as ckpt
@@ -24,26 +24,8 @@ from torch_mhc.train.data import ByteTokenizer, load_tokens
 from torch_mhc.train.rundir import claim_new_run_dir, claim_run_dir, drop_partial_last_line
 
 
-def _env():
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-
-
-def cli(args, cwd, timeout=300):
-    """``mhc ARGS`` in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "torch_mhc", *args], capture_output=True, cwd=cwd, env=_env(),
-                          timeout=timeout)
-
-
 def sets(tmp_path, data, *extra):
     return [a for s in [*TINY, f"data={data}", f"out_dir={tmp_path / 'runs'}", *extra] for a in ("--set", s)]
-
-
-def expect_error(capsys, args, message):
-    """``mhc ARGS`` exits 2 with ``message`` in its one-paragraph error."""
-    assert main(args) == 2, args
-    err = capsys.readouterr().err
-    assert message in err, (args, err)
-    return err
 
 
 def tiny_state(tmp_path, steps=(1, 2, 3), keep=5):
@@ -168,7 +150,7 @@ def test_lock_is_released_by_kill_9(tmp_path):
         print("claimed", flush=True)
         time.sleep(60)
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=_env())
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=cli_env())
     try:
         assert p.stdout.readline().strip() == "claimed"
         with pytest.raises(UserError, match=f"in use by pid {p.pid}"):
@@ -408,7 +390,7 @@ def test_cli_argument_errors(trained, tmp_path, capsys):
     np.save(tmp_path / "neg.npy", np.array([1, -2, 3] * 400, dtype=np.int64))
     expect_error(capsys, ["eval", str(run_dir), "--data", str(tmp_path / "neg.npy")], "negative token id -2")
     r = subprocess.run([sys.executable.encode(), b"-m", b"torch_mhc", b"sample", str(run_dir).encode(), b"--prompt",
-                        b"caf\xff"], capture_output=True, env=_env(), timeout=300)
+                        b"caf\xff"], capture_output=True, env=cli_env(), timeout=300)
     assert r.returncode == 2 and b"the prompt (--prompt) is not valid text" in r.stderr, r.stderr
     assert b"Traceback" not in r.stderr
 
