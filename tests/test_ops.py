@@ -400,11 +400,24 @@ def test_empty_batch(dtype):
         assert u.shape == v.shape and torch.equal(u.float(), v.float())
 
 
+def chained_stack(n: int, C: int, T: int, count: int) -> torch.Tensor:
+    """``count`` chained mHC connections (Tanh sublayers) over a fresh random state ``[T, n, C]`` that requires
+    grad; returns the last state. Call inside the backend and ``chained_backward`` scopes under test."""
+    from torch_mhc.nn import chain_reads
+
+    conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i).to(DEVICE) for i in range(count)]
+    chain_reads(conns)
+    s = torch.randn(T, n, C, device=DEVICE, requires_grad=True)
+    for c in conns:
+        s = c(s)
+    return s
+
+
 def test_launches_run_under_the_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device, not the tensors': every kernel launch of the fused ops (all nine
     kernels, forward and backward, read-ahead and chained) happens inside a device guard for its own tensors'
     device. (On CPU the guard is a no-op; here it is replaced by one that records the device.)"""
-    from torch_mhc.nn import chain_reads, chained_backward
+    from torch_mhc.nn import chained_backward
     from torch_mhc.ops import blocks, coefficients, streams
 
     active = []
@@ -438,13 +451,8 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         for name in names:
             monkeypatch.setattr(mod, name, Checked(getattr(mod, name)))
     n, C, T = 4, 16, 6
-    conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i).to(DEVICE) for i in range(2)]
-    chain_reads(conns)
-    x = torch.randn(T, n, C, device=DEVICE, requires_grad=True)
     with ops.use_backend("triton"), chained_backward():
-        s = x
-        for c in conns:
-            s = c(s)
+        s = chained_stack(n, C, T, 2)
         inputs = make_coeff_inputs(T, n, C, torch.float32, seed=1)
         h_pre, h_post, h_res = ops.fused_mhc_coefficients(*inputs, iters=3, eps=1e-6, variant="paper")
         out = ops.fused_stream_post(inputs[0], h_post, h_res, ops.fused_stream_pre(inputs[0], h_pre))
@@ -471,20 +479,14 @@ def test_tensors_on_a_second_gpu_without_set_device():
 def test_store_reload_loops_are_not_pipelined(monkeypatch):
     """The read-ahead post and the chained post backward store a chunk and load it back after a barrier in one loop
     iteration: their launches take num_stages=1, so Triton's software pipeliner leaves that loop alone."""
-    from torch_mhc.nn import chain_reads, chained_backward
+    from torch_mhc.nn import chained_backward
     from torch_mhc.ops import streams
 
     post, chain = CountLaunches(streams._post_fwd), CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_fwd", post)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
-    n, C, T = 2, 16, 5
-    conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i).to(DEVICE) for i in range(3)]
-    chain_reads(conns)
-    x = torch.randn(T, n, C, device=DEVICE, requires_grad=True)
     with ops.use_backend("triton"), chained_backward():
-        s = x
-        for c in conns:
-            s = c(s)
+        s = chained_stack(n=2, C=16, T=5, count=3)
     s.sum().backward()
     reads_ahead = [k for k in post.kwargs if k["PROJ"]]
     assert len(reads_ahead) == 2 and chain.launches == 2  # the posts that have a reader
