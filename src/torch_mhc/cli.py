@@ -94,13 +94,10 @@ def _cmd_memory(args) -> None:
 
 
 def _cmd_export_weights(args) -> None:
-    from torch_mhc.distributed.checkpoint import export_weights, save_safetensors
+    from torch_mhc.distributed.checkpoint import check_weights_file, export_weights, save_safetensors
     from torch_mhc.train.checkpoint import latest_any_checkpoint, load_checkpoint
 
-    out = Path(args.out)
-    if out.is_dir():  # before anything is loaded
-        raise UserError(f"{out} is a directory; export-weights writes one .safetensors file: give its path "
-                        f"(e.g. {out / 'model.safetensors'}). Nothing was written.")
+    out = check_weights_file(args.out)  # before anything is loaded
     path = Path(args.checkpoint)
     if path.is_dir() and not (path / ".metadata").is_file():
         path = latest_any_checkpoint(path)  # a run directory

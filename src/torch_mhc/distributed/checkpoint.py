@@ -284,10 +284,15 @@ def read_trainer_state(path: str | Path) -> dict:
     """``trainer.pt`` of a committed checkpoint directory, checked against ``checksums.sha256`` and
     loaded with ``weights_only=True`` (UserError when it is not one, or does not verify)."""
     path = _committed(path)
-    trainer = path / TRAINER_FILE
-    if _read_manifest(path).get(TRAINER_FILE) != file_sha256(trainer):
+    if _read_manifest(path).get(TRAINER_FILE) != file_sha256(path / TRAINER_FILE):
         raise UserError(f"distributed checkpoint {path} is corrupt: {TRAINER_FILE}: SHA-256 differs from "
                         f"{MANIFEST} (or is not listed). It was not loaded.")
+    return _trainer_state(path)
+
+
+def _trainer_state(path: Path) -> dict:
+    """``trainer.pt`` loaded with ``weights_only=True``, once its checksum has been checked."""
+    trainer = path / TRAINER_FILE
     state = load_torch_file(trainer, "distributed checkpoint file")
     if not isinstance(state, dict) or "step" not in state:
         raise UserError(f"{trainer} is not a torch-mhc trainer state (no step).")
@@ -323,8 +328,8 @@ def load_distributed(path: str | Path, model, optimizer=None) -> dict:
     """Collective: load a DCP checkpoint into ``model`` (and ``optimizer``) on any number of ranks and
     any mesh; returns the trainer state (step, scheduler, config, ...)."""
     path = Path(path)
-    verify_dcp_checkpoint(path)
-    trainer_state = read_trainer_state(path)
+    verify_dcp_checkpoint(path)  # every file, trainer.pt included
+    trainer_state = _trainer_state(path)
     opts = StateDictOptions(strict=True)
     if optimizer is None:
         like = {"model": get_state_dict(model, [])[0]}
@@ -349,7 +354,7 @@ def export_weights(path: str | Path, out: str | Path) -> Path:
     """Gather the model tensors of a DCP checkpoint into one safetensors file (one process, no model needed)."""
     path, out = Path(path), Path(out)
     verify_dcp_checkpoint(path)
-    read_trainer_state(path)  # a torch-mhc checkpoint through and through, or refused as any load would
+    _trainer_state(path)  # a torch-mhc checkpoint through and through, or refused as any load would
     shapes = {k: v for k, v in tensor_shapes(path).items() if k.startswith("model.")}
     if not shapes:
         raise UserError(f"{path} holds no model tensors.")
@@ -365,8 +370,14 @@ def save_safetensors(tensors: dict, out: str | Path, metadata: dict) -> Path:
     is a UserError naming ``out``. ``out`` must not be a directory."""
     from safetensors.torch import save_file
 
+    out = check_weights_file(out)
+    return write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def check_weights_file(out: str | Path) -> Path:
+    """``out`` as a Path; UserError when it is a directory (export-weights writes one file)."""
     out = Path(out)
     if out.is_dir():
         raise UserError(f"{out} is a directory; export-weights writes one .safetensors file: give its path "
                         f"(e.g. {out / 'model.safetensors'}). Nothing was written.")
-    return write_atomically(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return out
