@@ -281,10 +281,13 @@ def test_a_really_diverging_arm(tmp_path, shakespeare):
 
 # ---- real signals to a real `mhc compare --jobs 2` -------------------------------------------------
 
-SIGNAL_PROTOCOL = [  # 200 steps: 1-10 s a run, so both still train when both have written a checkpoint
+# 1000 steps: both runs still train when both have written a checkpoint. With 200, a clean-clone CI run on an
+# idle machine saw the residual run finish all its steps (about 2 s) before the slower-starting mhc worker wrote
+# its first checkpoint, and the test then found one run done where it expected two training.
+SIGNAL_PROTOCOL = [
     *[kv for kv in TINY_PROTOCOL if not kv.startswith(("steps=", "log_every=", "eval_every=", "ckpt_every=",
                                                       "diag_every="))],
-    "steps=200", "log_every=50", "eval_every=100", "ckpt_every=5", "diag_every=0",
+    "steps=1000", "log_every=250", "eval_every=500", "ckpt_every=5", "diag_every=0",
 ]
 RUNS = ("residual-lr0.001-seed1", "mhc-lr0.001-seed1")
 
