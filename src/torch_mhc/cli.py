@@ -243,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     register_init_from(_load_init_from)
+    finished = False
     try:
         args.func(args)
+        finished = True
     except UserError as e:
         if getattr(args, "debug", False):
             raise
@@ -273,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
+                if finished:  # every rank got here: tear gloo down together (a rank that destroyed its group
+                    dist.barrier()  # while rank 0 still logged was seen to abort, SIGABRT, in a clean-clone CI run)
                 dist.destroy_process_group()
     return 0
 
