@@ -321,3 +321,72 @@ def test_bad_inputs():
         expand_streams(torch.randn(3), 0)
     with pytest.raises(ValueError):
         merge_streams(torch.randn(2, 3), "max")
+
+
+# ---------------------------------------------------------------- init schemes (issue 22) and hc-identity
+@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
+@pytest.mark.parametrize("gap", [0.0, 2.0, 6.0])
+def test_identity_gap_sets_h_res_start(variant, gap):
+    """b_res = g(2I - 1)/2: with phi set to zero, H_res at init is Sinkhorn of that matrix, computed here
+    in float64 from its closed form (a circulant of exp(+-g/2) is already doubly stochastic after one
+    normalisation: diagonal e^{g/2} / (e^{g/2} + (n-1) e^{-g/2}))."""
+    n, C = 4, 8
+    conn = ManifoldHyperConnection(C, n, bias_init="identity", identity_gap=gap, variant=variant, eps=0.0).double()
+    proj, bias, _ = conn.projection()
+    assert torch.equal(bias[2 * n:].reshape(n, n), gap * (2 * torch.eye(n, dtype=torch.float64) - 1) / 2)
+    with torch.no_grad():
+        proj.zero_()
+    h_res = conn.coefficients(torch.randn(3, n, C, dtype=torch.float64))[2]
+    d = torch.exp(torch.tensor(gap / 2, dtype=torch.float64))
+    diag = d / (d + (n - 1) / d)
+    expected = torch.full((n, n), (1 - diag.item()) / (n - 1), dtype=torch.float64).fill_diagonal_(diag.item())
+    torch.testing.assert_close(h_res, expected.expand(3, n, n))
+
+
+def test_identity_gap_6_is_the_old_default_bit_for_bit():
+    """The default (g = 6) draws and sets exactly what the former fixed 6I - 3 init did."""
+    n, C = 4, 16
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    conn = ManifoldHyperConnection(C, n, layer_index=2)
+    conn.reset_parameters(g1)
+    phi = torch.randn(n * C, 2 * n + n * n, generator=g2) / (n * C) ** 0.5
+    phi[:, n:2 * n] = 0.0
+    bias = torch.zeros(2 * n + n * n)
+    bias[:n] = -3.0
+    bias[2] = 3.0
+    bias[2 * n:] = (6.0 * torch.eye(n) - 3.0).flatten()
+    assert torch.equal(conn.phi, phi) and torch.equal(conn.bias, bias)
+
+
+@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
+def test_v4_init_scheme(variant):
+    """v4: every bias 0, phi ~ N(0, std^2) on every column (post included), alpha as given."""
+    n, C = 4, 64
+    conn = ManifoldHyperConnection(C, n, bias_init="v4", alpha_init=1.0, variant=variant)
+    proj, bias, alpha = conn.projection()
+    assert torch.equal(bias, torch.zeros_like(bias)) and torch.equal(alpha, torch.ones(3))
+    assert abs(proj.std().item() - 0.02) < 0.002 and proj[:, n:2 * n].abs().min() > 0
+    custom = ManifoldHyperConnection(C, n, bias_init="v4", phi_std=0.1)
+    assert abs(custom.projection()[0].std().item() - 0.1) < 0.01
+
+
+def test_init_scheme_bad_values():
+    for kwargs in ({"identity_gap": -1.0}, {"identity_gap": float("nan")}, {"phi_std": -0.1},
+                   {"bias_init": "eye"}):
+        with pytest.raises(ValueError):
+            ManifoldHyperConnection(8, 4, **kwargs)
+
+
+def test_hc_identity_fixes_h_res_only():
+    """HyperConnection(learn=("pre", "post")): H_res = I exactly, H_pre and H_post as full HC computes them."""
+    torch.manual_seed(7)
+    n, C = 3, 6
+    full, ident = HyperConnection(C, n).double(), HyperConnection(C, n, learn=("pre", "post")).double()
+    randomise(full, 1)
+    ident.load_state_dict(full.state_dict())
+    x = torch.randn(2, 5, n, C, dtype=torch.float64)
+    (pf, qf, rf), (pi, qi, ri) = full.coefficients(x), ident.coefficients(x)
+    torch.testing.assert_close(pi, pf)
+    torch.testing.assert_close(qi, qf)
+    assert not torch.allclose(rf, torch.eye(n, dtype=torch.float64))
+    assert torch.equal(ri, torch.eye(n, dtype=torch.float64).expand_as(ri))

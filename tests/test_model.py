@@ -116,7 +116,8 @@ def test_paper_configs_on_meta(name, billions):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"dim": 30, "n_heads": 4}, "divisible"), ({"n_streams": 0}, "n_streams"), ({"connection": "dense"}, "connection"),
-     ({"moe": True, "top_k": 9, "n_routed_experts": 4}, "top_k")],
+     ({"moe": True, "top_k": 9, "n_routed_experts": 4}, "top_k"), ({"identity_gap": -2.0}, "identity_gap"),
+     ({"phi_init_std": float("nan")}, "phi_init_std"), ({"bias_init": "eye"}, "bias_init")],
 )
 def test_bad_model_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -8,7 +8,7 @@ import torch
 
 # Allowed values, defined once; constructors and config validation both read these.
 VARIANTS = ("paper", "deepseek-v4")  # mHC numerics: the paper's, or DeepSeek-V4's released code
-BIAS_INITS = ("zero", "identity")  # mHC bias init (spec section 4)
+BIAS_INITS = ("zero", "identity", "v4")  # mHC init schemes (spec section 4; v4: transformers' DeepSeek-V4)
 MAPPINGS = ("pre", "post", "res")  # the three mappings, in the column order of phi
 MERGES = ("sum", "mean", "head")  # how the n streams become one before the final norm
 SINKHORN_STARTS = ("exp", "softmax")

@@ -52,7 +52,9 @@ class ModelConfig:
     sinkhorn_iters: int = 20
     mhc_eps: float = 1e-6
     alpha_init: float = 0.01
-    bias_init: str = "identity"  # identity | zero (zero keeps copied streams equal for long: see docs)
+    bias_init: str = "identity"  # identity | zero | v4 (ManifoldHyperConnection's init schemes)
+    identity_gap: float = 6.0  # bias_init=identity: b_res = g(2I - 1)/2; larger g starts H_res nearer I
+    phi_init_std: float = 0.0  # std of mHC's phi at init; 0: 1/sqrt(n*dim) (identity, zero), 0.02 (v4)
     dynamic: bool = True
     learn: list[str] = field(default_factory=lambda: ["pre", "post", "res"])
     variant: str = "paper"  # paper | deepseek-v4
@@ -125,6 +127,8 @@ class ModelConfig:
             errors.append(f"top_k ({self.top_k}) must be between 1 and n_routed_experts ({self.n_routed_experts})")
         if self.mhc_eps < 0 or self.norm_eps < 0:
             errors.append("mhc_eps and norm_eps must be >= 0")
+        if not (self.identity_gap >= 0 and self.phi_init_std >= 0):  # also false for NaN
+            errors.append(f"identity_gap and phi_init_std must be >= 0 (got {self.identity_gap}, {self.phi_init_std})")
         if errors:
             raise ValueError("invalid model config: " + "; ".join(errors))
 
@@ -190,11 +194,12 @@ def make_connection(cfg: ModelConfig, sublayer: nn.Module, layer_index: int) -> 
     if cfg.connection == "residual":
         return Residual(cfg.dim, 1, sublayer)
     if cfg.connection == "hc":
-        return HyperConnection(cfg.dim, cfg.n_streams, sublayer, layer_index=layer_index, dynamic=cfg.dynamic)
+        return HyperConnection(cfg.dim, cfg.n_streams, sublayer, layer_index=layer_index, dynamic=cfg.dynamic,
+                               learn=tuple(cfg.learn))
     return ManifoldHyperConnection(
         cfg.dim, cfg.n_streams, sublayer, layer_index=layer_index, sinkhorn_iters=cfg.sinkhorn_iters,
-        eps=cfg.mhc_eps, alpha_init=cfg.alpha_init, bias_init=cfg.bias_init, dynamic=cfg.dynamic,
-        learn=tuple(cfg.learn), variant=cfg.variant,
+        eps=cfg.mhc_eps, alpha_init=cfg.alpha_init, bias_init=cfg.bias_init, identity_gap=cfg.identity_gap,
+        phi_std=cfg.phi_init_std or None, dynamic=cfg.dynamic, learn=tuple(cfg.learn), variant=cfg.variant,
     )
 
 

@@ -51,6 +51,21 @@ def fixed_coefficients(streams: torch.Tensor, dtype: torch.dtype):
     return h_pre, h_post, h_res
 
 
+def _check_learn(learn) -> tuple[str, ...]:
+    unknown = set(learn) - set(MAPPINGS)
+    if unknown:
+        raise ValueError(f"learn may only name {MAPPINGS}, got {sorted(unknown)}")
+    return tuple(m for m in MAPPINGS if m in learn)
+
+
+def fix_unlearned(learn: tuple[str, ...], streams: torch.Tensor, coeffs):
+    """(H_pre, H_post, H_res) with each mapping ``learn`` leaves out replaced by its fixed value."""
+    if len(learn) == len(MAPPINGS):
+        return coeffs
+    fixed = fixed_coefficients(streams, coeffs[0].dtype)
+    return tuple(h if m in learn else f for m, h, f in zip(MAPPINGS, coeffs, fixed))
+
+
 class StreamConnection(nn.Module):
     """Base class: subclasses define ``coefficients(streams) -> (H_pre, H_post, H_res)``.
 
@@ -162,9 +177,13 @@ class ManifoldHyperConnection(StreamConnection):
         sinkhorn_iters, eps: Sinkhorn-Knopp rounds and the epsilon of the norm and of Sinkhorn.
         alpha_init: initial alpha (pre, post, res); paper: 0.01.
         bias_init: "identity" (b_pre = -3 except +3 on stream ``layer_index % n``, b_post = 0,
-            b_res = 6I - 3) or "zero" (H_pre = 1/2, H_post = 1, H_res = 1/n). With "zero" the
-            gradient of H_res vanishes while the streams are copies, and only the small per-token
-            variation of H_pre separates them: they stay near-copies for a long time.
+            b_res = g(2I - 1)/2 with g = ``identity_gap``, 6 by default: H_res starts near I, the
+            farther the larger g), "zero" (H_pre = 1/2, H_post = 1, H_res = 1/n; the same as
+            identity with g = 0 but for b_pre) or "v4" (transformers' DeepSeek-V4 init: every bias 0,
+            phi normal with std ``phi_std`` on every column; V4's scale starts at 1: ``alpha_init=1``).
+            With a zero bias the gradient of H_res vanishes while the streams are copies.
+        identity_gap: g of the identity init (ignored by the other schemes).
+        phi_std: std of phi's random columns; None: 1/sqrt(n*dim) (identity, zero), 0.02 (v4).
         dynamic: False drops the ``x phi`` term (static-only mHC).
         learn: which mappings are learned; the others are fixed to H_pre = 1/n, H_post = 1, H_res = I.
         variant: "paper", or "deepseek-v4" (V4 numerics and parameter layout: ``fn [2n+n^2, nC]``,
@@ -190,6 +209,8 @@ class ManifoldHyperConnection(StreamConnection):
         eps: float = 1e-6,
         alpha_init: float = 0.01,
         bias_init: str = "identity",
+        identity_gap: float = 6.0,
+        phi_std: float | None = None,
         dynamic: bool = True,
         learn: tuple[str, ...] = MAPPINGS,
         variant: str = "paper",
@@ -198,14 +219,16 @@ class ManifoldHyperConnection(StreamConnection):
         _check_positive("sinkhorn_iters", sinkhorn_iters)
         if bias_init not in BIAS_INITS:
             raise ValueError(f"bias_init must be one of {BIAS_INITS}, got {bias_init!r}")
+        if not math.isfinite(identity_gap) or identity_gap < 0:
+            raise ValueError(f"identity_gap must be a finite number >= 0, got {identity_gap!r}")
+        if phi_std is not None and (not math.isfinite(phi_std) or phi_std < 0):
+            raise ValueError(f"phi_std must be a finite number >= 0 or None, got {phi_std!r}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        unknown = set(learn) - set(MAPPINGS)
-        if unknown:
-            raise ValueError(f"learn may only name {MAPPINGS}, got {sorted(unknown)}")
         self.sinkhorn_iters, self.eps, self.variant = sinkhorn_iters, eps, variant
-        self.dynamic, self.learn = dynamic, tuple(m for m in MAPPINGS if m in learn)
+        self.dynamic, self.learn = dynamic, _check_learn(learn)
         self.layer_index, self.alpha_init, self.bias_init = layer_index, alpha_init, bias_init
+        self.identity_gap, self.phi_std = identity_gap, phi_std
         width = 2 * n + n * n
         if variant == "paper":
             self.phi = nn.Parameter(torch.empty(n * dim, width))
@@ -224,9 +247,10 @@ class ManifoldHyperConnection(StreamConnection):
         """Set phi, bias and alpha as construction does, drawing phi from ``generator`` (CPU; default:
         the global one). Works on parameters of any device, meta-built and materialised ones included.
 
-        phi ~ N(0, 1/(n*dim)) on the pre and res columns, so x_hat phi has unit scale and breaks the
-        symmetry between copied streams; zero on the post columns, so H_post = 2 sigmoid(b_post) = 1
-        exactly at step 0 and the network starts as the Pre-Norm residual network.
+        identity and zero: phi ~ N(0, 1/(n*dim)) on the pre and res columns, so x_hat phi has unit scale
+        and breaks the symmetry between copied streams; zero on the post columns, so H_post =
+        2 sigmoid(b_post) = 1 exactly at step 0 and the network starts as the Pre-Norm residual network.
+        v4: phi ~ N(0, 0.02^2) on every column, biases 0 (H_post is then 1 only on average).
         """
         n, dim = self.n, self.dim
         width = 2 * n + n * n
@@ -235,9 +259,15 @@ class ManifoldHyperConnection(StreamConnection):
             bias[:n] = -3.0
             bias[self.layer_index % n] = 3.0
             eye = torch.eye(n, device="cpu")  # symmetric, so the same for paper and V4 orientation
-            bias[2 * n :] = (6.0 * eye - 3.0).flatten()
-        phi = torch.randn(n * dim, width, generator=generator, device="cpu") / math.sqrt(n * dim)
-        phi[:, n : 2 * n] = 0.0
+            bias[2 * n :] = (self.identity_gap * (2.0 * eye - 1.0) / 2.0).flatten()
+        v4 = self.bias_init == "v4"
+        phi = torch.randn(n * dim, width, generator=generator, device="cpu")
+        if self.phi_std is not None or v4:
+            phi *= self.phi_std if self.phi_std is not None else 0.02
+        else:
+            phi /= math.sqrt(n * dim)
+        if not v4:
+            phi[:, n : 2 * n] = 0.0
         proj, b, alpha = self.projection()  # proj is a view of fn for V4: writing it writes fn
         proj.copy_(phi)
         b.copy_(bias)
@@ -296,10 +326,7 @@ class ManifoldHyperConnection(StreamConnection):
             streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps, variant=self.variant,
             dynamic=self.dynamic,
         )
-        if len(self.learn) == len(MAPPINGS):
-            return h_pre, h_post, h_res
-        fixed = fixed_coefficients(streams, h_pre.dtype)
-        return tuple(h if m in self.learn else f for m, h, f in zip(MAPPINGS, (h_pre, h_post, h_res), fixed))
+        return fix_unlearned(self.learn, streams, (h_pre, h_post, h_res))
 
 
 class HyperConnection(StreamConnection):
@@ -309,7 +336,8 @@ class HyperConnection(StreamConnection):
     ``H_res = I``, dynamic weights 0, scales 0.01. ``dynamic=False`` is static HC.
     Parameters: ``static_pre [n]``, ``static_post [n]``, ``static_res [n, n]`` (HC's A_r, so
     ``H_res = static_res^T`` plus dynamics), ``w_pre [dim]``, ``w_post [dim]``, ``w_res [dim, n]``,
-    ``scale [3]``.
+    ``scale [3]``. ``learn`` as in mHC: the mappings it leaves out are fixed to H_pre = 1/n, H_post = 1,
+    H_res = I (``learn=("pre", "post")`` is the ``hc-identity`` control).
     """
 
     DECAYED = ("w_pre", "w_post", "w_res")
@@ -324,9 +352,10 @@ class HyperConnection(StreamConnection):
         dynamic: bool = True,
         scale_init: float = 0.01,
         eps: float = 1e-6,
+        learn: tuple[str, ...] = MAPPINGS,
     ):
         super().__init__(dim, n, sublayer)
-        self.dynamic, self.eps = dynamic, eps
+        self.dynamic, self.eps, self.learn = dynamic, eps, _check_learn(learn)
         self.layer_index, self.scale_init = layer_index, scale_init
         self.static_pre = nn.Parameter(torch.empty(n))
         self.static_post = nn.Parameter(torch.empty(n))
@@ -355,10 +384,11 @@ class HyperConnection(StreamConnection):
     def coefficients(self, streams):
         """streams ``[..., n, dim]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""
         self.check_streams(streams)
-        return Fm.hc_coefficients(
+        coeffs = Fm.hc_coefficients(
             streams, self.static_pre, self.static_post, self.static_res, self.w_pre, self.w_post, self.w_res,
             self.scale, eps=self.eps,
         )
+        return fix_unlearned(self.learn, streams, coeffs)
 
 
 _chained = threading.local()  # per thread: a forward in another thread is not chained by this one's scope

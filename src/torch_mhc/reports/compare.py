@@ -48,13 +48,14 @@ from torch_mhc.train.config import DivergedError, TrainConfig, UserError, build_
 from torch_mhc.train.rundir import atomic_write_text
 
 # Modes of --modes: the overrides that make each arm. mhc-gate: one stream, so mHC is a per-token
-# gate on F's output alone; mhc-identity: H_res fixed to I, H_pre and H_post learned.
+# gate on F's output alone; mhc-identity / hc-identity: H_res fixed to I, H_pre and H_post learned.
 MODES = {
     "residual": ["model.connection=residual"],
     "hc": ["model.connection=hc"],
     "mhc": ["model.connection=mhc"],
     "mhc-gate": ["model.connection=mhc", "model.n_streams=1"],
     "mhc-identity": ["model.connection=mhc", "model.learn=pre,post"],
+    "hc-identity": ["model.connection=hc", "model.learn=pre,post"],
 }
 BASELINE = "residual"
 TEST_BATCHES_PER_EVAL_BATCH = 4  # the test loss reads up to 4 x eval_batches batches of evenly spaced windows
