@@ -29,6 +29,7 @@ class ParallelConfig:
     dp_replicate: int = 1  # replicas of the sharded model (HSDP when dp_shard > 1 too; DDP with dp_mode=ddp)
     tp: int = 1  # tensor (and sequence) parallel degree; must divide model.n_heads
     pp: int = 1  # pipeline stages
+    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV (distributed.pipeline)
     dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
 
 
