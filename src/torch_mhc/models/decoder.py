@@ -34,29 +34,29 @@ CONNECTIONS = ("residual", "hc", "mhc")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    dim: int = 256
+    vocab_size: int = 256  # embedding rows and logits (at least the tokenizer's vocabulary)
+    dim: int = 256  # model width (each residual stream's size)
     n_layers: int = 4  # blocks; each block is two sublayers (attention, FFN)
-    n_heads: int = 4
+    n_heads: int = 4  # attention heads; dim / n_heads must be even
     mlp_hidden: int = 0  # 0: 8/3 * dim rounded up to a multiple of 64 (see ffn_hidden)
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    max_seq_len: int = 256  # longest context (rotary tables); generation crops to it
+    rope_theta: float = 10000.0  # rotary embedding base
+    norm_eps: float = 1e-6  # epsilon of the RMSNorms
+    tie_embeddings: bool = False  # the LM head shares the embedding's weight
+    init_std: float = 0.02  # std of the weights' normal init (output projections: / sqrt(2 n_layers))
     # residual connection
     connection: str = "mhc"  # residual | hc | mhc
     n_streams: int = 4  # ignored (1) for "residual"
     merge: str = "sum"  # sum | mean | head
     stream_dtype: str = "auto"  # auto (the embedding's dtype) | bfloat16 | float32: dtype of the residual state
-    sinkhorn_iters: int = 20
-    mhc_eps: float = 1e-6
-    alpha_init: float = 0.01
+    sinkhorn_iters: int = 20  # Sinkhorn-Knopp rounds that make H_res doubly stochastic (mhc)
+    mhc_eps: float = 1e-6  # epsilon of the mHC projection's norm and of Sinkhorn
+    alpha_init: float = 0.01  # initial alpha, the scale of the dynamic (input-dependent) part of each mapping
     bias_init: str = "identity"  # identity | zero | v4 (ManifoldHyperConnection's init schemes)
     identity_gap: float = 6.0  # bias_init=identity: b_res = g(2I - 1)/2; larger g starts H_res nearer I
     phi_init_std: float = 0.0  # std of mHC's phi at init; 0: 1/sqrt(n*dim) (identity, zero), 0.02 (v4)
-    dynamic: bool = True
-    learn: list[str] = field(default_factory=lambda: ["pre", "post", "res"])
+    dynamic: bool = True  # mappings depend on the input (phi projections); false: static mappings only
+    learn: list[str] = field(default_factory=lambda: ["pre", "post", "res"])  # learned; others fixed: 1/n, 1, I
     variant: str = "paper"  # paper | deepseek-v4
     recompute: bool = False  # selective recompute of the stream states (paper section 4.3)
     recompute_every: int = 0  # keep one state every L_r sublayers; 0: the paper's sqrt(n L / (n + 2))
@@ -65,12 +65,12 @@ class ModelConfig:
     activation_checkpoint: str = "none"
     # mixture of experts (DeepSeek-style); off by default
     moe: bool = False
-    n_routed_experts: int = 8
-    n_shared_experts: int = 1
-    top_k: int = 2
+    n_routed_experts: int = 8  # routed experts per MoE layer
+    n_shared_experts: int = 1  # experts every token goes through
+    top_k: int = 2  # routed experts per token
     expert_hidden: int = 0  # 0: ffn_hidden / 4 (see moe_hidden)
-    first_dense_layers: int = 1
-    moe_bias_rate: float = 1e-3
+    first_dense_layers: int = 1  # leading blocks with a dense FFN instead of MoE
+    moe_bias_rate: float = 1e-3  # step of the routing bias that balances expert load (no auxiliary loss)
 
     @property
     def ffn_hidden(self) -> int:
