@@ -45,9 +45,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # the LM head shares the embedding's weight
     init_std: float = 0.02  # std of the weights' normal init (output projections: / sqrt(2 n_layers))
     # residual connection
-    connection: str = "mhc"  # residual | hc | mhc
-    n_streams: int = 4  # ignored (1) for "residual"
-    merge: str = "sum"  # sum | mean | head
+    connection: str = "mhc"  # the residual connection: residual | hc | mhc
+    n_streams: int = 4  # residual streams n (hc, mhc; residual has 1)
+    merge: str = "sum"  # how the streams become one before the LM head: sum | mean | head (learned)
     stream_dtype: str = "auto"  # auto (the embedding's dtype) | bfloat16 | float32: dtype of the residual state
     sinkhorn_iters: int = 20  # Sinkhorn-Knopp rounds that make H_res doubly stochastic (mhc)
     mhc_eps: float = 1e-6  # epsilon of the mHC projection's norm and of Sinkhorn
