@@ -36,9 +36,9 @@ def tiny_config(**overrides):
     return transformers.DeepseekV4Config(**kwargs)
 
 
-def tiny_model(seed=0):
+def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(tiny_config()).double()
+    model = transformers.DeepseekV4ForCausalLM(tiny_config(**overrides)).double()
     with torch.no_grad():  # fresh random values everywhere (V4 initialises base at 0 and scale at 1)
         for name, p in model.named_parameters():
             if name.endswith(("hc.fn", "hc_fn")):
@@ -142,13 +142,32 @@ def test_each_site_against_its_transformers_module(float64_kept):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
 
 
-def test_rejects_other_models_and_mismatched_eps():
+def test_rejects_other_models():
     with pytest.raises(ValueError, match="DeepSeek-V4"):
         apply_mhc_kernels(torch.nn.Linear(2, 2))
-    torch.manual_seed(0)
-    model = transformers.DeepseekV4ForCausalLM(tiny_config(rms_norm_eps=1e-5))
-    with pytest.raises(ValueError, match="rms_norm_eps == hc_eps"):
-        apply_mhc_kernels(model)
+
+
+@pytest.mark.parametrize("rms_norm_eps", [1e-2, 1e-9])
+def test_norm_eps_different_from_hc_eps(float64_kept, rms_norm_eps):
+    """rms_norm_eps (the norm inside the connections and the head) != hc_eps (H_pre, Sinkhorn): the
+    patched model equals transformers' in float64, logits and every hyper-connection gradient. The eps
+    are far apart so that using the wrong one would show (1e-2 moves the logits by ~1e-3)."""
+    reference = tiny_model(rms_norm_eps=rms_norm_eps, hc_eps=1e-4)
+    patched = apply_mhc_kernels(copy.deepcopy(reference))
+    assert patched.model.layers[0].attn_hc.norm_eps == rms_norm_eps and patched.model.layers[0].attn_hc.eps == 1e-4
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for model in (reference, patched):
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1].logits, outs[0].logits, rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(patched.named_parameters(), reference.parameters()):
+        if "hc" in name:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+    same_eps = apply_mhc_kernels(tiny_model(rms_norm_eps=1e-4, hc_eps=1e-4))  # the wrong eps would be visible
+    same_eps.load_state_dict(reference.state_dict())
+    assert (same_eps(ids).logits - outs[0].logits).abs().max() > 1e-9
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -4,6 +4,9 @@
   ``TorchMhcForCausalLM``); importing this package registers them with ``AutoConfig`` and
   ``AutoModelForCausalLM`` when transformers is installed.
 - :mod:`~torch_mhc.integrations.export`: ``mhc export RUN_DIR OUT_DIR``.
+- :mod:`~torch_mhc.integrations.convert`: Llama/Mistral/Qwen models converted to mHC; importing this
+  package registers their ``mhc_<type>`` configs and models with the Auto classes too.
+- :mod:`~torch_mhc.integrations.deepseek_v4`: ``apply_mhc_kernels`` on transformers' DeepSeek-V4.
 
 Nothing else in torch_mhc imports this package (the CLI does, lazily).
 """
@@ -11,6 +14,10 @@ Nothing else in torch_mhc imports this package (the CLI does, lazily).
 from __future__ import annotations
 
 import importlib.util
+import types
+
+import torch
+from torch import nn
 
 from torch_mhc.train.config import UserError
 from torch_mhc.train.data import HF_HINT
@@ -39,6 +46,43 @@ def register_auto_classes() -> None:
     if TorchMhcConfig.model_type not in CONFIG_MAPPING:
         AutoConfig.register(TorchMhcConfig.model_type, TorchMhcConfig)
         AutoModelForCausalLM.register(TorchMhcConfig, TorchMhcForCausalLM)
+    from torch_mhc.integrations.convert import register_auto_classes as register_converted
+
+    register_converted()
+
+
+@torch.no_grad()
+def reset_unloaded(module: nn.Module) -> None:
+    """``module.reset_parameters()`` for the parameters that transformers has not marked as loaded
+    (``_is_hf_initialized``); the loaded ones keep their values."""
+    loaded = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)
+              if getattr(p, "_is_hf_initialized", False)}
+    module.reset_parameters()
+    for name, value in loaded.items():
+        getattr(module, name).copy_(value)
+
+
+def _init_weights(self, module: nn.Module) -> None:
+    """The model's own ``_init_weights``, except for torch_mhc's modules: their ``reset_parameters``
+    (which initialise them as their construction does)."""
+    from torch_mhc.nn import HyperHead, StreamConnection
+
+    if isinstance(module, (StreamConnection, HyperHead)):
+        reset_unloaded(module)
+    else:
+        type(self)._init_weights(self, module)
+
+
+def hook_init_weights(model: nn.Module, layer_class_names) -> None:
+    """transformers' ``init_weights()`` dispatches on its own classes: route it, for ``model`` and each of
+    its transformers sub-models, to :func:`_init_weights`; add ``layer_class_names`` (the swapped decoder
+    layers) to their ``_no_split_modules`` (device maps keep such a layer whole)."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m._init_weights = types.MethodType(_init_weights, m)
+            m._no_split_modules = set(m._no_split_modules or ()) | set(layer_class_names)
 
 
 try:

@@ -14,20 +14,31 @@ shrink the residual by about ``eps`` per sublayer):
   ``index % n``, which differs between sublayers and so separates the streams' gradients), and
   the dynamic ``phi`` columns of pre and post are zero, so the sublayer input is the residual stream.
 
-The converted model is still the transformers model (same class, ``generate`` with its KV cache,
-``save_pretrained``); the connections' ``phi``, ``bias`` and ``alpha`` are ordinary parameters that
-any training loop updates (the tests use a plain optimizer step; the transformers ``Trainer``,
-which needs ``accelerate``, is not exercised here).
-``save_converted``/``load_converted`` store it as a transformers directory whose ``config.json``
-records the conversion (``mhc_conversion``); ``mhc convert HF_DIR OUT_DIR`` does both, and
+The converted model is still the transformers model, as a subclass: ``LlamaForCausalLM`` becomes
+``MhcLlamaForCausalLM`` (its config ``MhcLlamaConfig``, ``model_type: mhc_llama``) and each decoder
+layer ``MhcLlamaDecoderLayer``, whose ``forward`` runs the connections; being subclasses, every
+transformers feature stays: ``generate`` with its KV cache, gradient checkpointing (transformers wraps
+the subclass's ``forward``), ``init_weights()`` (the connections initialise as construction does,
+through their ``reset_parameters``), ``save_pretrained``/``from_pretrained``. The connections' ``phi``,
+``bias`` and ``alpha`` are ordinary parameters that any training loop updates (the tests use a plain
+optimizer step; the transformers ``Trainer``, which needs ``accelerate``, is not exercised here).
+
+A converted directory declares what it is: its ``config.json`` says ``model_type: mhc_llama`` (and
+``architectures: [MhcLlamaForCausalLM]``) and records the conversion (``mhc_conversion``). Importing
+``torch_mhc.integrations`` registers these types with ``AutoConfig``/``AutoModelForCausalLM``, so a plain
+``AutoModelForCausalLM.from_pretrained(dir)`` then builds the mHC model; without torch_mhc, transformers
+refuses the unknown ``model_type`` instead of loading a Llama that silently drops every connection. No
+code is shipped in the directory and nothing needs ``trust_remote_code``. ``save_converted``/
+``load_converted`` write and read such directories (``load_converted`` also reads directories written
+before, which say ``llama`` plus ``mhc_conversion``); ``mhc convert HF_DIR OUT_DIR`` does both, and
 ``mhc train --init-from DIR`` continues pretraining through :class:`ConvertedLM`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import types
 from pathlib import Path
 
 import torch
@@ -41,6 +52,8 @@ from torch_mhc.train.trainer import register_init_from
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 CONVERSION_KEY = "mhc_conversion"
+MHC_PREFIX = "mhc_"  # model_type of a converted model: mhc_llama, ...
+CONNECTION_SITES = ("attn_mhc", "mlp_mhc")
 
 
 @torch.no_grad()
@@ -58,6 +71,15 @@ def residual_init_(conn: ManifoldHyperConnection, home: int) -> ManifoldHyperCon
     return conn
 
 
+class ConvertedConnection(ManifoldHyperConnection):
+    """A ManifoldHyperConnection whose ``reset_parameters`` (construction, ``init_weights()``) ends
+    with :func:`residual_init_` on its home stream ``layer_index % n``."""
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        super().reset_parameters(generator)
+        residual_init_(self, self.layer_index)
+
+
 def _mhc_layer_forward(self, hidden_states, *args, **kwargs):
     """A Llama-style decoder layer on streams ``[B, S, n, D]`` (``[B, S, D]`` in for the first layer,
     out of the last)."""
@@ -71,19 +93,85 @@ def _mhc_layer_forward(self, hidden_states, *args, **kwargs):
     return merge_streams(hidden_states, "mean") if self.mhc_merge else hidden_states
 
 
+def _subclass(base: type, name: str, attrs: dict) -> type:
+    return type(name, (base,), {"__module__": __name__, "__qualname__": name, **attrs})
+
+
+@functools.cache
+def mhc_layer_class(layer_class: type) -> type:
+    """``Mhc<Layer>``: the decoder layer class with :func:`_mhc_layer_forward` (a subclass, so
+    transformers' gradient checkpointing wraps its forward as it wraps the original's)."""
+    return _subclass(layer_class, f"Mhc{layer_class.__name__}", {
+        "forward": _mhc_layer_forward, "__doc__": f"{layer_class.__name__} on mHC streams (convert_to_mhc)."})
+
+
+@functools.cache
+def mhc_config_class(config_class: type) -> type:
+    """``Mhc<Config>``: the config class with ``model_type = mhc_<type>``, nothing else changed."""
+    return _subclass(config_class, f"Mhc{config_class.__name__}", {
+        "model_type": MHC_PREFIX + config_class.model_type,
+        "__doc__": f"{config_class.__name__} of a model converted to mHC (its mhc_conversion records how)."})
+
+
+@functools.cache
+def mhc_model_class(model_class: type) -> type:
+    """``Mhc<Model>``: the transformers model class whose ``__init__`` converts the layers as the
+    config's ``mhc_conversion`` says (for ``from_pretrained``), connections kept in fp32."""
+
+    def __init__(self, config, *args, **kwargs):
+        model_class.__init__(self, config, *args, **kwargs)
+        conversion = getattr(config, CONVERSION_KEY, None)
+        if not conversion:
+            raise ValueError(f"{type(self).__name__} needs a config with {CONVERSION_KEY} (use convert_to_mhc)")
+        _convert_layers(self, **conversion)
+
+    fp32 = list(getattr(model_class, "_keep_in_fp32_modules_strict", None) or []) + list(CONNECTION_SITES)
+    return _subclass(model_class, f"Mhc{model_class.__name__}", {
+        "__init__": __init__, "config_class": mhc_config_class(model_class.config_class),
+        "_keep_in_fp32_modules_strict": fp32,
+        "__doc__": f"{model_class.__name__} converted to mHC (convert_to_mhc; from_pretrained of a converted dir)."})
+
+
+def base_model_type(config) -> str | None:
+    """``llama`` for a ``llama`` or ``mhc_llama`` config; None for configs of other types."""
+    model_type = getattr(config, "model_type", None) or ""
+    model_type = model_type.removeprefix(MHC_PREFIX)
+    return model_type if model_type in SUPPORTED else None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a supported transformers causal LM (or its base model)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED:
+    if base_model_type(getattr(model, "config", None)) is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
         raise ValueError(f"convert_to_mhc supports transformers models of type {', '.join(SUPPORTED)}; "
                          f"got {model_type or type(model).__name__}")
     base = model.model if hasattr(model, "model") else model
     return base.layers[: model.config.num_hidden_layers]
 
 
+def _convert_layers(model: nn.Module, n: int, sinkhorn_iters: int, eps: float, alpha_init: float) -> None:
+    """Give every decoder layer its two connections and the mHC layer class (in place)."""
+    from torch_mhc.integrations import hook_init_weights
+
+    layers = decoder_layers(model)
+    first = next(model.parameters())
+    dim, device = model.config.hidden_size, first.device
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    for i, layer in enumerate(layers):
+        for site, index in zip(CONNECTION_SITES, (2 * i, 2 * i + 1)):
+            with torch.device("cpu"):  # built and initialised on the CPU, also under from_pretrained's meta device
+                conn = ConvertedConnection(dim, n, layer_index=index, sinkhorn_iters=sinkhorn_iters, eps=eps,
+                                           alpha_init=alpha_init)
+            setattr(layer, site, residual_init_(conn.to(device=device, dtype=dtype), index))  # again in dtype
+        layer.mhc_expand, layer.mhc_merge = i == 0, i == len(layers) - 1
+        layer.__class__ = mhc_layer_class(type(layer))
+    hook_init_weights(model, {type(layer).__name__ for layer in layers})
+
+
 def convert_to_mhc(model: nn.Module, n: int = 4, *, sinkhorn_iters: int = 20, eps: float = 1e-6,
                    alpha_init: float = 0.01) -> nn.Module:
-    """Convert a Llama/Mistral/Qwen2/Qwen3 transformers model to mHC in place; returns it.
+    """Convert a Llama/Mistral/Qwen2/Qwen3 transformers model to mHC in place; returns it (now an
+    instance of ``Mhc<its class>``, its config an ``Mhc<its config class>``).
 
     ``n`` >= 2 streams; ``sinkhorn_iters``, ``eps``, ``alpha_init`` as in ManifoldHyperConnection.
     """
@@ -92,19 +180,37 @@ def convert_to_mhc(model: nn.Module, n: int = 4, *, sinkhorn_iters: int = 20, ep
         raise ValueError("this model is already converted to mHC")
     if not isinstance(n, int) or n < 2:
         raise ValueError(f"convert_to_mhc needs n >= 2 streams, got {n!r}")
-    first = next(model.parameters())
-    dim, device = model.config.hidden_size, first.device
-    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    for i, layer in enumerate(layers):
-        for site, index in (("attn_mhc", 2 * i), ("mlp_mhc", 2 * i + 1)):
-            conn = ManifoldHyperConnection(dim, n, layer_index=index, sinkhorn_iters=sinkhorn_iters, eps=eps,
-                                           alpha_init=alpha_init)
-            setattr(layer, site, residual_init_(conn.to(device=device, dtype=dtype), index))
-        layer.mhc_expand, layer.mhc_merge = i == 0, i == len(layers) - 1
-        layer.forward = types.MethodType(_mhc_layer_forward, layer)
-    setattr(model.config, CONVERSION_KEY, {"n": n, "sinkhorn_iters": sinkhorn_iters, "eps": eps,
-                                           "alpha_init": alpha_init})
+    conversion = {"n": n, "sinkhorn_iters": sinkhorn_iters, "eps": eps, "alpha_init": alpha_init}
+    _convert_layers(model, **conversion)
+    setattr(model.config, CONVERSION_KEY, conversion)
+    if not type(model.config).model_type.startswith(MHC_PREFIX):
+        model.config.__class__ = mhc_config_class(type(model.config))
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel) and type(model).__module__ != __name__:
+        model.__class__ = mhc_model_class(type(model))
+        try:  # transformers keys what a model records (output_hidden_states, ...) on its class
+            from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+            _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+        except ImportError:
+            pass
     return model
+
+
+def register_auto_classes() -> None:
+    """``AutoConfig``/``AutoModelForCausalLM`` build ``mhc_llama`` (``mhc_mistral``, ...) directories as
+    the converted model, from this code (no remote code)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for model_type in SUPPORTED:
+        causal_lm = getattr(transformers, CONFIG_MAPPING[model_type].__name__.removesuffix("Config") + "ForCausalLM")
+        model_class = mhc_model_class(causal_lm)
+        if model_class.config_class.model_type not in CONFIG_MAPPING:
+            AutoConfig.register(model_class.config_class.model_type, model_class.config_class)
+            AutoModelForCausalLM.register(model_class.config_class, model_class)
 
 
 def mhc_connections(model: nn.Module) -> list[ManifoldHyperConnection]:
@@ -158,15 +264,34 @@ def _from_pretrained(loader, path: Path, key: str, **kwargs):
                         "files are complete (a truncated model.safetensors, a missing shard).") from None
 
 
-def load_converted(path: str | Path, n: int = 4, key: str = "path", **kwargs) -> nn.Module:
-    """A causal LM from a transformers directory: converted again and its connections loaded when
-    it was saved converted, converted fresh with ``n`` streams when it was not."""
+def _connection_weights(path: Path, wanted: dict) -> dict:
+    """The tensors of ``wanted``'s keys found in ``path``'s safetensors files (tensors only, no code)."""
     from safetensors import safe_open
+
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise UserError(f"{path} records an mHC conversion but its weights lack {len(missing)} connection "
+                        f"parameters (first: {missing[0]}).")
+    return found
+
+
+def load_converted(path: str | Path, n: int = 4, key: str = "path", **kwargs) -> nn.Module:
+    """A causal LM from a transformers directory: the converted model when it was saved converted
+    (``model_type: mhc_llama``, or, as written before, ``llama`` with ``mhc_conversion``), converted
+    fresh with ``n`` streams when it was not."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
     path = Path(path)
-    check_hf_dir(path, key)
+    values = check_hf_dir(path, key)
+    if values["model_type"].startswith(MHC_PREFIX):  # registered with the Auto classes: loads the connections
+        model = _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
+        _connection_weights(path, {k for k in model.state_dict() if "_mhc." in k})  # all of them were there
+        return model
     conversion = getattr(_from_pretrained(AutoConfig, path, key), CONVERSION_KEY, None)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the base class reports the connections' weights as unexpected: loaded below
@@ -179,16 +304,8 @@ def load_converted(path: str | Path, n: int = 4, key: str = "path", **kwargs) ->
     delattr(model.config, CONVERSION_KEY)
     convert_to_mhc(model, **conversion)
     wanted = {k: v for k, v in model.state_dict().items() if "_mhc." in k}
-    found = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:  # safetensors: tensors only, no code
-            found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
-    missing = sorted(set(wanted) - set(found))
-    if missing:
-        raise UserError(f"{path} records an mHC conversion but its weights lack {len(missing)} connection "
-                        f"parameters (first: {missing[0]}).")
     with torch.no_grad():
-        for k, v in found.items():
+        for k, v in _connection_weights(path, wanted).items():
             wanted[k].copy_(v)
     return model
 
@@ -268,11 +385,11 @@ def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) 
         raise UserError(f"--streams must be >= 2 (got {n}).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if values.get(CONVERSION_KEY) or values["model_type"].startswith(MHC_PREFIX):
+        raise UserError(f"{hf_dir} is already converted to mHC.")
     if values["model_type"] not in SUPPORTED:
         raise UserError(f"{hf_dir} holds a {values['model_type']!r} model; mhc convert supports "
                         f"{', '.join(SUPPORTED)}.")
-    if values.get(CONVERSION_KEY):
-        raise UserError(f"{hf_dir} is already converted to mHC.")
     model = _from_pretrained(AutoModelForCausalLM, hf_dir, "hf_dir")
     save_converted(convert_to_mhc(model, n), out_dir)
     note = "no tokenizer found"
@@ -281,8 +398,8 @@ def convert_dir(hf_dir: str | Path, out_dir: str | Path, n: int = 4, log=print) 
         note = "tokenizer copied"
     except (OSError, ValueError):
         pass
-    log(f"converted {hf_dir} ({model.config.model_type}, {model.config.num_hidden_layers} layers) to mHC with n={n} "
-        f"streams in {out_dir}; {note}")
+    log(f"converted {hf_dir} ({values['model_type']}, {model.config.num_hidden_layers} layers) to mHC with n={n} "
+        f"streams in {out_dir} (model_type {model.config.model_type}: load it with torch_mhc imported); {note}")
     return out_dir
 
 
