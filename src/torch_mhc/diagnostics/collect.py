@@ -121,9 +121,15 @@ def collect_diagnostics(model, idx: torch.Tensor, step: int, seq_mesh=None) -> d
         coeffs = [tuple(whole_sequence(h, seq_mesh, idx.shape[1]) for h in c) for c in coeffs]
     n = coeffs[0][2].shape[-1]
     mean_res = torch.stack([c[2].reshape(-1, n, n).double().mean(0) for c in coeffs])
-    gains = amax_gains(mean_res)
     with torch.no_grad():
         layers = [layer_stats(conn, x, c) for conn, x, c in zip(model.connections(), streams, coeffs)]
+    return diagnostics_record(step, layers, mean_res)
+
+
+def diagnostics_record(step: int, layers: list[dict], mean_res: torch.Tensor) -> dict:
+    """The diagnostics record of every connection's ``layer_stats`` and batch-mean H_res ``[L, n, n]``
+    (depth order): the Amax gains and the summary over layers (also for layers gathered from pipeline stages)."""
+    gains = amax_gains(mean_res)
     alphas = [abs(a) for s in layers for a in (s["alpha"] or [])]
     summary = {
         "max_single_fwd_gain": max(gains["single_fwd"]), "max_single_bwd_gain": max(gains["single_bwd"]),

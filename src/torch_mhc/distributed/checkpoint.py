@@ -311,12 +311,13 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[tuple[int, ...], torch.dt
             if isinstance(v, TensorStorageMetadata)}
 
 
-def check_model_fits(path: str | Path, model_sd: dict) -> None:
-    """UserError naming the first keys whose shapes differ between the checkpoint and the model."""
+def check_model_fits(path: str | Path, model_sd: dict, model_keys: set | None = None) -> None:
+    """UserError naming the first keys whose shapes differ between the checkpoint and the model. ``model_keys``:
+    the whole model's keys when ``model_sd`` is a part of it (a pipeline stage's); default ``model_sd``'s."""
     saved = {k[len("model."):]: v[0] for k, v in tensor_shapes(path).items() if k.startswith("model.")}
     mine = {k: tuple(v.shape) for k, v in model_sd.items()}
     problems = [f"{k}: missing in the checkpoint" for k in mine if k not in saved]
-    problems += [f"{k}: not in this model" for k in saved if k not in mine]
+    problems += [f"{k}: not in this model" for k in saved if k not in (mine if model_keys is None else model_keys)]
     problems += [f"{k}: checkpoint {saved[k]} vs model {mine[k]}" for k in mine if k in saved and saved[k] != mine[k]]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -324,23 +325,24 @@ def check_model_fits(path: str | Path, model_sd: dict) -> None:
                         f"{'; '.join(problems[:3])}{more}. Resume with the config the run was started with.")
 
 
-def load_distributed(path: str | Path, model, optimizer=None) -> dict:
+def load_distributed(path: str | Path, model, optimizer=None, model_keys: set | None = None) -> dict:
     """Collective: load a DCP checkpoint into ``model`` (and ``optimizer``) on any number of ranks and
-    any mesh; returns the trainer state (step, scheduler, config, ...)."""
+    any mesh; returns the trainer state (step, scheduler, config, ...). ``model``: also one rank's part of
+    the model (pipeline stages), which loads its own keys; ``model_keys`` then names the whole model's."""
     path = Path(path)
     verify_dcp_checkpoint(path)  # every file, trainer.pt included
     trainer_state = _trainer_state(path)
     opts = StateDictOptions(strict=True)
     if optimizer is None:
         like = {"model": get_state_dict(model, [])[0]}
-        check_model_fits(path, like["model"])
+        check_model_fits(path, like["model"], model_keys)
         state = _unstrided(like)
         _load(state, path, no_dist=not dist.is_initialized())
         state = _restrided(state, like)
         set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=opts)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        check_model_fits(path, model_sd)
+        check_model_fits(path, model_sd, model_keys)
         like = {"model": model_sd, "optim": optim_sd}
         state = _unstrided(like)
         _load(state, path, no_dist=not dist.is_initialized())

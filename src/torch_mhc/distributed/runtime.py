@@ -54,7 +54,13 @@ def init_from_env() -> None:
 
 def check_parallel(cfg) -> ParallelDims:
     """The parallel layout of ``cfg`` on this world (UserError naming the keys when impossible)."""
-    return ParallelDims.from_config(cfg.parallel, world_size())
+    dims = ParallelDims.from_config(cfg.parallel, world_size())
+    from torch_mhc.distributed.pipeline import pipeline_errors
+
+    problems = pipeline_errors(cfg, cfg.parallel)
+    if problems:
+        raise UserError("invalid parallel settings: " + "; ".join(problems) + ".")
+    return dims
 
 
 def distributed_context(cfg, device: torch.device) -> DistContext | None:
@@ -62,8 +68,6 @@ def distributed_context(cfg, device: torch.device) -> DistContext | None:
     dims = check_parallel(cfg)
     if not dims.enabled:
         return None
-    if dims.pp > 1:
-        raise UserError("parallel.pp > 1 is not available in mhc train yet (see README: pipeline parallel).")
     mesh = dims.build_mesh(device.type)
     return DistContext(dims, mesh, dist.get_rank(), global_rows(cfg.batch_size, dims.dp, dims.dp_rank(mesh)))
 

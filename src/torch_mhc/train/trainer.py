@@ -21,6 +21,7 @@ from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch,
 from torch_mhc.distributed import checkpoint as dcp_ckpt
 from torch_mhc.distributed import runtime
 from torch_mhc.distributed.parallelize import apply_activation_checkpoint, clip_grad_norm_, sync_moe_load
+from torch_mhc.distributed.pipeline import Pipeline, build_pipeline
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.nn import chained_backward
 from torch_mhc.train.checkpoint import (
@@ -140,21 +141,25 @@ def load_data(cfg: TrainConfig, cache_dir: Path, log=print, tokenizer=None) -> t
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast_dtype, bytes_per_token: float | None,
-             ctx: runtime.DistContext | None = None) -> dict:
+             ctx: runtime.DistContext | None = None, pipe: Pipeline | None = None) -> dict:
     """Mean loss (nats/token) over the given batches ``(x, y [B, T])`` and bits per byte when known. Under
     torchrun (``ctx``) each rank evaluates its rows of every global batch, as in training, and the loss
-    sums are reduced over the ranks (a collective)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
-        if ctx is not None:
-            x, y = x[ctx.rows], y[ctx.rows]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            _, loss = model(x.to(device), y.to(device))
-        total += loss.item() * y.numel()
-        count += y.numel()
-    model.train(was_training)
+    sums are reduced over the ranks (a collective). Pipelined (``pipe``): the rows go through the stages in
+    order and the ranks with the last stage hold the sums."""
+    if pipe is not None:
+        total, count = pipe.loss_sums(batches, ctx.rows, autocast_dtype)
+    else:
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for x, y in batches:
+            if ctx is not None:
+                x, y = x[ctx.rows], y[ctx.rows]
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                _, loss = model(x.to(device), y.to(device))
+            total += loss.item() * y.numel()
+            count += y.numel()
+        model.train(was_training)
     if ctx is not None:
         total, count = runtime.sum_over_ranks(total, count)
     loss = total / max(1, count)
@@ -234,6 +239,7 @@ class Training:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     start_step: int = 0
     dist: runtime.DistContext | None = None  # None: one process, the plain run
+    pipe: Pipeline | None = None  # parallel.pp > 1: this rank's stages and the schedule (``model`` is mostly meta)
     tokenizer: dict | None = None  # the run's tokenizer record (data.tokenizer_record), in every checkpoint
 
 
@@ -250,9 +256,13 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     torch.manual_seed(cfg.seed)
     if ctx is None and not cfg.init_from:  # before anything is allocated
         check_memory(cfg, device, bytes_per_value=2 if autocast_dtype is not None else 4)
+    pipe = None
     if ctx is None:
         model = build_model(cfg).to(device)  # before load_data: init_from sets cfg.model (vocabulary size)
         apply_activation_checkpoint(model, cfg.model.activation_checkpoint)  # as parallelize() does under torchrun
+    elif ctx.dims.pp > 1:
+        pipe = build_pipeline(cfg, ctx.dims, ctx.mesh, device, param_dtype=autocast_dtype)
+        model = pipe.model
     else:
         model = runtime.build_model(cfg.model, ctx, device, compile=cfg.compile, param_dtype=autocast_dtype)
     cache = Path(run_dir).parent / "cache"
@@ -263,17 +273,26 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     tokenizer_rec = tokenizer_record(tokenizer)
     if runtime.is_main_process() and not stored:
         store_run_tokenizer(run_dir, tokenizer)
-    groups = model.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
+    owner = pipe if pipe is not None else model  # what holds this rank's parameters
+    groups = owner.param_groups(cfg.weight_decay, cfg.lr, cfg.connection_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                   fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     start_step = 0
     if resume_state is not None and "dcp_path" in resume_state:  # a distributed checkpoint, on any world size
-        state = runtime.agree(dcp_ckpt.load_distributed, resume_state["dcp_path"], model, optimizer)
+        if pipe is None:
+            state = runtime.agree(dcp_ckpt.load_distributed, resume_state["dcp_path"], model, optimizer)
+        else:  # this rank's slice of the model; the checkpoint's keys checked against the whole model's
+            state = runtime.agree(dcp_ckpt.load_distributed, resume_state["dcp_path"], pipe.parts, optimizer,
+                                  model_keys=set(model.state_dict()))
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start_step = state["step"]
     elif resume_state is not None:  # a one-process checkpoint (step_*.pt); under torchrun every rank keeps its shards
+        if pipe is not None:
+            raise UserError("a one-process checkpoint (step_*.pt) cannot be resumed with parallel.pp > 1 yet: resume "
+                            "it under torchrun without parallel.pp (its checkpoints are then distributed ones, which "
+                            "a pipelined run resumes), or with one process.")
         if ctx is None:
             load_model_state(model, resume_state["model"], "of this run")
             optimizer.load_state_dict(resume_state["optimizer"])
@@ -285,16 +304,18 @@ def setup(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     if resume_state is not None:
         changes = resume_state.get("changes", {})
         if set(changes) & set(SCHEDULE_KEYS):  # a loaded optimizer keeps its old lr and weight decay otherwise
-            apply_optimizer_settings(optimizer, scheduler, model.param_groups(cfg.weight_decay, cfg.lr,
+            apply_optimizer_settings(optimizer, scheduler, owner.param_groups(cfg.weight_decay, cfg.lr,
                                                                               cfg.connection_lr_scale),
                                      lr_factor(start_step, cfg))
         data_note = check_data(resume_state.get("data"), data.fingerprint, resume_state.get("allow_data_change", False))
         if "path" in resume_state and runtime.is_main_process():
             record_resume(run_dir, start_step, resume_state["path"], changes, data_note)
+    if pipe is not None and resume_state is not None:  # the saved base lrs are those of rank 0's groups
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     step_model = torch.compile(model) if cfg.compile and ctx is None else model
     model.train()
     return Training(cfg, device, autocast_dtype, data, model, step_model, optimizer, scheduler, start_step, ctx,
-                    tokenizer_rec)
+                    pipe=pipe, tokenizer=tokenizer_rec)
 
 
 def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) -> float:
@@ -312,34 +333,62 @@ def forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor, accum: int) 
     return loss.item()
 
 
+def pipelined_forward_backward(t: Training, step: int) -> float:
+    """Forward and backward of step ``step``'s ``grad_accum`` micro-batches (this rank's rows of each) through
+    the pipeline schedule: the micro-batches of one process's accumulation, the same mean loss (returned,
+    averaged over the data-parallel ranks; a collective)."""
+    cfg = t.cfg
+    batches = [t.data.train_batch(step, cfg.batch_size, cfg.seed, micro) for micro in range(cfg.grad_accum)]
+    x = torch.cat([x[t.dist.rows] for x, _ in batches])  # [grad_accum * rows, T]: micro-batch i, rows i*rows..
+    y = torch.cat([y[t.dist.rows] for _, y in batches])
+    try:
+        with torch.autocast(t.device.type, dtype=t.autocast_dtype, enabled=t.autocast_dtype is not None), \
+                chained_backward():
+            loss = t.pipe.step(x, y)
+    except ValueError as e:  # HC / mHC check their coefficients (nn.functional.check_finite)
+        if not str(e).startswith("non-finite values"):
+            raise
+        raise DivergedError(t.scheduler.last_epoch + 1, "the connection coefficients are not finite", t.cfg) from None
+    return runtime.sum_over_ranks(loss or 0.0)[0] / t.dist.dims.dp  # one rank per pipeline holds its loss
+
+
 def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, clipping, AdamW, schedule and
     MoE balancing. Returns ``loss`` (mean over micro-batches), ``grad_norm`` (before clipping) and,
     when asked, the per-role gradient norms (``grad_norm_<role>``)."""
     cfg = t.cfg
-    loss_sum = 0.0
-    for micro in range(cfg.grad_accum):
-        x, y = t.data.train_batch(step, cfg.batch_size, cfg.seed, micro)
-        if t.dist is not None:  # this rank's rows of the global batch
-            x, y = x[t.dist.rows], y[t.dist.rows]
-        loss_sum += forward_backward(t, x, y, cfg.grad_accum)
-    loss = loss_sum / cfg.grad_accum
-    if t.dist is not None:
+    if t.pipe is not None:
+        loss = pipelined_forward_backward(t, step)
+    else:
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = t.data.train_batch(step, cfg.batch_size, cfg.seed, micro)
+            if t.dist is not None:  # this rank's rows of the global batch
+                x, y = x[t.dist.rows], y[t.dist.rows]
+            loss_sum += forward_backward(t, x, y, cfg.grad_accum)
+        loss = loss_sum / cfg.grad_accum
+    if t.dist is not None and t.pipe is None:
         runtime.after_backward(t.model, t.dist)
         loss = runtime.mean_over_ranks(loss)
-    norms = grad_norms_by_group(t.model) if group_norms else {}
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-    clip = torch.nn.utils.clip_grad_norm_ if t.dist is None else clip_grad_norm_
-    grad_norm = float(clip(t.model.parameters(), max_norm))
+    if t.pipe is not None:  # norms over every stage's parameters
+        norms = t.pipe.grad_norms_by_group() if group_norms else {}
+        grad_norm = t.pipe.clip_grad_norm_(max_norm)
+    else:
+        norms = grad_norms_by_group(t.model) if group_norms else {}
+        clip = torch.nn.utils.clip_grad_norm_ if t.dist is None else clip_grad_norm_
+        grad_norm = float(clip(t.model.parameters(), max_norm))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the update spoils the weights
         problem = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
         raise DivergedError(step + 1, problem, cfg)
     t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.scheduler.step()
-    if t.dist is not None:
+    if t.pipe is not None:
+        t.pipe.sync_moe_load()
+    elif t.dist is not None:
         sync_moe_load(t.model)
-    for moe in t.model.moe_layers():
+    for moe in (t.pipe or t.model).moe_layers():
         moe.update_bias()
     return {"loss": loss, "grad_norm": grad_norm, **norms}
 
@@ -395,9 +444,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
                 record["mfu"] = tok_s * flops_per_token / peak_flops
             if done % cfg.eval_every == 0 or is_last:
                 record.update(evaluate(model, data.val_batches(cfg.batch_size, cfg.eval_batches), device,
-                                       t.autocast_dtype, data.bytes_per_token, t.dist))
+                                       t.autocast_dtype, data.bytes_per_token, t.dist, t.pipe))
             if diag_now:
-                diag = collect_diagnostics(model, diag_idx, step=done, seq_mesh=runtime.sequence_mesh(t.dist))
+                if t.pipe is not None:  # each stage records its own layers; gathered into one record
+                    diag = t.pipe.diagnostics(diag_idx, step=done)
+                else:
+                    diag = collect_diagnostics(model, diag_idx, step=done, seq_mesh=runtime.sequence_mesh(t.dist))
                 if main:
                     append_jsonl(run_dir / "diagnostics.jsonl", diag)
                 record.update(diag["summary"])
@@ -412,7 +464,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
             (bar.write if bar is not None else log)(line)
             t_last, tokens_since = time.perf_counter(), 0
         if (done % cfg.ckpt_every == 0 or is_last) and t.dist is not None:
-            dcp_ckpt.save_distributed(run_dir, done, model, t.optimizer,
+            dcp_ckpt.save_distributed(run_dir, done, model if t.pipe is None else t.pipe.parts, t.optimizer,
                                       {"scheduler": t.scheduler.state_dict(), "config": cfg.to_dict(),
                                        "bytes_per_token": data.bytes_per_token, "data": data.fingerprint,
                                        "tokenizer": t.tokenizer},
