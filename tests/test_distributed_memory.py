@@ -16,6 +16,7 @@ from torch_mhc.distributed.memory import (
     block_params,
     layer_activation_bytes,
     memory_per_gpu,
+    moe_params,
     memory_table,
     parse_layout,
 )
@@ -118,11 +119,41 @@ def test_paper_27b_layouts():
     block = memory_per_gpu(cfg, parse_layout("dp_shard=64"), checkpoint="block")
     every2 = memory_per_gpu(cfg, parse_layout("dp_shard=64"), checkpoint="every:2")
     assert block["activations"] < every2["activations"] < fsdp64["activations"]
-    lines = memory_table(cfg, ["dp_shard=64", "tp=8,dp_shard=8", "pp=2,dp_shard=32", "dp_shard=64,ac=block"])
-    assert "refused" not in lines[2] and "refused" not in lines[5]
-    assert "refused by mhc train" in lines[3] and "model.moe with parallel.tp > 1" in lines[3]
-    assert "refused by mhc train" in lines[4] and "parallel.pp > 1" in lines[4]
-    assert f"{block['total']:.1f}" in lines[5]
+    lines = memory_table(cfg, ["dp_shard=64", "tp=8,dp_shard=8", "dp_shard=64,ep=8", "dp_shard=64,ep=7",
+                               "dp_shard=64,ac=block"])
+    assert all("refused" not in lines[i] for i in (2, 3, 4, 6))  # TP with MoE and EP run now
+    assert "refused by mhc train: parallel.ep (7) must divide parallel.dp_shard (64)" in lines[5]
+    assert f"{block['total']:.1f}" in lines[6]
+
+
+def test_expert_parallel_shrinks_only_what_fsdp_gathers_of_moe_blocks():
+    """EP keeps the states (experts sharded over ep x dp_shard_mod_ep = dp_shard either way) and the activations
+    (balanced load); FSDP2 gathers an MoE block's routed experts over dp_shard / ep ranks only. TP does not split
+    the MoE sublayers (they run on each TP rank's share of the tokens)."""
+    cfg = build_config(config_file=str(REPO / "configs" / "paper-27b.toml"))
+    with torch.device("meta"):
+        model = DecoderLM(cfg.model)
+    sublayer, experts = moe_params(model)
+    assert sum(experts) > 0.8 * model.num_params() and all(e < s for s, e in zip(sublayer[1:], experts[1:]))
+    fsdp, ep = (memory_per_gpu(cfg, parse_layout(t)) for t in ("dp_shard=64", "dp_shard=64,ep=8"))
+    assert ep["states"] == fsdp["states"] and ep["activations"] == fsdp["activations"]
+    i = max(range(len(sublayer)), key=lambda b: block_params(model)[b])
+    assert fsdp["gathered"] * 2**30 == pytest.approx(4 * block_params(model)[i])
+    assert ep["gathered"] * 2**30 == pytest.approx(4 * (block_params(model)[i] - experts[i] * 7 / 8))
+    assert ep["grads"] / fsdp["grads"] == pytest.approx(ep["gathered"] / fsdp["gathered"])
+    assert ep["gathered"] < 0.3 * fsdp["gathered"]
+    tp = memory_per_gpu(cfg, parse_layout("tp=8,dp_shard=8"))
+    n, moe = model.num_params(), sum(sublayer)
+    assert tp["states"] * 2**30 == pytest.approx(16 * ((n - moe) / 8 + moe) / 8)
+
+
+def test_refused_layouts_come_from_the_runtime_check(monkeypatch):
+    """mhc memory marks what runtime.layout_problems (the check mhc train runs) says, not a copy of it."""
+    from torch_mhc.distributed import runtime
+
+    cfg = build_config(overrides=["model.dim=64", "model.n_heads=4"])
+    monkeypatch.setattr(runtime, "layout_problems", lambda cfg, parallel=None: [f"no tp={parallel.tp}"])
+    assert "refused by mhc train: no tp=2" in memory_table(cfg, ["tp=2,dp_shard=4"])[2]
 
 
 def test_dense_tp_is_not_refused_and_bad_layouts_are(capsys):

@@ -21,17 +21,21 @@ parallel with sequence parallel divides the activations by tp except the all-gat
 column-parallel projections; the full logits are on every TP rank. The logits are bf16 plus the fp32 loss
 input and its gradient (10 bytes x vocab per token). Pipeline (1F1B) stages hold 1/pp of the layers but up
 to pp micro-batches in flight. Layouts that ``mhc train`` refuses are marked, not estimated.
+
+MoE sublayers are not split by tensor parallel (they run on each TP rank's share of the tokens): their
+parameters count whole per TP rank. Expert parallel (``ep``) does not change the states (FSDP2 shards the
+experts over ``dp_shard`` either way, as ``ep x dp_shard_mod_ep``) nor, at balanced load, the activations (a
+rank receives as many expert rows as it sends; an unbalanced step holds more on the busy ranks): it shrinks
+what FSDP2 gathers of an MoE block, whose routed experts are gathered over ``dp_shard / ep`` ranks.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from types import SimpleNamespace
 
 import torch
 
-from torch_mhc.distributed.mesh import ParallelConfig, static_errors
-from torch_mhc.errors import UserError
+from torch_mhc.distributed.mesh import ParallelConfig
 from torch_mhc.models.decoder import DecoderLM
 
 GIB = 2**30
@@ -133,21 +137,34 @@ def activation_bytes_per_token(cfg, tp: int = 1, checkpoint: str | None = None) 
 
 
 def refused(train_cfg, parallel: ParallelConfig) -> str | None:
-    """Why ``mhc train`` would refuse ``parallel`` for this config (the checks it runs), or None."""
-    from torch_mhc.distributed.tensor_parallel import check_tensor_parallel
+    """Why ``mhc train`` would refuse ``parallel`` for this config, or None: the runtime's own check
+    (``runtime.layout_problems``, which ``mhc train`` runs before it starts)."""
+    from torch_mhc.distributed.runtime import layout_problems
 
-    cfg = train_cfg.model
-    errors = static_errors(parallel, cfg.n_heads, train_cfg.batch_size)
-    if errors:
-        return "; ".join(errors)
-    if parallel.pp > 1:  # distributed/runtime.py distributed_context
-        return "parallel.pp > 1 is not available in mhc train yet"
-    if parallel.tp > 1:
-        try:
-            check_tensor_parallel(SimpleNamespace(cfg=cfg), parallel.tp)
-        except UserError as e:
-            return str(e).removeprefix("invalid parallel settings: ").rstrip(".")
-    return None
+    problems = layout_problems(train_cfg, parallel)
+    return "; ".join(problems) if problems else None
+
+
+def moe_params(model: DecoderLM) -> tuple[list[int], list[int]]:
+    """Per block: the parameters of its MoE sublayer (router, shared and routed experts, and the FFN norm:
+    not split by tensor parallel, which runs the sublayer on the rank's share of the tokens), and those of
+    its routed experts (split over ``ep`` under expert parallel)."""
+    from torch_mhc.models.moe import MoE
+
+    sublayer, experts = [], []
+    for block in model.blocks:
+        moes = [m for m in block.modules() if isinstance(m, MoE)]
+        ffn = block.ffn.sublayer
+        sublayer.append(sum(p.numel() for p in ffn.parameters()) if moes else 0)
+        experts.append(sum(m.w1.numel() + m.w3.numel() + m.w2.numel() for m in moes))
+    return sublayer, experts
+
+
+def gathered_block_params(model: DecoderLM, tp: int = 1, ep: int = 1) -> int:
+    """The most parameters FSDP2 gathers for one block on one rank: the TP-split part over ``tp``, the MoE
+    sublayer whole but its routed experts over ``ep`` (FSDP2 gathers them over ``dp_shard / ep`` ranks)."""
+    sublayer, experts = moe_params(model)
+    return max((b - s) / tp + (s - e) + e / ep for b, s, e in zip(block_params(model), sublayer, experts))
 
 
 def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
@@ -160,13 +177,15 @@ def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
     with torch.device("meta"):
         model = DecoderLM(cfg)
     n_params = model.num_params()
-    tp, pp = parallel.tp, parallel.pp
-    shard = (parallel.dp_shard if parallel.dp_mode == "fsdp" else 1) * tp * pp
-    states = 16 * n_params / shard
+    tp, pp, ep = parallel.tp, parallel.pp, parallel.ep
+    dp_shard = parallel.dp_shard if parallel.dp_mode == "fsdp" else 1
+    moe = sum(moe_params(model)[0])  # not split by TP; experts split over ep x dp_shard_mod_ep = dp_shard
+    states = 16 * ((n_params - moe) / tp + moe) / (dp_shard * pp)
     gathered = grads = 0.0
     if parallel.dp_mode == "fsdp" and parallel.dp_shard > 1:
-        gathered = 2 * 2 * max(block_params(model)) / tp  # this block and the prefetched next one, bf16
-        grads = (2 + 4) * max(block_params(model)) / tp  # one block's bf16 gradients and fp32 reduce-scatter input
+        block = gathered_block_params(model, tp, ep)
+        gathered = 2 * 2 * block  # this block and the prefetched next one, bf16
+        grads = (2 + 4) * block  # one block's bf16 gradients and fp32 reduce-scatter input
     tokens = micro_batch * train_cfg.seq_len
     in_flight = pp  # 1F1B: stage 0 holds pp micro-batches of its L/pp layers
     activations = tokens * activation_bytes_per_token(cfg, tp, checkpoint) / pp * in_flight
@@ -177,7 +196,7 @@ def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
     return out
 
 
-LAYOUT_KEYS = ("dp_shard", "dp_replicate", "tp", "pp", "dp_mode", "ac")
+LAYOUT_KEYS = ("dp_shard", "dp_replicate", "tp", "pp", "ep", "dp_mode", "ac")
 
 
 def parse_row(text: str) -> tuple[ParallelConfig, str | None]:

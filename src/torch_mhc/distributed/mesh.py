@@ -19,6 +19,7 @@ from torch_mhc.errors import UserError
 
 DP_MODES = ("fsdp", "ddp")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+EXPERT_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")  # dp_shard = dp_shard_mod_ep x ep
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV (distributed.pipeline)
     dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
+    ep: int = 1  # expert parallel degree, a part of dp_shard: each MoE layer's experts split over ep ranks
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class ParallelDims:
     pp: int = 1
     dp_mode: str = "fsdp"
     world_size: int = 1
+    ep: int = 1
 
     @classmethod
     def from_config(cls, parallel, world_size: int) -> ParallelDims:
@@ -68,7 +71,11 @@ class ParallelDims:
         if parallel.dp_mode == "ddp" and dp_shard > 1 and parallel.dp_replicate > 1:
             raise UserError("parallel.dp_mode=ddp replicates only: set parallel.dp_shard=1 and use "
                             "parallel.dp_replicate, or dp_mode=fsdp for sharded or hybrid (HSDP) data parallel.")
-        return cls(parallel.dp_replicate, dp_shard, parallel.tp, parallel.pp, parallel.dp_mode, world_size)
+        if dp_shard % parallel.ep:
+            raise UserError(f"parallel.ep ({parallel.ep}) must divide parallel.dp_shard ({dp_shard}): expert parallel "
+                            "splits the data-parallel shard group (dp_shard = dp_shard_mod_ep x ep).")
+        return cls(parallel.dp_replicate, dp_shard, parallel.tp, parallel.pp, parallel.dp_mode, world_size,
+                   parallel.ep)
 
     @property
     def dp(self) -> int:
@@ -85,6 +92,22 @@ class ParallelDims:
         """The world as a mesh over the dimensions of degree > 1 (a 1-D ``dp_shard`` mesh at least)."""
         dims = {k: v for k, v in self.degrees().items() if v > 1} or {"dp_shard": 1}
         return init_device_mesh(device_type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+
+    def expert_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """The same ranks as ``mesh`` with ``dp_shard`` split into ``(dp_shard_mod_ep, ep)`` (row-major: the ep
+        ranks of one group are consecutive dp_shard ranks), as torchtitan's DeepSeek-V3 does. Experts are
+        sharded over ``ep`` and FSDP-sharded over ``dp_shard_mod_ep`` (kept even at size 1); everything else
+        keeps ``mesh``. Made once per mesh (it creates process groups: every rank calls it in the same order)."""
+        cached = getattr(mesh, "_mhc_expert_mesh", None)
+        if cached is None:
+            cached = mesh._unflatten("dp_shard", (self.dp_shard // self.ep, self.ep), ("dp_shard_mod_ep", "ep"))
+            mesh._mhc_expert_mesh = cached
+        return cached
+
+    def expert_dp_mesh(self, mesh: DeviceMesh) -> DeviceMesh:
+        """What FSDP2 shards the experts over: ``(dp_replicate, dp_shard_mod_ep)`` (HSDP) or ``dp_shard_mod_ep``."""
+        names = ("dp_replicate", "dp_shard_mod_ep") if self.dp_replicate > 1 else ("dp_shard_mod_ep",)
+        return self.expert_mesh(mesh)[names]
 
     def dp_mesh(self, mesh: DeviceMesh) -> DeviceMesh | None:
         """The data-parallel part of ``mesh``: ``(dp_replicate, dp_shard)`` (HSDP), one of them, or None."""
@@ -107,6 +130,13 @@ def static_errors(parallel, n_heads: int | None = None, batch_size: int | None =
             errors.append(f"parallel.{name} must be >= 1 (got {getattr(parallel, name)})")
     if parallel.dp_shard != -1 and parallel.dp_shard < 1:
         errors.append(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world (got {parallel.dp_shard})")
+    ep = getattr(parallel, "ep", 1)
+    if ep < 1:
+        errors.append(f"parallel.ep must be >= 1 (got {ep})")
+    elif ep > 1 and parallel.dp_shard not in (-1,) and parallel.dp_shard % ep:
+        errors.append(f"parallel.ep ({ep}) must divide parallel.dp_shard ({parallel.dp_shard})")
+    if ep > 1 and parallel.dp_mode != "fsdp":
+        errors.append("parallel.ep > 1 needs parallel.dp_mode=fsdp (expert parallel splits FSDP's shard group)")
     if parallel.dp_mode not in DP_MODES:
         errors.append(f"parallel.dp_mode must be one of {', '.join(DP_MODES)} (got {parallel.dp_mode!r})")
     if n_heads is not None and parallel.tp >= 1 and n_heads % parallel.tp:
@@ -115,6 +145,23 @@ def static_errors(parallel, n_heads: int | None = None, batch_size: int | None =
     if batch_size is not None and dp >= 1 and batch_size % dp:
         errors.append(f"batch_size ({batch_size}, the global batch) must be divisible by the data-parallel degree "
                       f"parallel.dp_replicate x dp_shard = {dp}")
+    return errors
+
+
+def model_layout_errors(parallel, model_cfg) -> list[str]:
+    """What is wrong with the parallel settings for this model (tensor and expert parallel); the checks that
+    ``mhc train`` runs (``runtime.check_parallel``) and that ``mhc memory`` marks refused layouts with."""
+    errors = []
+    tp, ep = parallel.tp, getattr(parallel, "ep", 1)
+    if tp > 1 and model_cfg.n_heads % tp:
+        errors.append(f"parallel.tp ({tp}) must divide model.n_heads ({model_cfg.n_heads})")
+    if tp > 1 and model_cfg.tie_embeddings:
+        errors.append("model.tie_embeddings with parallel.tp > 1 is not supported (the embedding is row-parallel, "
+                      "the LM head column-parallel)")
+    if ep > 1 and not model_cfg.moe:
+        errors.append(f"parallel.ep ({ep}) > 1 needs an MoE model (model.moe = true)")
+    elif ep > 1 and model_cfg.n_routed_experts % ep:
+        errors.append(f"parallel.ep ({ep}) must divide model.n_routed_experts ({model_cfg.n_routed_experts})")
     return errors
 
 

@@ -1,5 +1,5 @@
-"""Apply parallelism to a built ``DecoderLM`` (torchtitan's order): tensor/sequence parallel ->
-activation checkpointing -> torch.compile -> data parallel (FSDP2 or DDP).
+"""Apply parallelism to a built ``DecoderLM`` (torchtitan's order): tensor/sequence parallel -> expert
+parallel -> activation checkpointing -> torch.compile -> data parallel (FSDP2 or DDP).
 
 The model itself holds no parallel code. Activation checkpointing (``model.activation_checkpoint``) is
 applied here by :func:`apply_activation_checkpoint`, which the one-process trainer calls too. mHC's own
@@ -34,6 +34,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *, compi
         from torch_mhc.distributed.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"])
+    if dims.ep > 1:
+        from torch_mhc.distributed.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, dims.expert_mesh(mesh)["ep"])
     cfg = getattr(model, "cfg", None)
     if cfg is not None:
         apply_activation_checkpoint(model, cfg.activation_checkpoint)
@@ -46,7 +50,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh, *, compi
     if dims.dp_mode == "ddp":
         apply_ddp(model, dp_mesh)
     else:
-        apply_fsdp(model, dp_mesh, param_dtype)
+        apply_fsdp(model, dp_mesh, param_dtype, dims.expert_dp_mesh(mesh) if dims.ep > 1 else None)
     return model
 
 
@@ -134,14 +138,26 @@ def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None = None,
+               expert_dp_mesh: DeviceMesh | None = None) -> None:
     """FSDP2: each block is one unit (its own all-gather / reduce-scatter), the root holds the rest
-    (embedding, final norm, head merge, LM head). A 2-D ``(dp_replicate, dp_shard)`` mesh is HSDP."""
+    (embedding, final norm, head merge, LM head). A 2-D ``(dp_replicate, dp_shard)`` mesh is HSDP.
+
+    Under expert parallel (``expert_dp_mesh``: the ranks that hold the same experts) each MoE layer's
+    experts, already split over ``ep``, are their own unit sharded over ``expert_dp_mesh``; its router
+    and shared experts are one unit over ``dp_mesh``, as the rest of the block."""
+    from torch_mhc.models.moe import MoE
+
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
         # the last block's parameters are needed again first in backward: keep them gathered
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+        reshard = i < n - 1
+        for moe in (m for m in block.modules() if isinstance(m, MoE)) if expert_dp_mesh is not None else ():
+            fully_shard([moe.router] + ([moe.shared] if moe.shared is not None else []), mesh=dp_mesh,
+                        mp_policy=mp, reshard_after_forward=reshard)
+            fully_shard(moe, mesh=expert_dp_mesh, mp_policy=mp, reshard_after_forward=reshard)  # w1, w3, w2
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
@@ -168,10 +184,25 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return total
 
 
-def sync_moe_load(model: nn.Module) -> None:
-    """Sum every MoE layer's expert-load counts over all ranks, so the load-balancing bias update
-    stays identical on every rank and equals the one-process update: it depends on
-    ``sign(mean(load) - load)`` only, which the sum over data-parallel ranks keeps (ranks that saw the
-    same tokens, e.g. tensor-parallel peers, scale every count alike)."""
-    for moe in model.moe_layers():
-        dist.all_reduce(moe.load)
+def sync_moe_load(model: nn.Module, mesh: DeviceMesh | None = None) -> None:
+    """Sum every MoE layer's expert-load counts over the ranks that route other tokens through the same layers,
+    so the load-balancing bias update is the one-process update, and the same on each of them.
+
+    The load is counted at the router, per global expert, of this rank's tokens. The group is every
+    rank that holds the same layers: the data-parallel ranks (``dp_replicate x dp_shard``, whose
+    ``ep`` part routes its own tokens too) and the tensor-parallel ones (an MoE sublayer runs on the
+    rank's share of the tokens under TP), not the pipeline stages (other layers: a sum over the world
+    would add one stage's layer to another's). ``mesh``: the run's mesh (None: the whole world). One
+    all-reduce per mesh dimension of all layers' loads at once."""
+    moes = model.moe_layers()
+    if not moes:
+        return
+    loads = torch.cat([m.load for m in moes])
+    if mesh is None:
+        dist.all_reduce(loads)
+    else:
+        for name in mesh.mesh_dim_names or ():
+            if name != "pp" and mesh.size(mesh.mesh_dim_names.index(name)) > 1:
+                dist.all_reduce(loads, group=mesh.get_group(name))
+    for m, load in zip(moes, loads.split([m.load.numel() for m in moes])):
+        m.load.copy_(load)

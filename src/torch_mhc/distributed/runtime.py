@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from torch_mhc.distributed.mesh import ParallelDims, global_rows, launched_distributed
+from torch_mhc.distributed.mesh import (
+    ParallelDims,
+    global_rows,
+    launched_distributed,
+    model_layout_errors,
+    static_errors,
+)
 from torch_mhc.errors import UserError
 
 
@@ -55,12 +61,20 @@ def init_from_env() -> None:
 def check_parallel(cfg) -> ParallelDims:
     """The parallel layout of ``cfg`` on this world (UserError naming the keys when impossible)."""
     dims = ParallelDims.from_config(cfg.parallel, world_size())
-    from torch_mhc.distributed.pipeline import pipeline_errors
-
-    problems = pipeline_errors(cfg, cfg.parallel)
+    problems = layout_problems(cfg)
     if problems:
         raise UserError("invalid parallel settings: " + "; ".join(problems) + ".")
     return dims
+
+
+def layout_problems(cfg, parallel=None) -> list[str]:
+    """Why ``mhc train`` refuses the layout ``parallel`` (default ``cfg.parallel``) for ``cfg``, on any world
+    size: the one check that :func:`check_parallel` runs and ``mhc memory`` marks refused layouts with."""
+    parallel = cfg.parallel if parallel is None else parallel
+    problems = static_errors(parallel, cfg.model.n_heads, cfg.batch_size) + model_layout_errors(parallel, cfg.model)
+    from torch_mhc.distributed.pipeline import pipeline_errors
+
+    return problems + pipeline_errors(cfg, parallel)  # parallel.pp, parallel.pp_schedule
 
 
 def distributed_context(cfg, device: torch.device) -> DistContext | None:

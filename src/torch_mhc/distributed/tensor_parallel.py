@@ -48,22 +48,21 @@ class FusedQKVColwise(ColwiseParallel):
 
 
 def check_tensor_parallel(model: nn.Module, tp: int) -> None:
-    cfg = model.cfg
-    problems = []
-    if cfg.n_heads % tp:
-        problems.append(f"parallel.tp ({tp}) must divide model.n_heads ({cfg.n_heads})")
-    if cfg.moe:
-        problems.append("model.moe with parallel.tp > 1 is not supported (experts are sharded by FSDP2; "
-                        "expert parallel is not built)")
-    if cfg.tie_embeddings:
-        problems.append("model.tie_embeddings with parallel.tp > 1 is not supported (the embedding is "
-                        "row-parallel, the LM head column-parallel)")
+    """UserError naming what keeps ``model`` from tensor parallel of degree ``tp`` (mesh.model_layout_errors)."""
+    from torch_mhc.distributed.mesh import ParallelConfig, model_layout_errors
+
+    problems = model_layout_errors(ParallelConfig(tp=tp), model.cfg)
     if problems:
         raise UserError("invalid parallel settings: " + "; ".join(problems) + ".")
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Shard ``model``'s attention and FFN weights over ``tp_mesh`` and make it sequence-parallel."""
+    """Shard ``model``'s attention and dense FFN weights over ``tp_mesh`` and make it sequence-parallel.
+
+    An MoE FFN sublayer (norm, router, shared and routed experts) is not split: it runs on this rank's share
+    of the tokens, as the connections do (every op of it is per token), with its parameters replicated over
+    the TP group and their gradients summed over it (:func:`reduce_tp_partial_grads`); under expert parallel
+    its experts are split over ``ep`` instead. So TP ranks route different tokens (their expert loads add)."""
     check_tensor_parallel(model, tp_mesh.size())
     parallelize_module(model, tp_mesh, {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
@@ -71,16 +70,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     })
     for block in model.blocks:
-        parallelize_module(block, tp_mesh, {
+        plan = {
             "attn.sublayer.norm": SequenceParallel(),
             "attn.sublayer.qkv": FusedQKVColwise(input_layouts=Shard(1)),
             "attn.sublayer.proj": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn.sublayer.norm": SequenceParallel(),
-            "ffn.sublayer.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "ffn.sublayer.mlp.w1": ColwiseParallel(),
-            "ffn.sublayer.mlp.w3": ColwiseParallel(),
-            "ffn.sublayer.mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        }
+        if not is_moe_block(block):
+            plan.update({
+                "ffn.sublayer.norm": SequenceParallel(),
+                "ffn.sublayer.mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+                "ffn.sublayer.mlp.w1": ColwiseParallel(),
+                "ffn.sublayer.mlp.w3": ColwiseParallel(),
+                "ffn.sublayer.mlp.w2": RowwiseParallel(output_layouts=Shard(1)),
+            })
+        parallelize_module(block, tp_mesh, plan)
+
+
+def is_moe_block(block: nn.Module) -> bool:
+    from torch_mhc.models.moe import MoE
+
+    return any(isinstance(m, MoE) for m in block.modules())
 
 
 def tp_partial_params(model: nn.Module) -> list[nn.Parameter]:
@@ -108,10 +117,14 @@ def _shards_dim0(p) -> bool:
     return isinstance(p, (Shard, _StridedShard)) and p.dim == 0
 
 
+MODEL_PARALLEL_DIMS = ("tp", "ep")  # a tensor is split over one of them at most (experts: ep, the rest: tp)
+
+
 def _split(dt: DTensor) -> tuple[int | None, list[int]]:
-    """``dt``'s TP mesh dim (None without one) and its other mesh dims that shard tensor dim 0 (FSDP's)."""
+    """``dt``'s model-parallel mesh dim (``tp``, or ``ep`` for experts; None without one) and its other mesh
+    dims that shard tensor dim 0 (FSDP's)."""
     names = dt.device_mesh.mesh_dim_names or ()
-    tp = names.index("tp") if "tp" in names else None
+    tp = next((names.index(n) for n in MODEL_PARALLEL_DIMS if n in names), None)
     dp = [d for d, p in enumerate(dt.placements) if d != tp and not p.is_replicate()]
     if any(not _shards_dim0(dt.placements[d]) for d in dp):
         raise NotImplementedError(f"a data-parallel placement other than a dim-0 shard: {dt.placements}")

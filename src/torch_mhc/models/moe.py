@@ -13,7 +13,9 @@ the routing, so nothing is read back to the host in forward or backward, for any
 reference the grouped path is tested and benchmarked against.
 
 :func:`grouped_swiglu` takes rows already grouped by expert and a device tensor of counts, which is
-what an expert-parallel dispatch (all-to-all of per-expert token buckets) hands its local experts.
+what an expert-parallel dispatch (all-to-all of per-expert token buckets) hands its local experts: with
+``MoE.experts_fn`` set (``torch_mhc.distributed.expert_parallel``), the expert-sorted rows and counts go to it
+in place of :func:`grouped_swiglu`.
 """
 
 from __future__ import annotations
@@ -192,6 +194,9 @@ class MoE(nn.Module):
             raise ValueError(f"MoE needs 1 <= top_k <= n_routed_experts, got top_k={top_k}, n_routed={n_routed}")
         self.n_routed, self.top_k, self.bias_rate = n_routed, top_k, bias_rate
         self.impl, self.block = "auto", None
+        # None: every expert here (grouped_swiglu). Expert parallel sets a callable with grouped_swiglu's
+        # arguments that sends the rows to the ranks holding their experts and back (distributed.expert_parallel)
+        self.experts_fn = None
         self.router = nn.Linear(dim, n_routed, bias=False)
         self.w1 = nn.Parameter(torch.empty(n_routed, dim, expert_hidden))
         self.w3 = nn.Parameter(torch.empty(n_routed, dim, expert_hidden))
@@ -228,9 +233,10 @@ class MoE(nn.Module):
             xs, w1, w3, w2 = x.to(dtype), w1.to(dtype), w3.to(dtype), w2.to(dtype)
         else:
             xs = x.to(w1.dtype)
+        experts = self.experts_fn or grouped_swiglu
         with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-            ys = grouped_swiglu(xs.index_select(0, order // k), counts, w1, w3, w2, capacity=tokens,
-                                impl=self.impl, block=self.block)
+            ys = experts(xs.index_select(0, order // k), counts, w1, w3, w2, capacity=tokens, impl=self.impl,
+                         block=self.block)
         y = (ys.index_select(0, inverse).view(tokens, k, -1) * gates.unsqueeze(-1)).sum(1)
         out = y.to(x.dtype)
         if self.shared is not None:
@@ -268,7 +274,8 @@ class MoE(nn.Module):
         """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded.
 
         On the device, no host sync: with no load counted (all zero) ``sign(mean - load)`` is 0 and the
-        bias stays as it is. Under data parallelism the caller sums ``load`` over the ranks first
-        (``torch_mhc.distributed.parallelize.sync_moe_load``), so every rank makes the same update."""
+        bias stays as it is. Under data parallelism the caller sums ``load`` over the ranks that routed other
+        tokens through this layer first (``torch_mhc.distributed.parallelize.sync_moe_load``), so every rank
+        makes the one-process update."""
         self.bias += self.bias_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()

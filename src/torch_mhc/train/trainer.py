@@ -387,7 +387,7 @@ def train_step(t: Training, step: int, group_norms: bool = False) -> dict:
     if t.pipe is not None:
         t.pipe.sync_moe_load()
     elif t.dist is not None:
-        sync_moe_load(t.model)
+        sync_moe_load(t.model, t.dist.mesh)
     for moe in (t.pipe or t.model).moe_layers():
         moe.update_bias()
     return {"loss": loss, "grad_norm": grad_norm, **norms}
