@@ -310,7 +310,7 @@ RESUME_MAY_CHANGE = (
     "steps", "lr", "weight_decay", "grad_clip", "connection_lr_scale", "schedule", "warmup", "min_lr_ratio",
     "eval_every", "eval_batches", "log_every", "ckpt_every", "keep_ckpts", "diag_every", "device", "dtype", "compile",
     # the layout: distributed (DCP) checkpoints reshard onto any number of processes
-    "parallel.dp_shard", "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.dp_mode",
+    "parallel.dp_shard", "parallel.dp_replicate", "parallel.tp", "parallel.pp", "parallel.dp_mode", "parallel.ep",
     "parallel.pp_schedule",
     # activation checkpointing recomputes the same forward: the same numbers, less memory
     "model.activation_checkpoint",
