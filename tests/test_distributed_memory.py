@@ -16,8 +16,8 @@ from torch_mhc.distributed.memory import (
     block_params,
     layer_activation_bytes,
     memory_per_gpu,
-    moe_params,
     memory_table,
+    moe_params,
     parse_layout,
 )
 from torch_mhc.models import DecoderLM
