@@ -15,7 +15,20 @@ import pytest
 
 from torch_mhc.cli import main
 from torch_mhc.reports import stats
-from torch_mhc.reports.compare import BASELINE, Plan, build_protocol, compare, parse_arms
+from torch_mhc.reports.compare import (
+    BASELINE,
+    DIAGNOSTICS_SUMMARY,
+    MODES,
+    Plan,
+    build_protocol,
+    compare,
+    connection_flops_per_token,
+    forward_flops_per_token,
+    initial_diagnostics,
+    matched_width,
+    parse_arms,
+    resolve_matched,
+)
 from torch_mhc.train.checkpoint import list_checkpoints
 from torch_mhc.train.config import DivergedError, UserError, build_config
 from torch_mhc.train.data import TokenData, split_off_test
@@ -30,15 +43,10 @@ TINY_PROTOCOL = [
 
 # ---- statistics on hand-made numbers -------------------------------------------------------------
 
-def test_mean_sd_and_resolved_rule():
+def test_mean_sd():
     assert stats.mean_sd([1.0, 2.0, 3.0]) == {"mean": 2.0, "sd": 1.0}
     assert stats.mean_sd([4.0]) == {"mean": 4.0, "sd": None}
     assert stats.mean_sd([]) == {"mean": None, "sd": None}
-    # |mean| > 2 sd / sqrt(k): 2 * 0.1 / sqrt(4) = 0.1
-    assert stats.is_resolved(0.11, 0.1, 4) and not stats.is_resolved(-0.09, 0.1, 4)
-    assert stats.is_resolved(-0.11, 0.1, 4)
-    assert not stats.is_resolved(0.5, None, 1) and not stats.is_resolved(0.5, 0.0, 1)
-    assert stats.is_resolved(0.01, 0.0, 2)  # identical gaps on every seed
 
 
 def test_paired_gap_pairs_by_seed():
@@ -51,10 +59,12 @@ def test_paired_gap_pairs_by_seed():
     mean = sum(expected) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in expected) / 2)
     assert g["mean"] == pytest.approx(mean) and g["sd"] == pytest.approx(sd)
-    assert g["resolved"] == (abs(mean) > 2 * sd / math.sqrt(3))
-    assert not g["resolved"]  # -0.1 +- 0.2: not resolved
+    half = 4.302653 * sd / math.sqrt(3)  # t_{0.975, 2} from the tables
+    assert g["ci95"] == pytest.approx([mean - half, mean + half], abs=1e-6)
+    assert not g["resolved"] and g["p_value"] > 0.05  # -0.1 +- 0.2: not resolved
     tight = stats.paired_gap({1: 3.0, 2: 3.01, 3: 3.02}, {1: 3.1, 2: 3.1, 3: 3.11})
-    assert tight["mean"] == pytest.approx(-0.0933333) and tight["resolved"]
+    assert tight["mean"] == pytest.approx(-0.0933333) and tight["resolved"] and tight["ci95"][1] < 0
+    assert tight["p_value"] < 0.05 and tight["min_resolvable"] > 0
 
 
 def test_select_lr_and_grid_edges():
@@ -102,23 +112,69 @@ def test_protocol_on_handmade_rows():
     assert mhc["test_loss"]["mean"] == pytest.approx((2.9 + 3.05 + 3.1) / 3) and mhc["params"] == 123
     gap = mhc["gap_to_residual"]  # mhc at 3e-3 against residual at 1e-3, seed by seed
     assert gap["per_seed"] == pytest.approx({"1": -0.1, "2": -0.05, "3": -0.1})
-    assert gap["mean"] == pytest.approx(-0.0833333) and gap["resolved"]  # sd 0.0289: 2 sd / sqrt 3 = 0.033
+    assert gap["mean"] == pytest.approx(-0.0833333) and gap["resolved"]  # t = -5, df 2: p = 0.038
+    assert gap["p_value"] == pytest.approx(0.0377, abs=1e-4) and gap["ci95"][1] < 0
     common = mhc["gap_to_residual_at_common_lr"]
     assert common["lr"] == 1e-3 and common["per_seed"] == pytest.approx({"1": 0.05, "2": 0.1, "3": 0.0})
     assert not common["resolved"]
+    pair = p["pairwise"]["mhc - residual"]  # every pair of arms, each at its selected lr
+    assert pair["per_seed"] == pytest.approx(gap["per_seed"]) and pair["p_value"] == pytest.approx(gap["p_value"])
+    assert p["resolved_rule"] == stats.RESOLVED_RULE
 
 
 def test_parse_arms():
-    arms = parse_arms(["mhc", "mhc-gate", "mhc-identity"], ["pre-res:model.learn=pre,res,model.sinkhorn_iters=5"])
+    arms = parse_arms(["mhc", "mhc-gate", "mhc-identity", "hc-identity"],
+                      ["pre-res:model.learn=pre,res,model.sinkhorn_iters=5"])
     assert arms == [("mhc", ["model.connection=mhc"]),
                     ("mhc-gate", ["model.connection=mhc", "model.n_streams=1"]),
-                    ("mhc-identity", ["model.connection=mhc", "model.learn=pre,post"]),
+                    ("mhc-identity", MODES["mhc-identity"]),
+                    ("hc-identity", ["model.connection=hc", "model.learn=pre,post"]),
                     ("pre-res", ["model.learn=pre,res", "model.sinkhorn_iters=5"])]
     for bad in (["dense"], ["mhc", "mhc"]):
         with pytest.raises(UserError):
             parse_arms(bad, [])
-    cfg = build_config(overrides=parse_arms(["mhc-identity"], [])[0][1])
-    assert cfg.model.learn == ["pre", "post"] and cfg.model.connection == "mhc"
+    cfg = build_config(overrides=parse_arms(["hc-identity"], [])[0][1])
+    assert cfg.model.learn == ["pre", "post"] and cfg.model.connection == "hc"
+    # the matched residual controls get their width from the base config (resolve_matched)
+    assert parse_arms(["residual-params", "residual-flops"], []) == [
+        ("residual-params", ["model.connection=residual"]), ("residual-flops", ["model.connection=residual"])]
+
+
+def test_matched_residual_controls_on_the_stress_config():
+    """residual-params: the FFN width whose parameter count is nearest mHC's (no other integer width is nearer);
+    residual-flops: the same for forward FLOPs per token; both recorded as explicit overrides in the plan."""
+    from torch_mhc.models.decoder import DecoderLM
+
+    base = build_config(config_file=str(Path(__file__).parents[1] / "configs" / "stress-deep.toml"))
+    width, info = matched_width(base, "params")
+    goal = DecoderLM(build_config(base=base.to_dict(), overrides=["model.connection=mhc"]).model).num_params()
+
+    def params(h):
+        return DecoderLM(build_config(base=base.to_dict(), overrides=[
+            "model.connection=residual", f"model.mlp_hidden={h}"]).model).num_params()
+
+    assert info["mhc"] == goal and info["residual"] == params(width)
+    assert abs(params(width) - goal) <= min(abs(params(width - 1) - goal), abs(params(width + 1) - goal))
+    assert abs(info["relative_difference"]) < 0.002
+    fwidth, finfo = matched_width(base, "flops")
+    assert fwidth > width and abs(finfo["relative_difference"]) < 0.002  # mHC's stream arithmetic costs more
+    arms = resolve_matched(parse_arms(["residual", "residual-params", "residual-flops"], []), base)
+    assert arms == [("residual", ["model.connection=residual"]),
+                    ("residual-params", ["model.connection=residual", f"model.mlp_hidden={width}"]),
+                    ("residual-flops", ["model.connection=residual", f"model.mlp_hidden={fwidth}"])]
+
+
+def test_forward_flops_count_the_projection_once_and_the_streams_by_formula():
+    """mHC minus residual (same FFN width): the x phi matmul, 2 nC (2n + n^2) per sublayer, counted by torch's FLOP
+    counter, plus the stream arithmetic of the formula; nothing counted twice (the mixing is not a matmul here)."""
+    cfgs = {c: build_config(overrides=[f"model.connection={c}", "model.dim=32", "model.n_layers=3", "model.n_heads=2",
+                                      "model.max_seq_len=16", "seq_len=16"]).model for c in ("mhc", "residual")}
+    n, c, sublayers = 4, 32, 6
+    diff = forward_flops_per_token(cfgs["mhc"], 16) - forward_flops_per_token(cfgs["residual"], 16)
+    projection = sublayers * 2 * n * c * (2 * n + n * n)
+    streams = connection_flops_per_token(cfgs["mhc"]) - connection_flops_per_token(cfgs["residual"])
+    assert diff == projection + streams
+    assert connection_flops_per_token(cfgs["mhc"]) == sublayers * (7 * n * c + 2 * n * n * c + 4 * 20 * n * n)
 
 
 def test_test_split_is_held_out():
@@ -236,6 +292,58 @@ def test_diverged_arm_is_recorded_and_the_others_go_on(tmp_path, shakespeare, mo
     assert mhc["val_loss_by_lr"]["0.001"]["diverged"] == ["mhc-lr0.001-seed1"]
     text = (out / "report.md").read_text()
     assert "## Diverged runs" in text and "mhc-lr0.001-seed1: training diverged" in text
+
+
+def test_a_nan_evaluation_is_summarised_as_diverged(tmp_path, shakespeare):
+    """A run that trains to the end but whose final validation and test losses are NaN (issue 22: the summary crashed
+    in statistics.stdev): recorded as diverged, its lr ruled out, summary.json strict JSON, the report written."""
+    out = tmp_path / "cmp"
+    compare(None, ["residual", "mhc"], _sets(shakespeare), str(out), seeds=[1, 2], lrs=[1e-3], log=lambda *_: None)
+    run = out / "runs" / "mhc-lr0.001-seed2"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    records[-1]["val_loss"] = float("nan")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(json.dumps({**result, "test_loss": float("nan"), "test_bpb": float("nan")}))
+    (out / "summary.json").unlink()
+    assert main(["compare", "--resume", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    rows = {r["name"]: r for r in summary["runs"]}
+    bad = rows["mhc-lr0.001-seed2"]
+    assert bad["status"] == "diverged" and "non-finite val_loss nan, test_loss nan" in bad["message"]
+    assert bad["test_loss"] is None and bad["val_loss"] is None
+    mhc = summary["protocol"]["arms"]["mhc"]
+    assert mhc["selected_lr"] is None and mhc["val_loss_by_lr"]["0.001"]["diverged"] == ["mhc-lr0.001-seed2"]
+    assert mhc["val_loss_by_lr"]["0.001"]["mean"] == pytest.approx(rows["mhc-lr0.001-seed1"]["val_loss"])
+    assert "mhc-lr0.001-seed2: finished training with a non-finite" in (out / "report.md").read_text()
+
+
+def test_h_res_travel_starts_from_the_model_training_built(tmp_path, shakespeare):
+    """The step-0 H_res that travel is measured from is that of the model the trainer built (trainer.setup), and the
+    summary's H_res columns follow from diagnostics_summary.json."""
+    from torch_mhc.diagnostics.collect import collect_diagnostics, diagnostic_batch
+    from torch_mhc.train.trainer import setup
+
+    out = tmp_path / "cmp"
+    compare(None, ["residual"], _sets(shakespeare), str(out), seeds=[3], lrs=[1e-3], log=lambda *_: None,
+            variants=["v4:model.connection=mhc,model.bias_init=v4,model.alpha_init=1"])
+    plan = Plan.load(out / "plan.json")
+    cfg = plan.config("v4", 1e-3, 3, out / "runs")
+    start = initial_diagnostics(cfg, out / "runs" / cfg.run_name)
+    t = setup(cfg, tmp_path / "fresh" / "run", log=lambda *_: None)
+    trained_start = collect_diagnostics(t.model, diagnostic_batch(t.data, cfg.batch_size), step=0)
+    assert start["h_res_mean"] == trained_start["h_res_mean"]  # bit for bit
+    travel = json.loads((out / DIAGNOSTICS_SUMMARY).read_text())
+    assert list(travel) == [cfg.run_name]  # the residual run has no H_res
+    t = travel[cfg.run_name]
+    assert t["steps"][0] == 0 and t["steps"][-1] == 6 and t["from_start"][0] == 0.0
+    assert t["from_start"][-1] > 0 and len(t["h_res_end"]) == 2  # one block: two sublayers, each [n, n]
+    rows = {r["arm"]: r for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert rows["v4"]["h_res_end_from_start"] == t["from_start"][-1]
+    assert rows["v4"]["h_res_max_from_start"] == max(t["from_start"])
+    assert rows["v4"]["h_res_start_from_uniform"] == t["from_uniform"][0] < 0.1  # v4: H_res starts near J/n
+    assert rows["residual"]["h_res_end_from_identity"] is None
+    assert "## Where H_res went" in (out / "report.md").read_text()
 
 
 def test_jobs_run_the_cells_in_worker_processes(tmp_path, shakespeare):

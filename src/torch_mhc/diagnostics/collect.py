@@ -168,3 +168,18 @@ def grad_norms_by_group(model) -> dict[str, float]:
             role = roles[name][0]
             groups[role] = groups.get(role, 0.0) + s.item()
     return {f"grad_norm_{k}": v ** 0.5 for k, v in groups.items()}
+
+
+def h_res_distances(h_res: list | torch.Tensor, start: list | torch.Tensor | None = None) -> dict[str, float]:
+    """How far each layer's token-mean H_res ``[L, n, n]`` (``collect_diagnostics``' ``h_res_mean``) lies from I,
+    from the uniform matrix J/n and, given ``start`` (the same at step 0), from where it started: Frobenius
+    norms, mean over layers (``from_identity``, ``from_uniform``, ``from_start``). For n streams I and J/n are
+    sqrt(n - 1) apart."""
+    h = torch.as_tensor(h_res, dtype=torch.float64)
+    n = h.shape[-1]
+    eye = torch.eye(n, dtype=torch.float64)
+    out = {"from_identity": torch.linalg.matrix_norm(h - eye).mean().item(),
+           "from_uniform": torch.linalg.matrix_norm(h - 1.0 / n).mean().item()}
+    if start is not None:
+        out["from_start"] = torch.linalg.matrix_norm(h - torch.as_tensor(start, dtype=torch.float64)).mean().item()
+    return out

@@ -22,6 +22,7 @@ done), ``OUT/summary.json`` (one row per run and the ``protocol`` object), ``OUT
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import platform
@@ -39,7 +40,12 @@ from pathlib import Path
 
 import torch
 
-from torch_mhc.diagnostics.collect import mean_stream_copy_dist
+from torch_mhc.diagnostics.collect import (
+    collect_diagnostics,
+    diagnostic_batch,
+    h_res_distances,
+    mean_stream_copy_dist,
+)
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.reports import stats
 from torch_mhc.reports.plots import read_jsonl
@@ -57,18 +63,23 @@ MODES = {
     "mhc-identity": ["model.connection=mhc", "model.learn=pre,post"],
     "hc-identity": ["model.connection=hc", "model.learn=pre,post"],
 }
+# Residual controls computed from the base config (:func:`matched_width`): the residual network with its FFNs
+# widened to the hidden width that brings it closest to the mHC arm's parameter count (residual-params) or to
+# its forward FLOPs per token (residual-flops, as :func:`forward_flops_per_token` counts them).
+MATCHED_MODES = {"residual-params": "params", "residual-flops": "flops"}
 BASELINE = "residual"
 TEST_BATCHES_PER_EVAL_BATCH = 4  # the test loss reads up to 4 x eval_batches batches of evenly spaced windows
 PLAN, RESULT = "plan.json", "result.json"
+DIAGNOSTICS_SUMMARY = "diagnostics_summary.json"  # per run: H_res distances per diagnostic step (h_res_travel)
 
 
 def parse_arms(modes: list[str], variants: list[str]) -> list[tuple[str, list[str]]]:
     """(name, overrides) for every arm: each mode, then each NAME:KEY=VALUE[,KEY=VALUE] variant."""
     arms = []
     for mode in (m.strip() for m in modes if m.strip()):
-        if mode not in MODES:
-            raise UserError(f"unknown mode {mode!r}; modes are {', '.join(MODES)}.")
-        arms.append((mode, list(MODES[mode])))
+        if mode not in MODES and mode not in MATCHED_MODES:
+            raise UserError(f"unknown mode {mode!r}; modes are {', '.join([*MODES, *MATCHED_MODES])}.")
+        arms.append((mode, list(MODES.get(mode, ["model.connection=residual"]))))  # matched: resolve_matched
     for spec in variants:
         name, sep, sets = spec.partition(":")
         if not sep or not name or not sets:
@@ -89,6 +100,64 @@ def parse_arms(modes: list[str], variants: list[str]) -> list[tuple[str, list[st
     if bad:
         raise UserError(f"arm names may hold letters, digits, '-' and '_' only (got {', '.join(bad)}).")
     return arms
+
+
+def connection_flops_per_token(cfg) -> int:
+    """Forward FLOPs per token of the connections' own stream arithmetic, which a FLOP counter of matmuls does
+    not see (``cfg``: a ModelConfig). Per mHC sublayer with n streams of width C and K Sinkhorn rounds: RMS norm
+    of the nC input 3nC, read 2nC, H_res mixing 2n^2 C, write 2nC (multiply and add), Sinkhorn 4Kn^2 (each
+    round sums and divides every entry by its row, then by its column sum). The projection ``x phi`` is a
+    matmul and counted as one. Residual: the add, C per sublayer. Other connections: 0 (not counted)."""
+    n, c, sublayers = cfg.n_streams, cfg.dim, 2 * cfg.n_layers
+    if cfg.connection == "residual":
+        return sublayers * c
+    if cfg.connection != "mhc":
+        return 0
+    return sublayers * (3 * n * c + 2 * n * c + 2 * n * n * c + 2 * n * c + 4 * cfg.sinkhorn_iters * n * n)
+
+
+def forward_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward FLOPs per token of a model (``cfg``: a ModelConfig) on ``seq_len`` tokens: every matmul as
+    ``torch.utils.flop_counter`` counts it (2 per multiply-add; attention included) plus
+    :func:`connection_flops_per_token`. Elementwise work inside the sublayers (norms, activations, softmax) is
+    left out, for every arm alike."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = DecoderLM(cfg)
+    idx = torch.zeros(1, seq_len, dtype=torch.long)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(idx)
+    return counter.get_total_flops() / seq_len + connection_flops_per_token(cfg)
+
+
+def matched_width(base: TrainConfig, target: str) -> tuple[int, dict]:
+    """The FFN hidden width (any integer) at which the residual network of config ``base`` comes closest to the
+    mHC network of the same config in ``target`` ("params": parameter count, or "flops": forward FLOPs per token,
+    :func:`forward_flops_per_token`); with ``{"target", "mhc", "residual", "relative_difference"}``. Both
+    figures are affine in the width, so two builds give the slope."""
+    def model_cfg(*sets):
+        return build_config(base=base.to_dict(), overrides=list(sets)).model
+
+    def measure(cfg):
+        return DecoderLM(cfg).num_params() if target == "params" else forward_flops_per_token(cfg, base.seq_len)
+
+    goal = measure(model_cfg("model.connection=mhc"))
+    h0 = model_cfg("model.connection=residual").ffn_hidden
+    at = {h: measure(model_cfg("model.connection=residual", f"model.mlp_hidden={h}")) for h in (h0, h0 + 1)}
+    width = max(1, h0 + round((goal - at[h0]) / (at[h0 + 1] - at[h0])))
+    got = measure(model_cfg("model.connection=residual", f"model.mlp_hidden={width}"))
+    return width, {"target": target, "mhc": goal, "residual": got, "relative_difference": got / goal - 1}
+
+
+def resolve_matched(arms: list[tuple[str, list[str]]], base: TrainConfig) -> list[tuple[str, list[str]]]:
+    """The arms with each matched mode (``MATCHED_MODES``) given its computed ``model.mlp_hidden``."""
+    out = []
+    for name, sets in arms:
+        if name in MATCHED_MODES and sets == ["model.connection=residual"]:
+            width, _ = matched_width(base, MATCHED_MODES[name])
+            sets = [*sets, f"model.mlp_hidden={width}"]
+        out.append((name, sets))
+    return out
 
 
 def run_name(arm: str, lr: float, seed: int) -> str:
@@ -378,7 +447,61 @@ def _final_stream_copy_dist(run_dir: Path) -> float | None:
     return mean_stream_copy_dist(records[-1]["layers"]) if records else None
 
 
-def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, result: dict, params: int) -> dict:
+def initial_diagnostics(cfg: TrainConfig, run_dir: Path) -> dict | None:
+    """``collect_diagnostics`` of the run's model as training built it at step 0 (the trainer seeds the global
+    generator with ``cfg.seed`` and builds ``DecoderLM(cfg.model)``), on the run's diagnostic batch; the
+    trainer records none at step 0. None for a residual or ``init_from`` run, or one without checkpoint or
+    diagnostics."""
+    from torch_mhc.train.data import run_tokenizer
+    from torch_mhc.train.trainer import load_data
+
+    ckpts = list_checkpoints(run_dir)
+    if cfg.model.connection == "residual" or cfg.init_from or not cfg.diag_every or not ckpts:
+        return None
+    tokenizer = run_tokenizer(run_dir, cfg, load_checkpoint(ckpts[-1]))
+    data, _ = load_data(cfg, run_dir.parent / "cache", log=lambda *_: None, tokenizer=tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = DecoderLM(cfg.model)
+    return collect_diagnostics(model, diagnostic_batch(data, cfg.batch_size), step=0)
+
+
+def h_res_travel(cfg: TrainConfig, run_dir: Path) -> dict | None:
+    """Where H_res went in one run, per diagnostic step from step 0 (:func:`initial_diagnostics`) to the last:
+    ``steps`` and, mean over layers (Frobenius, token-mean H_res on the diagnostic batch), ``from_start``,
+    ``from_identity``, ``from_uniform`` (:func:`~torch_mhc.diagnostics.collect.h_res_distances`); with the
+    per-step diagnostic ``summary`` and the ``h_res_start`` / ``h_res_end`` matrices ``[L, n, n]``. None for a
+    run without connections or diagnostics."""
+    path = run_dir / "diagnostics.jsonl"
+    records = [r for r in read_jsonl(path) if "h_res_mean" in r] if path.is_file() else []
+    start = initial_diagnostics(cfg, run_dir) if records else None
+    if start is None:
+        return None
+    records = [start, *records]
+    dists = [h_res_distances(r["h_res_mean"], start["h_res_mean"]) for r in records]
+    out = {"steps": [r["step"] for r in records], "summary": [r["summary"] for r in records]}
+    out.update({k: [d[k] for d in dists] for k in ("from_start", "from_identity", "from_uniform")})
+    out["h_res_start"], out["h_res_end"] = (_rounded(records[i]["h_res_mean"]) for i in (0, -1))
+    return out
+
+
+def _rounded(x, digits: int = 6):
+    return [_rounded(v, digits) for v in x] if isinstance(x, list) else round(x, digits)
+
+
+def travel_fields(travel: dict | None) -> dict:
+    """The H_res columns of a summary.json row (None without a travel record)."""
+    keys = ("h_res_start_from_identity", "h_res_start_from_uniform", "h_res_end_from_identity",
+            "h_res_end_from_uniform", "h_res_end_from_start", "h_res_max_from_start")
+    if travel is None:
+        return dict.fromkeys(keys)
+    values = (travel["from_identity"][0], travel["from_uniform"][0], travel["from_identity"][-1],
+              travel["from_uniform"][-1], travel["from_start"][-1], max(travel["from_start"]))
+    return dict(zip(keys, values))
+
+
+def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, result: dict, params: int,
+            travel: dict | None = None) -> dict:
     """One row of summary.json: the run's identity, result, losses and stability figures."""
     metrics = read_jsonl(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
     step_norms = run_dir / "grad_norms.jsonl"
@@ -396,9 +519,24 @@ def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, res
     row.update({k: _max(metrics, k) for k in DIAG_MAXIMA})
     if cfg.model.connection != "mhc" or "res" not in cfg.model.learn:
         row["max_res_zero_frac"] = None  # only a learned mHC H_res has entries that underflow
-    if result["status"] != "finished":
+    row.update(travel_fields(travel))
+    not_finite = [f"{k} {row[k]}" for k in ("val_loss", "test_loss")
+                  if row[k] is not None and not math.isfinite(row[k])]
+    if result["status"] == "finished" and not_finite:  # e.g. a NaN evaluation after a finite last training step
+        row["status"], row["message"] = "diverged", f"finished training with a non-finite {', '.join(not_finite)}"
+    if row["status"] != "finished":
         row["val_loss"] = row["val_bpb"] = None  # a diverged run has no final validation loss
-    return row
+        row["test_loss"] = row["test_bpb"] = None
+    return strict_json(row)
+
+
+def strict_json(x):
+    """``x`` with every NaN or infinite float replaced by None: summary.json is strict JSON."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [strict_json(v) for v in x]
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def build_protocol(plan: Plan, rows: list[dict], params: dict[str, int]) -> dict:
@@ -443,7 +581,24 @@ def build_protocol(plan: Plan, rows: list[dict], params: dict[str, int]) -> dict
             "test_windows": f"at most {TEST_BATCHES_PER_EVAL_BATCH * cfg['eval_batches']} batches of "
                             f"{cfg['batch_size']} x {cfg['seq_len']} tokens",
             "baseline": BASELINE if base is not None else None, "common_lr": common,
-            "resolved_rule": "|mean| > 2 sd / sqrt(seeds)", "arms": arms}
+            "resolved_rule": stats.RESOLVED_RULE, "confidence": stats.CONFIDENCE, "power": stats.POWER,
+            "min_resolvable_rule": "(t_{0.975, k-1} + t_{0.80, k-1}) sd / sqrt(k) for k paired seeds",
+            "arms": arms, "pairwise": pairwise_gaps(arms, cell, plan.seeds)}
+
+
+def pairwise_gaps(arms: dict[str, dict], cell: dict, seeds: list[int]) -> dict[str, dict]:
+    """``"A - B"`` -> the test-loss gap of arm A (at its selected lr) to arm B (at its), paired by seed
+    (:func:`stats.paired_gap`), for every pair of arms with a selected lr, B listed before A."""
+    chosen = [(a, e["selected_lr"]) for a, e in arms.items() if e["selected_lr"] is not None]
+    out = {}
+    for i, (b, lr_b) in enumerate(chosen):
+        for a, lr_a in chosen[i + 1:]:
+            out[f"{a} - {b}"] = stats.paired_gap(_test_losses(cell, a, lr_a, seeds), _test_losses(cell, b, lr_b, seeds))
+    return out
+
+
+def _test_losses(cell: dict, arm: str, lr: float, seeds: list[int]) -> dict[int, float | None]:
+    return {s: cell[arm, lr, s]["test_loss"] for s in seeds if (arm, lr, s) in cell}
 
 
 def compare(config: str | None, modes: list[str], overrides: list[str], out: str = "", variants: list[str] = (),
@@ -460,6 +615,7 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
         base_cfg = build_config(config_file=config, overrides=overrides)  # validates before anything is written
         if base_cfg.test_fraction == 0:  # the protocol needs a test split: as large as the validation split
             base_cfg = build_config(base=base_cfg.to_dict(), overrides=[f"test_fraction={base_cfg.val_fraction}"])
+        arms = resolve_matched(arms, base_cfg)
         if any(lr <= 0 for lr in lrs):
             raise UserError(f"--lrs must be positive (got {', '.join(map(str, lrs))}).")
         lrs = sorted(set(lrs)) or [base_cfg.lr]
@@ -490,10 +646,14 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
             extension.update({(arm, step, s): plan.config(arm, step, s, runs_dir) for s in plan.seeds})
     cfgs.update(extension)
     results.update(execute_all(extension, runs_dir, jobs, log))
-    rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a])
-            for (a, lr, s), cfg in sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))]
+    ordered = sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))
+    travels = {cfg.run_name: h_res_travel(cfg, runs_dir / cfg.run_name) for _, cfg in ordered}
+    rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a], travels[cfg.run_name])
+            for (a, lr, s), cfg in ordered]
     protocol = build_protocol(plan, rows, params)
     atomic_write_text(report_dir / "summary.json", json.dumps({"protocol": protocol, "runs": rows}, indent=2))
+    atomic_write_text(report_dir / DIAGNOSTICS_SUMMARY, json.dumps(
+        strict_json({name: t for name, t in travels.items() if t is not None}), allow_nan=False))
     from torch_mhc.reports.protocol_plots import plot_protocol
 
     plots = plot_protocol(protocol, rows, runs_dir, report_dir)
@@ -517,10 +677,29 @@ def _pm(d: dict | None, spec=".4f") -> str:
 
 
 def _gap_cell(g: dict | None) -> str:
+    """mean [95% interval] p, each seed's gap; bold "resolved" where the interval excludes 0."""
     if not g or g.get("mean") is None:
         return "-"
     seeds = ", ".join(f"{v:+.4f}" for v in g["per_seed"].values())
-    return f"{_pm(g, '+.4f')} ({seeds}){' **resolved**' if g['resolved'] else ''}"
+    if g.get("ci95") is None:
+        return f"{g['mean']:+.4f} ({seeds}; one seed: no interval)"
+    lo, hi = g["ci95"]
+    return (f"{g['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}] p={_p(g['p_value'])} ({seeds})"
+            f"{' **resolved**' if g['resolved'] else ''}")
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.2g}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _spread(values: list[float], spec=".3f") -> str:
+    """mean (min-max) of the values, or the one value."""
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return format(mean, spec)
+    return f"{mean:{spec}} ({min(values):{spec}}-{max(values):{spec}})"
 
 
 def device_name() -> str:
@@ -534,6 +713,41 @@ STABILITY_COLUMNS = (("grad_spike", ".1f", max), ("max_composite_fwd_gain", ".3g
                      ("max_pre_saturated", ".3f", max), ("max_post_saturated", ".3f", max),
                      ("stream_copy_dist", ".3f", min), ("max_read_share", ".3f", max),
                      ("max_write_share", ".3f", max), ("max_res_zero_frac", ".3g", max))
+
+
+def power_note(arms: dict[str, dict], protocol: dict) -> list[str]:
+    """The report's note on what the seeds can resolve: per arm, the smallest true gap to the residual that
+    these seeds, with the gap's observed sd, resolve with 80% power."""
+    gaps = {name: a["gap_to_residual"] for name, a in arms.items() if (a.get("gap_to_residual") or {}).get("sd")}
+    if not gaps:
+        return []
+    cells = ", ".join(f"{name} {g['min_resolvable']:.4f} (sd {g['sd']:.4f}, {g['seeds']} seeds)"
+                      for name, g in gaps.items())
+    return ["", f"Power: a gap is resolved when its paired Student-t 95% interval excludes 0. The smallest true gap "
+                f"that k seeds resolve with 80% power, for a gap whose seed-to-seed sd is sd, is about "
+                f"{protocol['min_resolvable_rule']} (normal-shift approximation to the noncentral t). With each "
+                f"arm's observed sd of the gap to residual: {cells}."]
+
+
+def h_res_table(arms: dict[str, dict], rows: list[dict]) -> list[str]:
+    """Where H_res went, each arm at its selected lr: distances (Frobenius, token-mean H_res, mean over layers)
+    from I, from J/n and from its step-0 value, mean (min-max) over seeds."""
+    keys = ("h_res_start_from_identity", "h_res_start_from_uniform", "h_res_end_from_identity",
+            "h_res_end_from_uniform", "h_res_end_from_start", "h_res_max_from_start")
+    lines = []
+    for name, a in arms.items():
+        sel = [r for r in rows if r["arm"] == name and r["lr"] == a["selected_lr"]]
+        if any(r.get("h_res_end_from_identity") is not None for r in sel):
+            lines.append(f"| {name} | " + " | ".join(_spread([r[k] for r in sel if r.get(k) is not None])
+                                                     for k in keys) + " |")
+    if not lines:
+        return []
+    return ["", "## Where H_res went (selected lr; mean (min-max) over seeds)", "",
+            "Frobenius distance of the token-mean H_res (diagnostic batch) from I, from the uniform J/n and from its "
+            "value at step 0, mean over layers; I and J/n are sqrt(n - 1) apart (1.732 for n = 4). Per diagnostic "
+            f"step in `{DIAGNOSTICS_SUMMARY}`.", "",
+            "| arm | start: from I | start: from J/n | end: from I | end: from J/n | end: from start | "
+            "max from start |", "|---|---|---|---|---|---|---|", *lines]
 
 
 def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict], plots: list[Path]) -> Path:
@@ -553,8 +767,8 @@ def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict],
         f"- protocol: lr grid {', '.join(map(stats.lr_key, plan.lrs))}; seeds {', '.join(map(str, plan.seeds))}; "
         f"each arm's lr has the lowest mean validation loss; an arm best at a grid edge runs one grid step further; "
         f"final figures on a held-out test split (last {protocol['test_fraction']:g} of the tokens, "
-        f"{protocol['test_windows']}) that neither training nor selection read. A gap is **resolved** "
-        f"when {protocol['resolved_rule']}.", "",
+        f"{protocol['test_windows']}) that neither training nor selection read. Gaps are paired by seed; a gap "
+        f"is **resolved** when {protocol['resolved_rule']}.", "",
         "## Validation loss by learning rate (mean +- sd over seeds; * selected)", "",
         "| arm | params | " + " | ".join(f"lr {stats.lr_key(lr)}" for lr in all_lrs)
         + " | selected lr | at grid edge |",
@@ -579,6 +793,13 @@ def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict],
     for name, a in arms.items():
         lines.append(f"| {name} | {_fmt(a['selected_lr'], 'g')} | {_pm(a['test_loss'])} | "
                      f"{_gap_cell(a['gap_to_residual'])} | {_gap_cell(a['gap_to_residual_at_common_lr'])} |")
+    lines += power_note(arms, protocol)
+    if protocol.get("pairwise"):
+        lines += ["", "## Gaps between arms (test loss at each arm's selected lr, paired by seed)", "",
+                  "| A - B | gap [95% interval] p (per seed) | smallest gap resolvable at 80% power |", "|---|---|---|"]
+        lines += [f"| {pair} | {_gap_cell(g)} | {_fmt(g['min_resolvable'])} |"
+                  for pair, g in protocol["pairwise"].items()]
+    lines += h_res_table(arms, rows)
     lines += ["", "## Stability at each arm's selected lr (worst seed)", "",
               "| arm | grad-norm spike (max/median after warmup) | over | max composite fwd gain | "
               "max composite bwd gain | max abs alpha | max H_pre saturated | max H_post saturated | "
