@@ -1,6 +1,7 @@
 """Expert parallel (``parallel.ep``) and TP with MoE on 4 gloo ranks: the one-process loss curve, weights and
 balancing bias of a 3-block MoE model (deepseek-v4 variant, head merge, n = 4); one host read per MoE layer
-and forward (the all-to-all split sizes), none in backward; experts stored split over ``ep``.
+and forward (the all-to-all split sizes), none in backward; experts stored split over ``ep``; an FSDP2 x EP
+DCP checkpoint loads under FSDP2 and in one process (the global weights and AdamW moments).
 
 Tolerances as tests/test_distributed_dp.py explains: the gradients are the one-process sums taken in another
 order (the expert rows of several ranks meet on the rank that holds the expert), float32 rounding, which
@@ -20,6 +21,7 @@ from torch.distributed.tensor import DTensor
 from distributed_helpers import batches, spawn, tiny_model
 from test_moe import CountSyncs
 from torch_mhc.distributed import ParallelDims, global_rows, parallelize
+from torch_mhc.distributed import checkpoint as dck
 from torch_mhc.distributed.expert_parallel import host_reads
 from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
 from torch_mhc.distributed.tensor_parallel import reduce_tp_partial_grads, whole_tensor
@@ -62,9 +64,25 @@ def whole_state(model) -> dict[str, torch.Tensor]:
     return {k: whole_tensor(v).detach().clone() for k, v in model.state_dict().items()}
 
 
-def ep_worker(rank, world, layouts):
+def whole_optim(model, opt) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    state = get_state_dict(model, opt)[1]["state"]
+    return {f"{n}.{k}": whole_tensor(v).clone() for n, st in state.items() for k, v in st.items() if v.dim() > 0}
+
+
+def reload_in_fsdp(run_dir, world):
+    """A plain FSDP2 model and AdamW (no EP) loading the EP checkpoint: its whole weights and moments."""
+    dims = ParallelDims.from_config(ParallelConfig(dp_shard=world), world)
+    model = parallelize(tiny_model(seed=1, **MOE), dims, dims.build_mesh("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    dck.load_distributed(dck.dcp_dir(run_dir, STEPS), model, opt)
+    return {"state": whole_state(model), "optim": whole_optim(model, opt)}
+
+
+def ep_worker(rank, world, layouts, run_dir):
     out = []
-    for settings in layouts:
+    for i, settings in enumerate(layouts):
         dims = ParallelDims.from_config(ParallelConfig(**settings), world)
         mesh = dims.build_mesh("cpu")
         model = parallelize(tiny_model(**MOE), dims, mesh)
@@ -80,6 +98,10 @@ def ep_worker(rank, world, layouts):
             loss.backward()
         out.append({"curve": curve, "state": whole_state(model), "experts": experts, "reads": reads,
                     "syncs": counter.syncs, "bias": [m.bias.clone() for m in model.moe_layers()]})
+        if i == 0:  # a DCP checkpoint of FSDP2 x EP, loaded under plain FSDP2 (and in one process by the test)
+            opt.zero_grad(set_to_none=True)
+            dck.save_distributed(run_dir, STEPS, model, opt, {})
+            out[-1].update(optim=whole_optim(model, opt), fsdp=reload_in_fsdp(run_dir, world))
     return out
 
 
@@ -97,7 +119,8 @@ def reference():
 
 def test_expert_and_tensor_parallel_moe_match_one_process(tmp_path):
     ref = reference()
-    results = spawn(ep_worker, 4, tmp_path, LAYOUTS)
+    run_dir = tmp_path / "run"
+    results = spawn(ep_worker, 4, tmp_path, LAYOUTS, str(run_dir))
     moe_layers = MOE["n_layers"] - MOE["first_dense_layers"]
     assert ref["curve"][0][0] != ref["curve"][-1][0]
     assert any((b != 0).any() for b in ref["bias"])  # the balancing bias moved
@@ -129,6 +152,20 @@ def test_expert_and_tensor_parallel_moe_match_one_process(tmp_path):
                 assert extra.pop("aten.index_put_.default") == 1, what  # (a boolean index_put_, not the MoE path)
             # no other read than the one-process model's (the mHC connections' finiteness checks)
             assert extra == ref["syncs"], (what, extra, ref["syncs"])
+    # the FSDP2 x EP checkpoint holds the global tensors: loaded under FSDP2 without EP, and in one process, the
+    # weights and AdamW moments are the EP run's bit for bit
+    ep_run = results[0][0]
+    for rank in range(4):
+        fsdp = results[rank][0]["fsdp"]
+        assert fsdp["state"].keys() == ep_run["state"].keys() and fsdp["optim"].keys() == ep_run["optim"].keys()
+        for k in ep_run["state"]:
+            assert torch.equal(fsdp["state"][k], ep_run["state"][k]), k
+        for k in ep_run["optim"]:
+            assert torch.equal(fsdp["optim"][k], ep_run["optim"][k]), k
+    one = tiny_model(seed=2, **MOE)
+    dck.load_distributed(dck.dcp_dir(run_dir, STEPS), one)
+    for k, v in one.state_dict().items():
+        assert torch.equal(v, ep_run["state"][k]), k
 
 
 def test_expert_parallel_layouts_that_cannot_work_are_refused():

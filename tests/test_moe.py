@@ -183,6 +183,16 @@ def test_grouped_swiglu_takes_any_expert_sorted_rows():
         grouped_swiglu(xs, counts, w1, w3, w2, impl="loop")
 
 
+def test_grouped_swiglu_takes_no_rows():
+    """An expert-parallel rank may receive no rows: "auto" then runs (forward and backward, zero gradients) also
+    where torch._grouped_mm would pick the float32 CPU path (its backward fails on no rows)."""
+    w1, w3, w2 = (torch.randn(4, 32, 16, requires_grad=True), torch.randn(4, 32, 16), torch.randn(4, 16, 32))
+    xs = torch.zeros(0, 32, requires_grad=True)
+    y = grouped_swiglu(xs, torch.zeros(4, dtype=torch.int64), w1, w3, w2)
+    y.sum().backward()
+    assert y.shape == (0, 32) and torch.equal(w1.grad, torch.zeros_like(w1))
+
+
 def test_autocast_bfloat16_matches_the_loop():
     """Under CPU autocast the expert GEMMs run in bfloat16 as the loop's matmuls do."""
     moe = random_moe(dim=32, hidden=16, dtype=torch.float32)

@@ -133,6 +133,8 @@ def _split(dt: DTensor) -> tuple[int | None, list[int]]:
 
 def whole_tensor(dt: torch.Tensor) -> torch.Tensor:
     """The global tensor of ``dt`` (itself when it is not a DTensor). Collective over ``dt``'s mesh.
+    Expert-parallel weights (``Shard(0)`` over ``ep``, FSDP's shard of that over ``dp_shard_mod_ep``) go the
+    same way as tensor-parallel ones, ``ep`` in TP's place.
 
     FSDP over tensor parallel shards dim 0 of each rank's TP part (``_StridedShard`` on the
     data-parallel dim, over TP's ``Shard``/``_StridedShard``); DTensor's own ``full_tensor()`` of the

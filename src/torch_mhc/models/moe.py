@@ -163,6 +163,7 @@ def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3:
         ok = grouped_mm_available(xs.device, xs.dtype) and all(s * xs.element_size() % 16 == 0 for s in w2.shape[1:])
         # under torch.compile: _grouped_mm's fake-tensor rule takes bfloat16 only (PyTorch 2.13)
         ok = ok and (xs.dtype == torch.bfloat16 or not torch.compiler.is_compiling())
+        ok = ok and n_rows > 0  # _grouped_mm's backward fails on no rows (CPU, 2.13): an EP rank may receive none
         impl = "grouped_mm" if ok else "padded"
     if impl == "grouped_mm":
         return _grouped_mm_swiglu(xs, counts, w1, w3, w2)
