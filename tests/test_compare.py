@@ -28,6 +28,7 @@ from torch_mhc.reports.compare import (
     matched_width,
     parse_arms,
     resolve_matched,
+    summarize,
 )
 from torch_mhc.train.checkpoint import list_checkpoints
 from torch_mhc.train.config import DivergedError, UserError, build_config
@@ -344,6 +345,33 @@ def test_h_res_travel_starts_from_the_model_training_built(tmp_path, shakespeare
     assert rows["v4"]["h_res_start_from_uniform"] == t["from_uniform"][0] < 0.1  # v4: H_res starts near J/n
     assert rows["residual"]["h_res_end_from_identity"] is None
     assert "## Where H_res went" in (out / "report.md").read_text()
+
+
+def test_summarize_a_comparison_cut_short(tmp_path, shakespeare):
+    """summarize: the finished runs of a comparison whose other runs never finished, nothing run; each arm's figures
+    over the seeds it has, the others listed as not run. The same numbers as the full summary for what is there."""
+    out = tmp_path / "cmp"
+    compare(None, ["residual", "mhc"], _sets(shakespeare), str(out), seeds=[1, 2, 3], lrs=[1e-3], log=lambda *_: None)
+    full = json.loads((out / "summary.json").read_text())
+    cut = out / "runs" / "mhc-lr0.001-seed3"
+    (cut / "result.json").unlink()
+    for ckpt in list_checkpoints(cut):
+        ckpt.unlink()
+    summarize(out, log=lambda *_: None)
+    assert not (cut / "result.json").exists()  # nothing was run
+    part = json.loads((out / "summary.json").read_text())
+    assert part["protocol"]["not_run"] == ["mhc-lr0.001-seed3"]
+    assert {r["name"] for r in part["runs"]} == {r["name"] for r in full["runs"]} - {"mhc-lr0.001-seed3"}
+    gap = part["protocol"]["arms"]["mhc"]["gap_to_residual"]
+    full_gap = full["protocol"]["arms"]["mhc"]["gap_to_residual"]
+    assert gap["seeds"] == 2 and gap["per_seed"] == {k: v for k, v in full_gap["per_seed"].items() if k != "3"}
+    assert part["protocol"]["arms"]["residual"]["test_loss"] == full["protocol"]["arms"]["residual"]["test_loss"]
+    assert "## Not run" in (out / "report.md").read_text()
+    with pytest.raises(UserError, match="nothing to summarise"):
+        empty = tmp_path / "empty"
+        (empty / "runs").mkdir(parents=True)
+        Plan.load(out / "plan.json").save(empty / "plan.json")
+        summarize(empty, log=lambda *_: None)
 
 
 def test_jobs_run_the_cells_in_worker_processes(tmp_path, shakespeare):

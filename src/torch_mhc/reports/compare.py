@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import signal
 import sys
@@ -562,19 +563,18 @@ def build_protocol(plan: Plan, rows: list[dict], params: dict[str, int]) -> dict
     base = arms.get(BASELINE)
     common = None  # the residual's best lr on the grid every arm ran
     if base is not None:
-        common = stats.select_lr({lr: [cell[BASELINE, lr, s]["val_loss"] for s in plan.seeds] for lr in plan.lrs})
+        common = stats.select_lr({lr: list(_losses(cell, BASELINE, lr, plan.seeds, "val_loss").values())
+                                  for lr in plan.lrs})
     for arm, entry in arms.items():
         entry["gap_to_residual"] = entry["gap_to_residual_at_common_lr"] = None
         if base is None or arm == BASELINE:
             continue
         if entry["selected_lr"] is not None and base["selected_lr"] is not None:
-            entry["gap_to_residual"] = stats.paired_gap(
-                {s: cell[arm, entry["selected_lr"], s]["test_loss"] for s in plan.seeds},
-                {s: cell[BASELINE, base["selected_lr"], s]["test_loss"] for s in plan.seeds})
+            entry["gap_to_residual"] = stats.paired_gap(_losses(cell, arm, entry["selected_lr"], plan.seeds),
+                                                        _losses(cell, BASELINE, base["selected_lr"], plan.seeds))
         if common is not None:
             entry["gap_to_residual_at_common_lr"] = {"lr": common, **stats.paired_gap(
-                {s: cell[arm, common, s]["test_loss"] for s in plan.seeds},
-                {s: cell[BASELINE, common, s]["test_loss"] for s in plan.seeds})}
+                _losses(cell, arm, common, plan.seeds), _losses(cell, BASELINE, common, plan.seeds))}
     cfg = plan.base
     return {"lrs": plan.lrs, "seeds": plan.seeds, "selection": "lowest mean validation loss over the seeds",
             "final_figures": "test split", "test_fraction": cfg["test_fraction"], "val_fraction": cfg["val_fraction"],
@@ -593,12 +593,13 @@ def pairwise_gaps(arms: dict[str, dict], cell: dict, seeds: list[int]) -> dict[s
     out = {}
     for i, (b, lr_b) in enumerate(chosen):
         for a, lr_a in chosen[i + 1:]:
-            out[f"{a} - {b}"] = stats.paired_gap(_test_losses(cell, a, lr_a, seeds), _test_losses(cell, b, lr_b, seeds))
+            out[f"{a} - {b}"] = stats.paired_gap(_losses(cell, a, lr_a, seeds), _losses(cell, b, lr_b, seeds))
     return out
 
 
-def _test_losses(cell: dict, arm: str, lr: float, seeds: list[int]) -> dict[int, float | None]:
-    return {s: cell[arm, lr, s]["test_loss"] for s in seeds if (arm, lr, s) in cell}
+def _losses(cell: dict, arm: str, lr: float, seeds: list[int], key: str = "test_loss") -> dict[int, float | None]:
+    """Seed -> the run's ``key`` for the seeds that have a run of ``arm`` at ``lr``."""
+    return {s: cell[arm, lr, s][key] for s in seeds if (arm, lr, s) in cell}
 
 
 def compare(config: str | None, modes: list[str], overrides: list[str], out: str = "", variants: list[str] = (),
@@ -646,11 +647,47 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
             extension.update({(arm, step, s): plan.config(arm, step, s, runs_dir) for s in plan.seeds})
     cfgs.update(extension)
     results.update(execute_all(extension, runs_dir, jobs, log))
+    return write_outputs(report_dir, plan, cfgs, results, params)
+
+
+def summarize(report_dir: str | Path, log=print) -> Path:
+    """summary.json, report.md and plots of a comparison from the runs that have a ``result.json``, running
+    nothing: a comparison cut short is summarised over the seeds each arm has (the cells without a result are
+    listed in the protocol's ``not_run``; an lr extension is not started). ``--resume`` finishes it instead."""
+    report_dir = Path(report_dir)
+    plan = Plan.load(report_dir / PLAN)
+    runs_dir = report_dir / "runs"
+    cfgs, results, not_run = {}, {}, []
+    for arm, _ in plan.arms:
+        found = {(float(m.group(1)), int(m.group(2))) for d in runs_dir.glob(f"{arm}-lr*-seed*")
+                 if (m := re.fullmatch(rf"{re.escape(arm)}-lr([0-9.e+-]+)-seed(\d+)", d.name))}
+        for lr, seed in sorted(found | {(lr, s) for lr in plan.lrs for s in plan.seeds}):
+            cfg = plan.config(arm, lr, seed, runs_dir)
+            result = read_result(runs_dir / cfg.run_name / RESULT, log)
+            if result is None:
+                not_run.append(cfg.run_name)
+            else:
+                cfgs[arm, lr, seed], results[arm, lr, seed] = cfg, result
+    if not cfgs:
+        raise UserError(f"no run in {runs_dir} has finished: nothing to summarise.")
+    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params()
+              for a, _ in plan.arms}
+    log(f"== summarising {len(cfgs)} finished runs; not run: {', '.join(not_run) or 'none'}")
+    return write_outputs(report_dir, plan, cfgs, results, params, not_run)
+
+
+def write_outputs(report_dir: Path, plan: Plan, cfgs: dict, results: dict, params: dict[str, int],
+                  not_run: list[str] = ()) -> Path:
+    """summary.json, diagnostics_summary.json, the plots and report.md of the runs ``cfgs`` ((arm, lr, seed) ->
+    config) with their ``results``."""
+    runs_dir = report_dir / "runs"
     ordered = sorted(cfgs.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0]))
     travels = {cfg.run_name: h_res_travel(cfg, runs_dir / cfg.run_name) for _, cfg in ordered}
     rows = [run_row(a, lr, s, cfg, runs_dir / cfg.run_name, results[a, lr, s], params[a], travels[cfg.run_name])
             for (a, lr, s), cfg in ordered]
     protocol = build_protocol(plan, rows, params)
+    if not_run:
+        protocol["not_run"] = list(not_run)
     atomic_write_text(report_dir / "summary.json", json.dumps({"protocol": protocol, "runs": rows}, indent=2))
     atomic_write_text(report_dir / DIAGNOSTICS_SUMMARY, json.dumps(
         strict_json({name: t for name, t in travels.items() if t is not None}), allow_nan=False))
@@ -738,7 +775,7 @@ def h_res_table(arms: dict[str, dict], rows: list[dict]) -> list[str]:
     for name, a in arms.items():
         sel = [r for r in rows if r["arm"] == name and r["lr"] == a["selected_lr"]]
         if any(r.get("h_res_end_from_identity") is not None for r in sel):
-            lines.append(f"| {name} | " + " | ".join(_spread([r[k] for r in sel if r.get(k) is not None])
+            lines.append(f"| {name} | " + " | ".join(_spread([r[k] for r in sel if r.get(k) is not None], ".4f")
                                                      for k in keys) + " |")
     if not lines:
         return []
@@ -820,6 +857,9 @@ def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict],
     diverged = [r for r in rows if r["status"] != "finished"]
     if diverged:
         lines += ["", "## Diverged runs", ""] + [f"- {r['name']}: {r['message']}" for r in diverged]
+    if protocol.get("not_run"):
+        lines += ["", "## Not run (summarised without them: each arm's figures cover the seeds it has)", "",
+                  ", ".join(protocol["not_run"])]
     lines += ["", "## Every run", "", "| run | status | params | n | train loss | val loss | test loss | test bpb | "
               "grad-norm spike | tokens/s | wall (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
