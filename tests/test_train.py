@@ -229,3 +229,89 @@ def test_overrides_and_files(tmp_path):
     assert cfg.model.learn == ["res"] and cfg.betas == [0.8, 0.9]
     with pytest.raises(UserError, match="section"):
         build_config(overrides=["model=3"])
+
+
+def test_mhc_config_lists_every_setting_from_the_dataclasses(capsys):
+    """`mhc config`: one row per field of TrainConfig, ModelConfig and ParallelConfig (sections flattened), with
+    the field's type, TrainConfig()'s default and the comment the dataclass source gives it; none undocumented."""
+    import dataclasses
+    import typing
+
+    from torch_mhc.distributed.mesh import ParallelConfig
+    from torch_mhc.models.decoder import ModelConfig
+    from torch_mhc.train.config import field_help, format_default, settings
+
+    cfg = TrainConfig()
+    expected = {}
+    for prefix, obj, cls in (("", cfg, TrainConfig), ("model.", cfg.model, ModelConfig),
+                             ("parallel.", cfg.parallel, ParallelConfig)):
+        hints, docs = typing.get_type_hints(cls), field_help(cls)
+        for f in dataclasses.fields(cls):
+            if f.name not in ("model", "parallel") or prefix:
+                expected[prefix + f.name] = (hints[f.name], getattr(obj, f.name), docs[f.name])
+    rows = {s.key: s for s in settings()}
+    assert rows.keys() == expected.keys()
+    undocumented = [k for k, s in rows.items() if len(s.help) < 8]
+    assert not undocumented, f"give these settings a comment in their dataclass: {undocumented}"
+    for key, (typ, default, text) in expected.items():
+        assert rows[key].default == default and rows[key].help == text
+        assert rows[key].type == (typ.__name__ if typing.get_origin(typ) is None else
+                                  f"list[{typing.get_args(typ)[0].__name__}]")
+    assert rows["lr"].help == "peak learning rate (AdamW)" and rows["model.dim"].default == 128
+    assert "activation checkpointing" in rows["model.activation_checkpoint"].help  # a comment above the field
+    assert main(["config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for key, s in rows.items():
+        line = next(line for line in lines if line.split()[:1] == [key])
+        assert f" {s.type} " in line and f" {format_default(s.default)} " in line and line.endswith(s.help), line
+    assert main(["config", "model", "lr"]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()[3:]]
+    assert keys == [k for k in rows if k.startswith("model.") or k == "lr"]
+    assert main(["config", "modle"]) == 2
+    assert "Did you mean: the section model" in capsys.readouterr().err
+
+
+def test_cli_version_and_defaults_in_every_help(capsys):
+    """`mhc --version`; every subcommand's --help shows each option's default; `train --help` points at
+    `mhc config`."""
+    import argparse
+
+    import torch_mhc
+    from torch_mhc.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"mhc {torch_mhc.__version__}"
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "eval", "sample", "compare", "plot", "export", "convert", "config"} <= commands.keys()
+    shown = 0
+    for name, command in commands.items():
+        text = " ".join(command.format_help().split())
+        for action in command._actions:
+            default = action.default
+            if default is None or default is False or default in (argparse.SUPPRESS, "", []):
+                continue
+            value = repr(default) if isinstance(default, str) and not default.strip() else str(default)
+            assert f"(default: {value})" in text or "default" in (action.help or "").lower(), (name, action.dest)
+            shown += 1
+    assert shown >= 8
+    assert "(default: 50)" in " ".join(commands["eval"].format_help().split())
+    train_help = " ".join(commands["train"].format_help().split())
+    assert "mhc config" in train_help and "type, default and meaning" in train_help
+
+
+def test_wrong_key_shows_close_matches_with_types_and_defaults(tmp_path):
+    """A misspelt key names the settings it resembles with their types, defaults and meanings, a key in the
+    wrong section its right place; nothing close: the section's keys."""
+    with pytest.raises(UserError) as e:
+        build_config(overrides=["model.n_stream=2"])
+    assert ("unknown config key 'model.n_stream'. Did you mean: model.n_streams (int, default 4): residual streams n"
+            in str(e.value)) and "`mhc config`" in str(e.value)
+    with pytest.raises(UserError, match=r"Did you mean: lr \(float, default 0.003\): peak learning rate"):
+        build_config(overrides=["model.lr=1e-3"])
+    (tmp_path / "c.toml").write_text("[model]\nsinkhorn_iter = 5\n")
+    with pytest.raises(UserError, match=r"model.sinkhorn_iters \(int, default 20\): Sinkhorn-Knopp rounds"):
+        build_config(config_file=str(tmp_path / "c.toml"))
+    with pytest.raises(UserError, match=r"unknown config key 'zzz'. Keys: adam_eps, batch_size, "):
+        build_config(overrides=["zzz=1"])

@@ -1,8 +1,11 @@
-"""The ``mhc`` command: train, eval, sample, diagnose, compare, plot, export, convert."""
+"""The ``mhc`` command: train, eval, sample, diagnose, compare, memory, export-weights, plot, export, convert,
+config."""
 
 from __future__ import annotations
 
 import argparse
+import copy
+import difflib
 import errno
 import json
 import os
@@ -49,7 +52,9 @@ def _cmd_eval(args) -> None:
 def _cmd_sample(args) -> None:
     from torch_mhc.train.evaluate import sample_run
 
-    print(sample_run(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    sample_run(args.run_dir, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+               on_text=lambda text: print(text, end="", flush=True))  # the text as it is generated
+    print()
 
 
 def _cmd_diagnose(args) -> None:
@@ -123,7 +128,7 @@ def _numbers(text: str, kind, option: str, what: str) -> list:
 def _cmd_plot(args) -> None:
     from torch_mhc.reports.plots import plot_runs
 
-    for path in plot_runs(args.run_dirs, Path(args.out)):
+    for path in plot_runs(args.run_dirs, Path(args.out), bpb=args.bpb):
         print(path)
 
 
@@ -139,17 +144,80 @@ def _cmd_convert(args) -> None:
     convert_dir(args.hf_dir, args.out_dir, args.streams)
 
 
+def _cmd_config(args) -> None:
+    print(settings_table(args.keys))
+
+
+def settings_table(keys: list[str] | None = None) -> str:
+    """Every setting (or those under ``keys``: ``model``, ``lr``) as a table of key, type, default and meaning,
+    from the config dataclasses' fields and comments (``config.settings``)."""
+    from torch_mhc.train.config import close_settings, describe, format_default, settings
+
+    rows = settings()
+    if keys:
+        chosen = [s for s in rows if any(s.key == k or s.key.startswith(k.rstrip(".") + ".") for k in keys)]
+        for k in keys:
+            if not any(s.key == k or s.key.startswith(k.rstrip(".") + ".") for s in rows):
+                sections = sorted({s.key.split(".")[0] for s in rows if "." in s.key})
+                close = [f"the section {name}" for name in difflib.get_close_matches(k, sections, 2, 0.7)]
+                close += map(describe, close_settings(k))
+                hint = " Did you mean: " + "; ".join(close) + "?" if close else ""
+                raise UserError(f"no setting or section {k!r}.{hint} `mhc config` lists them all.")
+        rows = chosen
+    table = [("KEY", "TYPE", "DEFAULT", "MEANING")] + [(s.key, s.type, format_default(s.default), s.help)
+                                                        for s in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in table]
+    return ("Settings of `mhc train --set KEY=VALUE` and of --config files (TOML: the model.* keys in a [model] "
+            "table, parallel.* in [parallel]):\n\n" + "\n".join(line.rstrip() for line in lines))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default at the end of its help ("(default: 50)"), unless it has none (None, false, empty)
+    or the help already says it; descriptions and epilogs keep their line breaks."""
+
+    @staticmethod
+    def _shown_default(action) -> str | None:
+        default = action.default
+        if default is None or default is False or default in (argparse.SUPPRESS, "", []):
+            return None
+        text = repr(default) if isinstance(default, str) and (not default.strip() or default != default.strip()
+                                                               or "\n" in default) else str(default)
+        return text.replace("%", "%%")
+
+    def _get_help_string(self, action) -> str:
+        help_text, default = action.help or "", self._shown_default(action)
+        if default is None or "default" in help_text.lower():
+            return help_text
+        return f"{help_text} (default: {default})".strip()
+
+    def _format_action(self, action):
+        if not action.help and self._shown_default(action) is not None:  # an option without help: its default
+            action = copy.copy(action)
+            action.help = f"(default: {self._shown_default(action)})"
+        return super()._format_action(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p = argparse.ArgumentParser(prog="mhc", description="Train and study mHC, HC and residual language models.",
-                                parents=[common])
+                                parents=[common], formatter_class=HelpFormatter,
+                                epilog="Every setting of `mhc train --set KEY=VALUE` (type, default, meaning): "
+                                       "mhc config. One command's options: mhc COMMAND --help.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", parents=[common],
-                       help="train a language model (default: small mHC model on the Python stdlib)")
-    t.add_argument("--config", help="TOML or JSON config file")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. model.connection=hc")
+                       help="train a language model (default: small mHC model on the Python stdlib)",
+                       description="Train a language model: by default a small mHC model on the Python standard "
+                                   "library, on CPU or GPU.",
+                       epilog="Every setting (KEY of --set, and of --config files) with its type, default and "
+                              "meaning: mhc config\n(one section or key: mhc config model, mhc config lr).\n"
+                              "Example: mhc train --set model.connection=hc --set steps=500 --set lr=1e-3")
+    t.add_argument("--config", help="TOML or JSON config file (keys as in `mhc config`)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. model.connection=hc (repeatable; every KEY: mhc config)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
     t.add_argument("--init-from", metavar="HF_DIR", help="continue pretraining a transformers model ('mhc convert' "
                    "output, or a Llama/Mistral/Qwen2/Qwen3 directory, converted with model.n_streams)")
@@ -160,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", parents=[common], help="validation loss / bits per byte of a run's latest checkpoint")
     e.add_argument("run_dir")
     e.add_argument("--data", help="evaluate on this data instead of the run's validation split (the whole source)")
-    e.add_argument("--max-batches", type=int, default=50)
+    e.add_argument("--max-batches", type=int, default=50, help="batches of the validation split (or of --data)")
     e.set_defaults(func=_cmd_eval)
 
     s = sub.add_parser("sample", parents=[common], help="generate text from a run's latest checkpoint")
@@ -190,12 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lrs", default="", help="comma-separated lr grid, e.g. 1e-3,3e-3,1e-2 (default: the config's lr)")
     c.add_argument("--seeds", default="", help="comma-separated seeds; every cell runs once per seed "
                                                "(default: the config's seed)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting for every arm (repeatable; every KEY: mhc config)")
     c.add_argument("--out", default="", help="report directory (default: OUT_DIR/compare-<timestamp>)")
     c.add_argument("--resume", default="", metavar="OUT",
                    help="finish an interrupted comparison: keep its finished runs, resume or restart the others")
     c.add_argument("--jobs", type=int, default=1, metavar="N",
-                   help="runs at once, each in its own process with cores/N CPU threads (default 1)")
+                   help="runs at once, each in its own process with cores/N CPU threads")
     c.set_defaults(func=_cmd_compare)
 
     mm = sub.add_parser("memory", parents=[common], help="estimated memory per GPU of a config under parallel layouts")
@@ -212,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("out", help="the .safetensors file to write")
     x.set_defaults(func=_cmd_export_weights)
 
-    pl = sub.add_parser("plot", parents=[common], help="loss, grad-norm and gain plots for any runs")
-    pl.add_argument("run_dirs", nargs="+")
-    pl.add_argument("--out", default="plots")
+    pl = sub.add_parser("plot", parents=[common], help="loss, grad-norm, gain and H_res plots for any runs")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default="plots", help="directory for the PNGs")
+    pl.add_argument("--bpb", action="store_true", help="plot bits per byte instead of nats per token (comparable "
+                    "across tokenizers)")
     pl.set_defaults(func=_cmd_plot)
 
     ex = sub.add_parser("export", parents=[common], help="a run's latest checkpoint as a transformers model directory")
@@ -226,9 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a pretrained Llama/Mistral/Qwen2/Qwen3 directory as an mHC model")
     cv.add_argument("hf_dir")
     cv.add_argument("out_dir", help="new or empty directory")
-    cv.add_argument("--streams", type=int, default=4, help="number of residual streams n (default 4)")
+    cv.add_argument("--streams", type=int, default=4, help="number of residual streams n")
     cv.set_defaults(func=_cmd_convert)
+
+    cf = sub.add_parser("config", parents=[common], help="every setting of mhc train: key, type, default, meaning")
+    cf.add_argument("keys", nargs="*", metavar="KEY", help="only these settings or sections (e.g. model, lr)")
+    cf.set_defaults(func=_cmd_config)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
     return p
+
+
+def _version() -> str:
+    from torch_mhc import __version__
+
+    return __version__
 
 
 def _load_init_from(path: str, n: int):

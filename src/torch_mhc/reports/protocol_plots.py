@@ -7,7 +7,17 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from torch_mhc.reports.plots import last_diagnostics, plot_gains, plot_heatmaps, plt, read_jsonl
+from torch_mhc.reports.plots import (
+    grad_norm_records,
+    last_diagnostics,
+    plain_ticks,
+    plot_gains,
+    plot_heatmaps,
+    plt,
+    read_jsonl,
+    ticker,
+    value_scale,
+)
 
 
 def _color(i: int):
@@ -35,9 +45,18 @@ def plot_lr_sweep(protocol: dict, out: Path) -> Path:
         if a["selected_lr"] is not None:
             best = a["val_loss_by_lr"][f"{a['selected_lr']:g}"]["mean"]
             ax.plot([a["selected_lr"]], [best], marker="o", ms=14, mfc="none", mec=_color(i), mew=2)
+    lrs = sorted({float(k) for a in protocol["arms"].values() for k in a["val_loss_by_lr"]})
     ax.set_xscale("log"), ax.set_xlabel("peak learning rate"), ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title(f"validation loss by lr (mean +- sd over {len(protocol['seeds'])} seeds; circle: selected)")
-    ax.legend(fontsize=8), ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
+    plain_ticks(ax)
+    if lrs:  # a tick at each lr of the grid, written as in --lrs
+        ax.xaxis.set_major_locator(ticker.FixedLocator(lrs)), ax.xaxis.set_minor_locator(ticker.NullLocator())
+        ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{lr:g}" for lr in lrs]))
+        if len(lrs) == 1:
+            ax.set_xlim(lrs[0] / 2, lrs[0] * 2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, out / "lr_sweep.png")
 
 
@@ -83,6 +102,8 @@ def plot_loss_bands(protocol: dict, rows: list[dict], runs_dir: Path, out: Path)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[0].set_ylabel("loss (nats/token)"), axes[1].set_ylabel("gap (nats/token)")
+    for ax in axes:
+        plain_ticks(ax)
     return _save(fig, out / "loss_bands.png")
 
 
@@ -123,24 +144,40 @@ def plot_connection_health(protocol: dict, rows: list[dict], runs_dir: Path, out
               ("||mean H_res - I||_F over layers", "distance"))
     for ax, (title, ylabel) in zip(axes.flat, titles):
         ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
+        plain_ticks(ax)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _save(fig, out / "connection_health.png")
 
 
+def spike_label(arm: str, protocol: dict, rows: list[dict], shown: dict) -> str:
+    """The legend of ``arm``'s grad-norm curve (``shown``: the row it plots): its seed's spike and, with several
+    seeds, the worst seed's, the figure the report's stability table gives (max over the seeds at the lr)."""
+    at_lr = [r for r in rows if r["arm"] == arm and r["lr"] == protocol["arms"][arm]["selected_lr"]]
+    spikes = [r["grad_spike"] for r in at_lr if r.get("grad_spike") is not None]
+    label = f"{arm} seed {shown['seed']}"
+    if shown.get("grad_spike") is not None:
+        label += f": spike {shown['grad_spike']:.1f}x"
+    if len(spikes) > 1:
+        label += f" (worst of {len(spikes)} seeds: {max(spikes):.1f}x)"
+    return label
+
+
 def plot_grad_norm_steps(protocol: dict, rows: list[dict], runs_dir: Path, out: Path) -> Path:
-    """Gradient norm before clipping at every step (first seed at the selected lr), log scale."""
+    """Gradient norm before clipping at every step (first seed at the selected lr): log scale where it spans a
+    decade, else linear. The legend gives that seed's spike and the worst seed's (as the report's table does)."""
     fig, ax = plt.subplots(figsize=(9, 4.8))
+    values = []
     for i, (arm, runs) in enumerate(_selected_runs(protocol, rows).items()):
-        run = runs_dir / runs[0]["name"]
-        src = run / "grad_norms.jsonl" if (run / "grad_norms.jsonl").is_file() else run / "metrics.jsonl"
-        recs = read_jsonl(src)
-        spike = f", spike {runs[0]['grad_spike']:.1f}x" if runs[0]["grad_spike"] else ""
+        recs = grad_norm_records(runs_dir / runs[0]["name"])
         ax.plot([r["step"] for r in recs], [r["grad_norm"] for r in recs], lw=0.8, color=_color(i),
-                label=f"{arm}{spike}")
-    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_ylabel("gradient norm (before clipping)")
-    ax.set_title("gradient norm per step (spike: max / median after warmup)"), ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+                label=spike_label(arm, protocol, rows, runs[0]))
+        values += [r["grad_norm"] for r in recs]
+    ax.set_xlabel("step"), ax.set_ylabel("gradient norm (before clipping)")
+    ax.set_title("gradient norm per step (spike: max / median after warmup)"), ax.grid(alpha=0.3)
+    value_scale(ax, values)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     return _save(fig, out / "grad_norm.png")
 
 

@@ -3,11 +3,17 @@ files and ``key=value`` overrides (``lr=3e-4``, ``model.connection=hc``)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
+import inspect
+import io
 import json
 import math
 import os
 import re
+import textwrap
+import tokenize
 import tomllib
 import typing
 from dataclasses import asdict, dataclass, field
@@ -43,6 +49,9 @@ class DivergedError(UserError):
 
 @dataclass
 class TrainConfig:
+    """Every setting of a run. The comment on (or just above) a field is its help text: ``mhc config`` prints it
+    with the field's type and default (:func:`settings`), so a new setting documents itself there."""
+
     model: ModelConfig = field(default_factory=lambda: ModelConfig(dim=128, n_layers=3, n_heads=4, max_seq_len=128))
     # start from a transformers model directory ('mhc convert' output, or a Llama/Qwen/Mistral one, converted with
     # model.n_streams); its dimensions then replace the model section. Needs the [hf] extra.
@@ -50,37 +59,37 @@ class TrainConfig:
     # data
     data: str = ""  # file, .gz file, directory or prepared .npy tokens; empty: the Python standard library
     tokenizer: str = "byte"  # byte | gpt2 | bpe:VOCAB (trained on the data, cached) | PATH to tokenizer.json
-    val_fraction: float = 0.02
+    val_fraction: float = 0.02  # the last fraction of the tokens (before any test split) is the validation split
     test_fraction: float = 0.0  # >0: the last fraction of the tokens is a held-out test split (mhc compare)
     # batch
-    seq_len: int = 128
-    batch_size: int = 16
-    grad_accum: int = 1
-    steps: int = 1200
+    seq_len: int = 128  # tokens per training sequence (at most model.max_seq_len)
+    batch_size: int = 16  # sequences per micro-batch (an optimizer step sees batch_size x grad_accum)
+    grad_accum: int = 1  # micro-batches accumulated into one optimizer step
+    steps: int = 1200  # optimizer steps to train for
     # optimiser (paper recipe: AdamW (0.9, 0.95), wd 0.1, warmup, step decay at 80% and 90%)
-    lr: float = 3e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.1
-    schedule: str = "step"  # step | cosine | constant
-    warmup: int = 60
-    min_lr_ratio: float = 0.1  # cosine floor
-    grad_clip: float = 1.0
+    lr: float = 3e-3  # peak learning rate (AdamW)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW beta1, beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices (not norm gains, not the connections' bias and alpha)
+    schedule: str = "step"  # step (lr x0.316 from 80% of the steps, x0.1 from 90%) | cosine | constant
+    warmup: int = 60  # steps of linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # clip the global gradient norm to this; 0: off
     connection_lr_scale: float = 1.0  # lr multiplier for the connections' own parameters (phi, bias, alpha)
     # bookkeeping
-    eval_every: int = 150
-    eval_batches: int = 8
-    log_every: int = 25
-    ckpt_every: int = 300
-    keep_ckpts: int = 2
-    diag_every: int = 150  # 0: off
-    seed: int = 1337
+    eval_every: int = 150  # steps between validation losses
+    eval_batches: int = 8  # batches per validation loss
+    log_every: int = 25  # steps between metrics.jsonl records (grad norms are logged every step)
+    ckpt_every: int = 300  # steps between checkpoints
+    keep_ckpts: int = 2  # newest checkpoints kept (older ones are deleted)
+    diag_every: int = 150  # steps between connection diagnostics (gains, H_res); 0: off
+    seed: int = 1337  # seed of the weights' initialisation and of the batch order
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    compile: bool = False
-    out_dir: str = "runs"
+    compile: bool = False  # torch.compile the model
+    out_dir: str = "runs"  # where run directories are made
     run_name: str = ""  # empty: <connection>-<timestamp>
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # multi-GPU layout (torchrun)
 
     def validate(self) -> None:
         errors = []
@@ -188,6 +197,84 @@ def _type_name(typ) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
 
 
+def field_help(cls) -> dict[str, str]:
+    """Field name -> its help text in ``cls``'s source: the comment ending its line, else the comment lines
+    right above it ("" for neither, or where the source is not available)."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    comments = {}  # line -> (the comment's text, whether the line holds nothing else)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[: tok.start[1]].strip())
+    docs = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            text, alone = comments.get(node.end_lineno, ("", True))
+            if alone:
+                above, line = [], node.lineno - 1
+                while line in comments and comments[line][1]:
+                    above.insert(0, comments[line][0])
+                    line -= 1
+                text = " ".join(above)
+            docs[node.target.id] = text
+    return docs
+
+
+@dataclass
+class Setting:
+    key: str  # "model.dim"
+    type: str  # "int", "list[str]", ...
+    default: object
+    help: str
+
+
+def _type_label(typ) -> str:
+    if typing.get_origin(typ) is list:
+        return f"list[{typing.get_args(typ)[0].__name__}]"
+    return getattr(typ, "__name__", str(typ))
+
+
+def settings(obj=None, prefix: str = "") -> list[Setting]:
+    """Every setting of ``TrainConfig`` (sections flattened: ``model.dim``, ``parallel.tp``) with its type,
+    default and help text, in the order of the dataclasses' fields; ``obj``: the section to describe."""
+    obj = TrainConfig() if obj is None else obj
+    hints, docs, out = typing.get_type_hints(type(obj)), field_help(type(obj)), []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += settings(value, f"{prefix}{f.name}.")
+        else:
+            out.append(Setting(prefix + f.name, _type_label(hints[f.name]), value, docs.get(f.name, "")))
+    return out
+
+
+def format_default(value) -> str:
+    """A default as it is written in TOML or with ``--set`` (strings quoted, so an empty one shows)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, (str, list)) else f"{value:g}" if isinstance(value, float) else str(
+        value)
+
+
+def describe(setting: Setting) -> str:
+    """``lr (float, default 0.003): peak learning rate (AdamW)``."""
+    return f"{setting.key} ({setting.type}, default {format_default(setting.default)}): {setting.help}"
+
+
+def close_settings(key: str, n: int = 4) -> list[Setting]:
+    """The settings whose name (the part after any section: ``n_streams`` of ``model.n_streams``) is most like
+    ``key``'s, best first; none when nothing is close."""
+    leaf = key.rsplit(".", 1)[-1]
+    scored = []
+    for s in settings():
+        score = difflib.SequenceMatcher(None, leaf, s.key.rsplit(".", 1)[-1]).ratio()
+        if score >= 0.7:
+            scored.append((-score, s.key, s))
+    return [s for *_, s in sorted(scored)[:n]]
+
+
 def _typed(value, typ, key: str):
     """``value`` (a string from --set, or a TOML/JSON value) as the field's type; UserError naming the key."""
     if isinstance(value, str) and typ is not str:
@@ -236,9 +323,12 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
-            raise UserError(
-                f"unknown config key '{prefix}{key}'. Known keys: {', '.join(sorted(prefix + n for n in names))}."
-            )
+            close = close_settings(prefix + key)
+            section = f" of {prefix.rstrip('.')}" if prefix else ""
+            hint = ("Did you mean: " + "; ".join(map(describe, close)) + "?" if close else
+                    f"Keys{section}: {', '.join(sorted(prefix + n for n in names))}.")
+            raise UserError(f"unknown config key '{prefix}{key}'. {hint} `mhc config` lists every setting with its "
+                            "type, default and meaning.")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
