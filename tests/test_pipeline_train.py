@@ -1,0 +1,202 @@
+"""``mhc train`` with ``parallel.pp`` through real torchrun on gloo ranks: a 4-layer MoE model (a dense layer,
+then MoE; the V4 variant with the head merge), each run held against the one-process run of the same config.
+1F1B and ZBVZeroBubble on 2 ranks; PP x FSDP on 4 ranks through diagnostics steps, evaluations and DCP
+checkpoints, resumed on other layouts (PP on 2 ranks, one process, FSDP on 2 ranks); bad settings refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from torch_mhc.cli import main
+from torch_mhc.distributed.checkpoint import tensor_shapes
+from torch_mhc.distributed.mesh import ParallelConfig
+from torch_mhc.distributed.pipeline import SCHEDULES, pipeline_errors, stage_ids, stage_owner
+from torch_mhc.models import DecoderLM, ModelConfig
+from torch_mhc.train.config import build_config
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# grad_accum = 4 micro-batches of 2 rows per step: enough for every schedule on pp = 2 (ZBV and DualPipeV need
+# 2 pp); PP x FSDP reads 1 row of each micro-batch per data-parallel rank
+SETTINGS = [
+    "model.dim=32", "model.n_layers=4", "model.n_heads=2", "model.max_seq_len=32", "seq_len=32", "batch_size=2",
+    "grad_accum=4", "steps=6", "warmup=2", "log_every=1", "eval_every=3", "eval_batches=2", "ckpt_every=2",
+    "keep_ckpts=3", "diag_every=3",
+    "model.moe=true", "model.n_routed_experts=4", "model.top_k=2", "model.first_dense_layers=1",
+    "model.variant=deepseek-v4", "model.merge=head",
+]
+# Two runs' weights differ by float32 rounding after a few AdamW steps, which its normalised update makes
+# relative differences of up to ~3e-4 in small trained parameters (see test_distributed_run)
+ACROSS_RUNS = 1e-3
+
+
+def sets(root, data, *extra):
+    return [a for s in [*SETTINGS, f"data={data}", f"out_dir={root / 'runs'}", *extra] for a in ("--set", s)]
+
+
+def torchrun(*args, nproc=2):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "torch_mhc", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def records(run_dir, name="metrics.jsonl"):
+    out = {}
+    for line in (run_dir / name).read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r  # a resumed step's record replaces the earlier one
+    return dict(sorted(out.items()))
+
+
+def column(run_dir, key, steps=None):
+    return torch.tensor([r[key] for s, r in records(run_dir).items() if key in r and (steps is None or s in steps)],
+                        dtype=torch.float64)
+
+
+def assert_same_curve(run, ref, steps=None):
+    """Loss, gradient norms (global and per role) and validation loss of ``run`` equal ``ref``'s to float32 rounding."""
+    assert column(run, "loss", steps).numel() > 0
+    for key in ("loss", "grad_norm", "val_loss", "grad_norm_connection", "grad_norm_ffn", "grad_norm_embed"):
+        torch.testing.assert_close(column(run, key, steps), column(ref, key, steps), rtol=1e-5, atol=0,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+
+
+def numbers(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{prefix}/{i}").items()}
+    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def assert_same_diagnostics(run, ref):
+    """The diagnostics JSONL: one record per diagnostics step, every layer of the model, the one-process numbers."""
+    got, want = records(run, "diagnostics.jsonl"), records(ref, "diagnostics.jsonl")
+    assert got.keys() == want.keys() == {3, 6}
+    for step in got:
+        assert len(got[step]["layers"]) == 2 * 4  # attention and FFN connection of each of the 4 layers
+        a, b = numbers(got[step]), numbers(want[step])
+        assert a.keys() == b.keys() and len(a) > 100
+        for k in a:
+            assert abs(a[k] - b[k]) <= ACROSS_RUNS * abs(b[k]) + 1e-6, (step, k, a[k], b[k])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process run of the config (checkpoints step_*.pt at 2, 4, 6)."""
+    root = tmp_path_factory.mktemp("one")
+    data = root / "small.txt"
+    src = os.path.join(os.path.dirname(__file__), "..", "src", "torch_mhc")
+    data.write_text("".join(open(os.path.join(d, f)).read() for d, _, fs in sorted(os.walk(src))
+                            for f in sorted(fs) if f.endswith(".py")))
+    assert main(["train", *sets(root, data, "run_name=one")]) == 0
+    return root / "runs" / "one", data
+
+
+@pytest.mark.parametrize("schedule", ["1F1B", "ZBVZeroBubble"])
+def test_pipeline_on_two_ranks_matches_one_process(tmp_path, reference, schedule):
+    one, data = reference
+    p = torchrun("train", *sets(tmp_path, data, "run_name=pp", "parallel.pp=2", f"parallel.pp_schedule={schedule}"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    pp = tmp_path / "runs" / "pp"
+    assert p.stdout.count("done. run directory") == 1
+    assert_same_curve(pp, one)
+    assert_same_diagnostics(pp, one)
+
+
+def test_pipeline_under_fsdp_resumes_on_other_layouts(tmp_path, reference, capsys):
+    one, data = reference
+    # PP x FSDP: 2 stages, each FSDP2-sharded over 2 ranks
+    p = torchrun("train", *sets(tmp_path, data, "run_name=pf", "parallel.pp=2", "parallel.dp_shard=2"), nproc=4)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pf = tmp_path / "runs" / "pf"
+    assert_same_curve(pf, one)
+    assert_same_diagnostics(pf, one)
+    ckpts = pf / "checkpoints"
+    assert sorted(q.name for q in ckpts.iterdir()) == ["dcp_step_0000002", "dcp_step_0000004", "dcp_step_0000006"]
+    # the checkpoint holds the unpipelined model's tensors under its own names and shapes
+    model = DecoderLM(ModelConfig(**json.loads((pf / "config.json").read_text())["model"]))
+    saved = {k.removeprefix("model."): shape for k, (shape, _) in tensor_shapes(ckpts / "dcp_step_0000006").items()
+             if k.startswith("model.")}
+    assert saved == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    # usable by one process afterwards: mhc eval of the last checkpoint gives the run's own validation loss
+    capsys.readouterr()
+    assert main(["eval", str(pf), "--max-batches", "2"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["val_loss"] - records(pf)[6]["val_loss"]) < 1e-5 * 6
+
+    # resumed from step 4 on another pipelined layout: 2 ranks, 2 stages each (V), no data parallel
+    shutil.rmtree(ckpts / "dcp_step_0000006")
+    p = torchrun("train", "--resume", str(pf), "--set", "parallel.dp_shard=-1",
+                 "--set", "parallel.pp_schedule=ZBVZeroBubble")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_curve(pf, one, steps={5, 6})
+
+    # from step 2 on one process (writes step_*.pt), then from its step 4 on 2 FSDP ranks
+    shutil.rmtree(ckpts / "dcp_step_0000004")
+    shutil.rmtree(ckpts / "dcp_step_0000006")
+    assert main(["train", "--resume", str(pf), "--set", "parallel.pp=1", "--set", "parallel.dp_shard=-1"]) == 0
+    assert sorted(q.name for q in ckpts.iterdir() if q.suffix != ".sha256") == [
+        "dcp_step_0000002", "step_0000004.pt", "step_0000006.pt"]
+    assert_same_curve(pf, one, steps={3, 4, 5, 6})
+    for q in ckpts.glob("step_0000006.pt*"):  # the checkpoint and its checksum
+        q.unlink()
+    p = torchrun("train", "--resume", str(pf), "--set", "parallel.dp_shard=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (ckpts / "dcp_step_0000006").is_dir()
+    assert_same_curve(pf, one, steps={5, 6})
+    assert_same_diagnostics(pf, one)
+
+
+def train_config(*overrides):
+    return build_config(overrides=[*SETTINGS, *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.pp_schedule=GPipe"], "parallel.pp_schedule must be one of: 1F1B (1 stage per rank, grad_accum >= pp); "
+                                     "Interleaved1F1B (2 stages per rank, grad_accum a multiple of pp); ZBVZeroBubble"),
+    (["parallel.pp=2", "grad_accum=1"], "parallel.pp_schedule=1F1B needs grad_accum >= pp (the micro-batches of a "
+                                        "step are its grad_accum micro-batches; got grad_accum=1, parallel.pp=2)"),
+    (["parallel.pp=4", "grad_accum=6", "parallel.pp_schedule=Interleaved1F1B"],
+     "parallel.pp_schedule=Interleaved1F1B runs 2 stage(s) per rank: parallel.pp x 2 = 8 stages need "
+     "model.n_layers >= 8 (got 4)"),
+    (["parallel.pp=4", "grad_accum=6", "parallel.pp_schedule=Interleaved1F1B"], "grad_accum a multiple of pp"),
+    (["parallel.pp=2", "parallel.pp_schedule=DualPipeV", "grad_accum=3"], "DualPipeV needs grad_accum >= 2 pp"),
+    (["parallel.pp=2", "parallel.tp=2"], "parallel.pp > 1 with parallel.tp > 1 is not supported yet"),
+    (["parallel.pp=2", "parallel.dp_mode=ddp"], "parallel.pp > 1 composes with FSDP2 (parallel.dp_shard) only"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], "set model.tie_embeddings=false"),
+    (["parallel.pp=2", "compile=true"], "parallel.pp > 1 with compile=true is not supported yet"),
+])
+def test_bad_pipeline_settings_are_named(overrides, message):
+    cfg = train_config(*overrides)
+    assert any(message in e for e in pipeline_errors(cfg, cfg.parallel)), pipeline_errors(cfg, cfg.parallel)
+
+
+def test_good_pipeline_settings_pass_and_stages_cover_the_model():
+    for name, (_, per, _) in SCHEDULES.items():
+        cfg = train_config("parallel.pp=2", f"parallel.pp_schedule={name}")
+        assert pipeline_errors(cfg, cfg.parallel) == []
+        owned = sorted(s for r in range(2) for s in stage_ids(r, 2, name))
+        assert owned == list(range(2 * per))  # every stage on exactly one rank
+        assert all(stage_owner(s, 2, name) == r for r in range(2) for s in stage_ids(r, 2, name))
+    assert stage_ids(0, 2, "ZBVZeroBubble") == [0, 3] and stage_ids(0, 2, "Interleaved1F1B") == [0, 2]
+    assert pipeline_errors(SimpleNamespace(grad_accum=1, model=None, compile=False), ParallelConfig()) == []
+
+
+def test_bad_pipeline_settings_stop_every_rank_before_the_run_starts(tmp_path, reference):
+    _, data = reference
+    p = torchrun("train", *sets(tmp_path, data, "run_name=bad", "parallel.pp=2", "grad_accum=1"))
+    assert p.returncode != 0
+    for rank in (0, 1):
+        assert f"mhc train (rank {rank}): error: invalid parallel settings: parallel.pp_schedule=1F1B needs " \
+               "grad_accum >= pp" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "runs" / "bad").exists()
