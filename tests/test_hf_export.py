@@ -142,3 +142,94 @@ def test_missing_transformers_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "transformers" in err and "pip install 'torch-mhc[hf]'" in err
+
+
+def test_byte_and_bpe_exports_have_end_and_pad_tokens(exports, text):
+    """byte and bpe:VOCAB exports name eos <|endoftext|> and pad <|pad|> on bytes 0xFF / 0xFE (never in UTF-8
+    text): the model's config and generation config carry their ids, and any text encodes as the run's
+    tokenizer does, those bytes' neighbours included."""
+    from torch_mhc.integrations.export import END_OF_TEXT, PAD
+
+    sample = "def f(x):\n    return x  # naïve ÿ þ Ā \x00 \U0001f600\n"
+    for name, (run_dir, out) in exports.items():
+        native, tok = _prompt_and_native(run_dir, text)[:2]
+        hf_tok = AutoTokenizer.from_pretrained(out)
+        assert (hf_tok.eos_token, hf_tok.pad_token) == (END_OF_TEXT, PAD), name
+        assert hf_tok.eos_token_id != hf_tok.pad_token_id
+        if name.endswith("byte"):
+            assert (hf_tok.eos_token_id, hf_tok.pad_token_id) == (0xFF, 0xFE)
+        ids = hf_tok.encode(sample, add_special_tokens=False)
+        assert ids == tok.encode(sample).tolist() and hf_tok.decode(ids) == sample, name
+        assert hf_tok.eos_token_id not in ids and hf_tok.pad_token_id not in ids
+        assert hf_tok.decode([*ids, hf_tok.eos_token_id], skip_special_tokens=True) == sample
+        model = AutoModelForCausalLM.from_pretrained(out)
+        for config in (model.config, model.generation_config):
+            assert (config.eos_token_id, config.pad_token_id) == (hf_tok.eos_token_id, hf_tok.pad_token_id)
+
+
+def test_export_model_card_and_permissions(exports):
+    """README.md says what the model is, how it was trained (steps, tokens, the last losses of metrics.jsonl)
+    and how to load it; every exported file is 0666 less the umask (0644 here), none the 0600 of temp files."""
+    for name, (run_dir, out) in exports.items():
+        card = (out / "README.md").read_text()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        last_train = [r for r in records if "loss" in r][-1]
+        last_val = [r for r in records if "val_loss" in r][-1]
+        assert f"steps: {last_train['step']:,} ({last_train['tokens']:,} tokens)" in card
+        assert f"final training loss (step {last_train['step']:,}): {last_train['loss']:.4f} nats/token" in card
+        assert f"final validation loss (step {last_val['step']:,}): {last_val['val_loss']:.4f} nats/token" in card
+        connection = "hyper-connection (HC)" if name.startswith("hc") else "manifold-constrained"
+        assert connection in card and "AutoModelForCausalLM.from_pretrained" in card
+        assert "trust_remote_code=True" in card and '"connection"' in card
+    mask = os.umask(0)
+    os.umask(mask)
+    for name, (_, out) in exports.items():
+        assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+        modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+        assert {"model.safetensors", "README.md", "tokenizer.json", "modeling_torch_mhc.py"} <= modes.keys()
+        assert set(modes.values()) == {0o666 & ~mask}, (name, modes)
+
+
+def _llama_with_tokenizer(hf_dir, tokenizer_config: bool):
+    """A tiny Llama whose tokenizer has <s>, </s>, <unk>, <pad> (ids 256-259) after the 256 bytes."""
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    from torch_mhc.integrations.export import byte_hf_tokenizer
+
+    backend = byte_hf_tokenizer()
+    backend.add_special_tokens(["<s>", "</s>", "<unk>", "<pad>"])
+    config = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64, bos_token_id=256, eos_token_id=257,
+                                      pad_token_id=259)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf_dir)
+    roles = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **(roles if tokenizer_config else {})).save_pretrained(hf_dir)
+    return roles
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config", "model_config"])
+def test_converted_then_trained_export_keeps_special_tokens(tmp_path, text, where):
+    """mhc convert -> mhc train --init-from -> mhc export: the tokenizer's bos/eos/pad/unk come through,
+    from its tokenizer_config.json, or (without one) from the ids the model's config names."""
+    roles = _llama_with_tokenizer(tmp_path / "llama", tokenizer_config=where == "tokenizer_config")
+    assert main(["convert", str(tmp_path / "llama"), str(tmp_path / "mhc"), "--streams", "2"]) == 0
+    args = ["train", "--init-from", str(tmp_path / "mhc"), "--set", f"data={text}", "--set",
+            f"tokenizer={tmp_path / 'mhc'}", "--set", f"out_dir={tmp_path / 'runs'}", "--set", "run_name=ft"]
+    for item in ["seq_len=16", "batch_size=2", "steps=2", "eval_every=2", "eval_batches=1", "log_every=1",
+                 "ckpt_every=2", "diag_every=0", "warmup=1", "val_fraction=0.1"]:
+        args += ["--set", item]
+    assert main(args) == 0
+    assert main(["export", str(tmp_path / "runs" / "ft"), str(tmp_path / "out")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    got = {r: getattr(hf_tok, r) for r in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    if where == "model_config":  # the Llama config names bos, eos and pad ids; nothing names unk
+        roles = {**roles, "unk_token": None}
+    assert got == roles
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (256, 257, 259)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"`{tmp_path / 'mhc'}` (a transformers model converted to mHC with 2 residual streams)" in card
+    assert "load_converted" in card
