@@ -1,12 +1,17 @@
-"""Pipeline parallel on 2 gloo ranks: 1F1B over 2 stages and interleaved 1F1B over 4 stages (2 per
-rank); the stage tensor is the [b, S, n, C] stream state. Loss and every gradient equal the
-unpipelined model's."""
+"""Pipeline parallel on 2 gloo ranks: 1F1B over 2 stages, interleaved 1F1B over 4 stages (2 per
+rank), ZBVZeroBubble and DualPipeV over 4 stages in a V; the stage tensor is the [b, S, n, C] stream
+state. Loss and every gradient equal the unpipelined model's."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
 
 from distributed_helpers import batches, spawn, tiny_model
 from torch_mhc.distributed.pipeline import build_stages, p2p_bytes_per_step, pipeline_loss, stage_bounds
@@ -17,12 +22,15 @@ OVERRIDES = {"n_layers": 4, "merge": "head"}
 def pp_worker(rank, world):
     out = {}
     x, y = batches(1, 4, 16, seed=11)[0]
-    for name, schedule, stage_ids in (("1f1b", Schedule1F1B, [rank]),
-                                      ("interleaved", ScheduleInterleaved1F1B, [rank, rank + world])):
+    v = [rank, 2 * world - 1 - rank]  # the V: rank 0 runs the first and the last stage
+    for name, schedule, stage_ids, micro in (("1f1b", Schedule1F1B, [rank], 2),
+                                             ("interleaved", ScheduleInterleaved1F1B, [rank, rank + world], 2),
+                                             ("zbv", ScheduleZBVZeroBubble, v, 4),
+                                             ("dualpipev", ScheduleDualPipeV, v, 4)):
         model = tiny_model(**OVERRIDES)
         n_stages = world * len(stage_ids)
-        stages = build_stages(model, stage_ids, n_stages, 2, 16, torch.device("cpu"))
-        sched = schedule(stages if len(stages) > 1 else stages[0], n_microbatches=2, loss_fn=pipeline_loss)
+        stages = build_stages(model, stage_ids, n_stages, 4 // micro, 16, torch.device("cpu"))
+        sched = schedule(stages if len(stages) > 1 else stages[0], n_microbatches=micro, loss_fn=pipeline_loss)
         losses = []
         is_first = any(s.is_first for s in stages)
         is_last = any(s.is_last for s in stages)
@@ -42,7 +50,7 @@ def test_pipeline_matches_unpipelined(tmp_path):
     loss.backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     results = spawn(pp_worker, 2, tmp_path)
-    for name in ("1f1b", "interleaved"):
+    for name in ("1f1b", "interleaved", "zbv", "dualpipev"):
         owned = [n for r in results for n in r[name]["owned"]]
         assert sorted(owned) == sorted(ref_grads)  # every parameter on exactly one stage, same names
         for r in results:
