@@ -142,3 +142,68 @@ def test_train_eval_sample_with_bpe(small_text, tmp_path, capsys):
     small[small.index("run_name=bpe")] = "run_name=small"
     assert main(small) == 2
     assert "model.vocab_size=300" in capsys.readouterr().err
+
+
+def test_export_end_tokens_keep_every_encoding(small_text, tmp_path):
+    """The exported byte and bpe:VOCAB tokenizers name <|endoftext|> / <|pad|> the tokens of bytes 0xFF / 0xFE:
+    ids and vocabulary size unchanged, every text (random Unicode included) encodes and decodes as the run's
+    tokenizer does; a tokenizer whose merges use those bytes gets no such roles (nothing renamed)."""
+    import json
+    import random
+
+    from tokenizers import Tokenizer
+
+    from torch_mhc.integrations.export import (
+        END_OF_TEXT,
+        PAD,
+        _with_end_tokens,
+        byte_hf_tokenizer,
+        bytes_to_unicode,
+        tokenizer_roles,
+    )
+    from torch_mhc.train.config import TrainConfig
+
+    rng = random.Random(0)
+    texts = [small_text.read_text()[:3000], "ÿþ Ā \x00\x7f naïve \U0001f600 <|pad|>x",
+             "".join(chr(rng.choice([rng.randrange(32, 0x2FF), rng.randrange(0x370, 0xD7FF),
+                                     rng.randrange(0x10000, 0x10FFFF)])) for _ in range(3000))]
+    bpe = get_tokenizer("bpe:300", str(small_text), tmp_path / "c", 0.1)
+    for name, run_tok, backend in (("byte", ByteTokenizer(), byte_hf_tokenizer()), ("bpe:300", bpe, bpe._tok)):
+        cfg = TrainConfig(tokenizer=name)
+        tok, roles = tokenizer_roles(cfg, run_tok)
+        assert roles == {"eos_token": END_OF_TEXT, "pad_token": PAD}
+        assert tok.get_vocab_size() == backend.get_vocab_size() == run_tok.vocab_size
+        chars = bytes_to_unicode()
+        assert tok.token_to_id(END_OF_TEXT) == backend.token_to_id(chars[0xFF])
+        assert tok.token_to_id(PAD) == backend.token_to_id(chars[0xFE])
+        for text in texts:
+            plain = text.replace("<|pad|>", "")  # a special token's text is that token, as in any HF tokenizer
+            ids = tok.encode(plain, add_special_tokens=False).ids
+            assert ids == run_tok.encode(plain).tolist() and tok.decode(ids) == plain
+        assert tok.encode("a<|endoftext|>", add_special_tokens=False).ids[-1] == tok.token_to_id(END_OF_TEXT)
+    data = json.loads(bpe._tok.to_str())
+    data["model"]["merges"].append(["ÿ", "þ"])  # a tokenizer that does use those bytes
+    data["model"]["vocab"]["ÿþ"] = len(data["model"]["vocab"])
+    clash = Tokenizer.from_str(json.dumps(data))
+    same, roles = _with_end_tokens(clash)
+    assert roles == {} and same is clash
+
+
+def test_path_tokenizer_roles_only_while_the_source_holds_the_run_tokenizer(small_text, tmp_path):
+    """A PATH tokenizer's roles come from the tokenizer_config.json beside it, and only while that directory's
+    tokenizer.json is still the run's tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    from torch_mhc.integrations.export import tokenizer_roles
+    from torch_mhc.train.config import TrainConfig
+
+    trained = get_tokenizer("bpe:300", str(small_text), tmp_path / "c", 0.1)
+    trained._tok.add_special_tokens(["<s>", "</s>"])
+    src = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=trained._tok, bos_token="<s>", eos_token="</s>").save_pretrained(src)
+    run_tok = get_tokenizer(str(src))
+    cfg = TrainConfig(tokenizer=str(src))
+    assert tokenizer_roles(cfg, run_tok)[1] == {"bos_token": "<s>", "eos_token": "</s>"}
+    other = get_tokenizer("bpe:320", str(small_text), tmp_path / "c", 0.1)
+    other.save(src / "tokenizer.json")  # the directory now holds another tokenizer: its config says nothing
+    assert tokenizer_roles(cfg, run_tok)[1] == {}

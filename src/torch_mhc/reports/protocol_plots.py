@@ -88,7 +88,7 @@ def plot_loss_bands(protocol: dict, rows: list[dict], runs_dir: Path, out: Path)
         series = [curves[r["name"]] for r in runs]
         n = min(len(s[0]) for s in series)
         _band(axes[0], series[0][0][:n], [s[1][:n] for s in series], _color(i),
-              f"{arm} @ {runs[0]['lr']:g} ({len(runs)} seeds)")
+              f"{arm} @ {runs[0]['lr']:g} ({len(runs)} seed{'s' * (len(runs) != 1)})")
         if arm == protocol["baseline"] or not base:
             continue
         gaps = [[v - b for v, b in zip(curves[r["name"]][1], base[r["seed"]][1])] for r in runs if r["seed"] in base]
