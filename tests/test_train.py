@@ -315,3 +315,6 @@ def test_wrong_key_shows_close_matches_with_types_and_defaults(tmp_path):
         build_config(config_file=str(tmp_path / "c.toml"))
     with pytest.raises(UserError, match=r"unknown config key 'zzz'. Keys: adam_eps, batch_size, "):
         build_config(overrides=["zzz=1"])
+    (tmp_path / "d.toml").write_text("[modle]\ndim = 64\n")
+    with pytest.raises(UserError, match=r"unknown config key 'modle'. Did you mean: the section model \(model.KEY\)"):
+        build_config(config_file=str(tmp_path / "d.toml"))

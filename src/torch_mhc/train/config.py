@@ -323,9 +323,12 @@ def _apply(obj, values: dict, prefix: str = "") -> None:
     names = {f.name for f in dataclasses.fields(obj)}
     for key, value in values.items():
         if key not in names:
-            close = close_settings(prefix + key)
+            sections = [n for n in names if dataclasses.is_dataclass(getattr(obj, n))]
+            close = [f"the section {prefix}{n} ({prefix}{n}.KEY)" for n in difflib.get_close_matches(key, sections, 1,
+                                                                                                    0.7)]
+            close += map(describe, close_settings(prefix + key))
             section = f" of {prefix.rstrip('.')}" if prefix else ""
-            hint = ("Did you mean: " + "; ".join(map(describe, close)) + "?" if close else
+            hint = ("Did you mean: " + "; ".join(close) + "?" if close else
                     f"Keys{section}: {', '.join(sorted(prefix + n for n in names))}.")
             raise UserError(f"unknown config key '{prefix}{key}'. {hint} `mhc config` lists every setting with its "
                             "type, default and meaning.")
