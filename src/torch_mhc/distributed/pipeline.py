@@ -165,7 +165,8 @@ def stage_bounds(n_layers: int, n_stages: int) -> list[tuple[int, int]]:
 
 
 def stream_dtype(model: nn.Module, param_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The dtype of the stage tensor: ``model.stream_dtype``, or that of the embedding's output."""
+    """The dtype of the stage tensor: ``model.stream_dtype``, or that of the embedding's output (its weight's, or
+    ``param_dtype`` when FSDP2 gathers the weights in it; autocast leaves the embedding alone)."""
     cfg = model.cfg
     if cfg.stream_dtype != "auto":
         return getattr(torch, cfg.stream_dtype)
@@ -403,7 +404,7 @@ def build_pipeline(train_cfg, dims, mesh, device: torch.device, param_dtype: tor
     del full
     pipe = Pipeline(model, parts, stages, None, name, pp, pp_mesh.get_group(),
                     [dp_mesh.get_group(d) for d in dp_mesh.mesh_dim_names] if dp_mesh is not None else [],
-                    stream_dtype(model, param_dtype), device)
+                    stream_dtype(model, param_dtype if dp_mesh is not None else None), device)
     for moe in pipe.moe_layers():
         moe.reset_balance()
     rows = train_cfg.batch_size // dims.dp
