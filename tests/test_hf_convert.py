@@ -20,6 +20,7 @@ from torch_mhc.integrations.convert import (  # noqa: E402
     save_converted,
 )
 from torch_mhc.nn import ManifoldHyperConnection  # noqa: E402
+from torch_mhc.train.config import UserError  # noqa: E402
 
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -105,6 +106,33 @@ def test_save_load_and_generate(tmp_path):
     gen = loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)  # with the KV cache
     no_cache = loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, use_cache=False)
     assert gen.shape == (1, 10) and torch.equal(gen, no_cache)
+
+
+def test_directory_identity_and_older_directories(tmp_path):
+    """A converted directory says mhc_qwen3 / MhcQwen3ForCausalLM; one written before (qwen3 plus
+    mhc_conversion) still loads through load_converted with its connections; one whose connection weights
+    are missing is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = convert_to_mhc(tiny("qwen3"), n=2)
+    with torch.no_grad():
+        for c in mhc_connections(model):
+            c.bias.normal_(0, 1.0)
+    save_converted(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("mhc_qwen3", ["MhcQwen3ForCausalLM"])
+    config.update(model_type="qwen3", architectures=["Qwen3ForCausalLM"])  # as written before
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    older = load_converted(tmp_path / "m", dtype=torch.float64)
+    assert type(older).__name__ == "MhcQwen3ForCausalLM" and older.config.model_type == "mhc_qwen3"
+    with torch.no_grad():
+        torch.testing.assert_close(older(batch()).logits, model(batch()).logits, rtol=0, atol=0)
+    save_converted(model, tmp_path / "cut")
+    weights = load_file(tmp_path / "cut" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp_mhc" not in k}, tmp_path / "cut" / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lack 3 connection parameters"):
+        load_converted(tmp_path / "cut")
 
 
 def test_bad_inputs():

@@ -185,6 +185,7 @@ def convert_to_mhc(model: nn.Module, n: int = 4, *, sinkhorn_iters: int = 20, ep
     setattr(model.config, CONVERSION_KEY, conversion)
     if not type(model.config).model_type.startswith(MHC_PREFIX):
         model.config.__class__ = mhc_config_class(type(model.config))
+    vars(model.config).pop("model_type", None)  # a config read from a file may hold its own: the class's counts
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel) and type(model).__module__ != __name__:
@@ -264,14 +265,15 @@ def _from_pretrained(loader, path: Path, key: str, **kwargs):
                         "files are complete (a truncated model.safetensors, a missing shard).") from None
 
 
-def _connection_weights(path: Path, wanted: dict) -> dict:
-    """The tensors of ``wanted``'s keys found in ``path``'s safetensors files (tensors only, no code)."""
+def _connection_weights(path: Path, wanted, load: bool = True) -> dict:
+    """The tensors (None with ``load=False``) of ``wanted``'s keys in ``path``'s safetensors files
+    (tensors only, no code); UserError when some are missing."""
     from safetensors import safe_open
 
     found = {}
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
-            found.update({k: f.get_tensor(k) for k in f.keys() if k in wanted})
+            found.update({k: f.get_tensor(k) if load else None for k in f.keys() if k in wanted})
     missing = sorted(set(wanted) - set(found))
     if missing:
         raise UserError(f"{path} records an mHC conversion but its weights lack {len(missing)} connection "
@@ -290,7 +292,7 @@ def load_converted(path: str | Path, n: int = 4, key: str = "path", **kwargs) ->
     values = check_hf_dir(path, key)
     if values["model_type"].startswith(MHC_PREFIX):  # registered with the Auto classes: loads the connections
         model = _from_pretrained(AutoModelForCausalLM, path, key, **kwargs)
-        _connection_weights(path, {k for k in model.state_dict() if "_mhc." in k})  # all of them were there
+        _connection_weights(path, {k for k in model.state_dict() if "_mhc." in k}, load=False)  # all were there
         return model
     conversion = getattr(_from_pretrained(AutoConfig, path, key), CONVERSION_KEY, None)
     verbosity = logging.get_verbosity()
