@@ -288,7 +288,7 @@ def test_read_ahead_replaces_the_next_gemm(monkeypatch, use, gemms):
 def test_read_ahead_post_writes_the_same_state_and_the_next_gemm(n, C, dtype):
     """The read-ahead post writes bit-for-bit the plain post's state, and its raw = state @ phi and inv_rms match
     the float64 values of the stored (rounded) state and the coefficient GEMM kernel's."""
-    from torch_mhc.ops.coefficients import _sinkhorn_pairs, coefficients_forward
+    from torch_mhc.ops.coefficients import coefficients_forward, make_epilogue
 
     g = torch.Generator().manual_seed(n)
     T, M = 21, 2 * n + n * n
@@ -304,8 +304,8 @@ def test_read_ahead_post_writes_the_same_state_and_the_next_gemm(n, C, dtype):
     s = out.double().reshape(T, n * C)
     raw, inv = s @ phi.double(), torch.rsqrt(s.square().mean(-1) + 1e-6)
     assert rel_err(ahead.raw, raw) < 2e-5 and rel_err(ahead.inv, inv) < 2e-5
-    *_, (_, _, raw_k, inv_k) = coefficients_forward(out.view(T, n * C), phi, torch.zeros(M), torch.ones(3), n,
-                                                    _sinkhorn_pairs(3, False), 1e-6, False)
+    *_, (_, _, raw_k, inv_k) = coefficients_forward(out.view(T, n * C), phi, torch.zeros(M), torch.ones(3),
+                                                    make_epilogue(n, ("sinkhorn", 3, False, False), False), 1e-6)
     assert rel_err(ahead.raw, raw_k) < 2e-5 and rel_err(ahead.inv, inv_k) < 2e-5
     assert ahead.matches(out, phi, 1e-6)
     assert not ahead.matches(out, phi, 1e-5) and not ahead.matches(out.clone(), phi, 1e-6)
@@ -372,6 +372,29 @@ def test_chained_backward_sums_the_state_gradient_in_the_post(monkeypatch, n, us
     sublayers = {read_ahead_chain: 3, chained: 3, chained_state_also_used: 2, chained_state_hooked: 3}[use]
     assert gemm.launches == sublayers
     assert [k["DX"] for k in gemm.kwargs].count(False) == chained_posts
+
+
+@pytest.mark.parametrize("h_res", ["identity", "circulant", "permutation-mixture", "kronecker"])
+def test_other_maps_share_the_read_ahead_and_the_chained_backward(monkeypatch, h_res):
+    """A map other than Sinkhorn runs between the two fused kernels on the res logits, and the sublayer keeps the
+    read-ahead (one forward GEMM for three chained sublayers) and the chained backward (two chained posts, their
+    readers' GEMM backward without dx); gradients equal the float64 reference path's."""
+    from torch_mhc.ops import coefficients, streams
+
+    fwd = CountLaunches(coefficients._gemm_fwd)
+    chain = CountLaunches(streams._post_bwd_chain)
+    bwd = CountLaunches(coefficients._gemm_bwd)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", fwd)
+    monkeypatch.setattr(streams, "_post_bwd_chain", chain)
+    monkeypatch.setattr(coefficients, "_gemm_bwd", bwd)
+    conn = make_conn(4, 24, seed=5, h_res=h_res)
+    x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(5))
+    got = grads_of(conn, x0, "triton", torch.float32, chained)
+    assert (fwd.launches, chain.launches, [k["DX"] for k in bwd.kwargs].count(False)) == (1, 2, 2)
+    ref = grads_of(conn.double(), x0.double(), "reference", torch.float64, chained)
+    assert rel_err(got[0], ref[0]) < TOL[torch.float32]
+    for a, b in zip(got[1:], ref[1:]):
+        assert rel_err(a, b) < 1e-3
 
 
 def test_chained_backward_retain_grad():

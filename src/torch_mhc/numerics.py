@@ -9,6 +9,7 @@ import torch
 # Allowed values, defined once; constructors and config validation both read these.
 VARIANTS = ("paper", "deepseek-v4")  # mHC numerics: the paper's, or DeepSeek-V4's released code
 BIAS_INITS = ("zero", "identity", "v4")  # mHC init schemes (spec section 4; v4: transformers' DeepSeek-V4)
+H_RES_MAPS = ("sinkhorn", "identity", "permutation-mixture", "circulant", "kronecker")  # built-in maps (nn/maps.py)
 MAPPINGS = ("pre", "post", "res")  # the three mappings, in the column order of phi
 MERGES = ("sum", "mean", "head")  # how the n streams become one before the final norm
 SINKHORN_STARTS = ("exp", "softmax")

@@ -59,8 +59,9 @@ def connection_alpha(conn) -> list[float] | None:
 
 
 def dynamic_logits(conn, streams: torch.Tensor) -> torch.Tensor | None:
-    """The per-token (dynamic) part of a connection's logits ``[..., 2n + n^2]`` (columns pre | post | res,
-    res row-major; bias excluded) for input streams ``[..., n, C]``; None for fixed or static connections."""
+    """The per-token (dynamic) part of a connection's logits ``[..., 2n + k]`` (columns pre | post | res: k res
+    logits, mHC's H_res map's; n^2 row-major for Sinkhorn and HC; bias excluded) for input streams
+    ``[..., n, C]``; None for fixed or static connections."""
     n = streams.shape[-2]
     x = streams.double()
     if hasattr(conn, "projection"):  # mHC: alpha * (x_hat phi), x_hat = flattened streams / rms
@@ -69,7 +70,7 @@ def dynamic_logits(conn, streams: torch.Tensor) -> torch.Tensor | None:
         phi, _, alpha = (full(t) for t in conn.projection())
         xf = x.flatten(-2)
         inv_rms = torch.rsqrt(xf.square().mean(-1, keepdim=True) + conn.eps)
-        scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)]).double()
+        scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(phi.shape[-1] - 2 * n)]).double()
         return (xf @ phi.double()) * inv_rms * scale
     if getattr(conn, "w_pre", None) is not None:  # HC: s * tanh(norm(x_i) w), per stream
         xn = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + conn.eps)

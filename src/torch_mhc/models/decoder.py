@@ -26,8 +26,9 @@ from torch_mhc.nn import (
     expand_streams,
     merge_streams,
 )
+from torch_mhc.nn.maps import make_h_res
 from torch_mhc.nn.recompute import optimal_interval, stream_recompute
-from torch_mhc.numerics import BIAS_INITS, MAPPINGS, MERGES, VARIANTS
+from torch_mhc.numerics import BIAS_INITS, H_RES_MAPS, MAPPINGS, MERGES, VARIANTS
 
 CONNECTIONS = ("residual", "hc", "mhc")
 
@@ -58,6 +59,7 @@ class ModelConfig:
     dynamic: bool = True  # mappings depend on the input (phi projections); false: static mappings only
     learn: list[str] = field(default_factory=lambda: ["pre", "post", "res"])  # learned; others fixed: 1/n, 1, I
     variant: str = "paper"  # paper | deepseek-v4
+    h_res: str = "sinkhorn"  # mHC's H_res map: sinkhorn | identity | permutation-mixture | circulant | kronecker
     recompute: bool = False  # selective recompute of the stream states (paper section 4.3)
     recompute_every: int = 0  # keep one state every L_r sublayers; 0: the paper's sqrt(n L / (n + 2))
     # activation checkpointing (applied by the trainer / parallelize, not by the model): none | block (every
@@ -118,9 +120,15 @@ class ModelConfig:
             errors.append(f"connection must be one of {CONNECTIONS} (got {self.connection!r})")
         if self.stream_dtype not in ("auto", "bfloat16", "float32"):
             errors.append(f"stream_dtype must be auto, bfloat16 or float32 (got {self.stream_dtype!r})")
-        for name, allowed in (("merge", MERGES), ("bias_init", BIAS_INITS), ("variant", VARIANTS)):
+        for name, allowed in (("merge", MERGES), ("bias_init", BIAS_INITS), ("variant", VARIANTS),
+                              ("h_res", H_RES_MAPS)):
             if getattr(self, name) not in allowed:
                 errors.append(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        if self.connection == "mhc" and self.h_res in H_RES_MAPS and self.n_streams >= 1:
+            try:  # a map's own limits (permutation-mixture: n <= 5)
+                make_h_res(self.h_res, self.n_streams)
+            except ValueError as e:
+                errors.append(f"h_res: {e}")
         if not isinstance(self.learn, (list, tuple)) or set(self.learn) - set(MAPPINGS):
             errors.append(f"learn may only contain {', '.join(MAPPINGS)} (got {self.learn})")
         if self.moe and not 1 <= self.top_k <= self.n_routed_experts:
@@ -200,6 +208,7 @@ def make_connection(cfg: ModelConfig, sublayer: nn.Module, layer_index: int) -> 
         cfg.dim, cfg.n_streams, sublayer, layer_index=layer_index, sinkhorn_iters=cfg.sinkhorn_iters,
         eps=cfg.mhc_eps, alpha_init=cfg.alpha_init, bias_init=cfg.bias_init, identity_gap=cfg.identity_gap,
         phi_std=cfg.phi_init_std or None, dynamic=cfg.dynamic, learn=tuple(cfg.learn), variant=cfg.variant,
+        h_res=cfg.h_res,
     )
 
 

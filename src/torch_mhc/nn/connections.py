@@ -24,6 +24,7 @@ from torch import nn
 
 from torch_mhc.nn import functional as Fm
 from torch_mhc.nn import recompute
+from torch_mhc.nn.maps import HResMap, make_h_res
 from torch_mhc.numerics import BIAS_INITS, MAPPINGS, VARIANTS, compute_dtype
 
 
@@ -186,11 +187,15 @@ class ManifoldHyperConnection(StreamConnection):
         phi_std: std of phi's random columns; None: 1/sqrt(n*dim) (identity, zero), 0.02 (v4).
         dynamic: False drops the ``x phi`` term (static-only mHC).
         learn: which mappings are learned; the others are fixed to H_pre = 1/n, H_post = 1, H_res = I.
-        variant: "paper", or "deepseek-v4" (V4 numerics and parameter layout: ``fn [2n+n^2, nC]``,
-            ``base [2n+n^2]``, ``scale [3]``, res block holding V4's ``comb`` logits).
+        variant: "paper", or "deepseek-v4" (V4 numerics and parameter layout: ``fn [2n+k, nC]``,
+            ``base [2n+k]``, ``scale [3]``, ``H_pre = sigmoid + eps``; with ``h_res="sinkhorn"`` the res block
+            holds V4's ``comb`` logits, read by V4's softmax-start Sinkhorn).
+        h_res: the map from the res logits to H_res: a name ("sinkhorn", default, with ``sinkhorn_iters``, ``eps``
+            and the variant's numerics; "identity"; "permutation-mixture", n <= 5; "circulant"; "kronecker") or an
+            :class:`~torch_mhc.nn.maps.HResMap` instance (a map of your own); see :mod:`torch_mhc.nn.maps`.
 
-    Parameters (paper layout): ``phi [n*dim, 2n+n^2]`` (columns pre | post | res, res row-major:
-    ``H_res[i, j]`` from column ``2n + i*n + j``), ``bias [2n+n^2]``, ``alpha [3]``. At step 0
+    Parameters (paper layout): ``phi [n*dim, 2n+k]`` (columns pre | post | res, k = the map's logit count; Sinkhorn:
+    k = n^2, row-major, ``H_res[i, j]`` from column ``2n + i*n + j``), ``bias [2n+k]``, ``alpha [3]``. At step 0
     ``H_post = 1`` exactly; ``H_pre`` and ``H_res`` vary slightly per token (``phi`` is random on
     their columns, to break the symmetry of copied streams), which for copied streams and a
     pre-normed sublayer changes nothing: the stack starts as the Pre-Norm residual network.
@@ -214,6 +219,7 @@ class ManifoldHyperConnection(StreamConnection):
         dynamic: bool = True,
         learn: tuple[str, ...] = MAPPINGS,
         variant: str = "paper",
+        h_res: str | HResMap = "sinkhorn",
     ):
         super().__init__(dim, n, sublayer)
         _check_positive("sinkhorn_iters", sinkhorn_iters)
@@ -229,7 +235,10 @@ class ManifoldHyperConnection(StreamConnection):
         self.dynamic, self.learn = dynamic, _check_learn(learn)
         self.layer_index, self.alpha_init, self.bias_init = layer_index, alpha_init, bias_init
         self.identity_gap, self.phi_std = identity_gap, phi_std
-        width = 2 * n + n * n
+        if h_res == "sinkhorn":  # the variant's Sinkhorn (V4: softmax start, comb read transposed)
+            h_res = Fm.default_map(n, sinkhorn_iters, eps, variant)
+        self.h_res_map = make_h_res(h_res, n)
+        width = 2 * n + self.h_res_map.logit_count()
         if variant == "paper":
             self.phi = nn.Parameter(torch.empty(n * dim, width))
             self.bias = nn.Parameter(torch.empty(width))
@@ -253,13 +262,12 @@ class ManifoldHyperConnection(StreamConnection):
         v4: phi ~ N(0, 0.02^2) on every column, biases 0 (H_post is then 1 only on average).
         """
         n, dim = self.n, self.dim
-        width = 2 * n + n * n
+        width = 2 * n + self.h_res_map.logit_count()
         bias = torch.zeros(width, device="cpu")
         if self.bias_init == "identity":
             bias[:n] = -3.0
             bias[self.layer_index % n] = 3.0
-            eye = torch.eye(n, device="cpu")  # symmetric, so the same for paper and V4 orientation
-            bias[2 * n :] = (self.identity_gap * (2.0 * eye - 1.0) / 2.0).flatten()
+        bias[2 * n :] = self.h_res_map.init_logits(self.bias_init, self.identity_gap)
         v4 = self.bias_init == "v4"
         phi = torch.randn(n * dim, width, generator=generator, device="cpu")
         if self.phi_std is not None or v4:
@@ -275,12 +283,12 @@ class ManifoldHyperConnection(StreamConnection):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, n={self.n}, variant={self.variant}, iters={self.sinkhorn_iters}, "
+            f"dim={self.dim}, n={self.n}, variant={self.variant}, h_res={self.h_res_map!r}, "
             f"dynamic={self.dynamic}, learn={self.learn}"
         )
 
     def projection(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(phi ``[n*dim, 2n+n^2]``, bias, alpha) whatever the parameter layout."""
+        """(phi ``[n*dim, 2n+k]``, bias, alpha) whatever the parameter layout."""
         if self.variant == "paper":
             return self.phi, self.bias, self.alpha
         return self.fn.t(), self.base, self.scale
@@ -292,8 +300,10 @@ class ManifoldHyperConnection(StreamConnection):
             super().__setattr__(name, value)
 
     def fused_read(self) -> bool:
-        """Whether the read is the fused sublayer's (dynamic, every mapping learned) when the kernels run."""
-        return self.dynamic and len(self.learn) == len(MAPPINGS)
+        """Whether the read is the fused sublayer's (dynamic, every mapping learned, ``coefficients`` not
+        overridden by a subclass: then the read goes through it) when the kernels run."""
+        return (self.dynamic and len(self.learn) == len(MAPPINGS)
+                and type(self).coefficients is ManifoldHyperConnection.coefficients)
 
     def read(self, streams):
         if not self.fused_read():
@@ -301,7 +311,7 @@ class ManifoldHyperConnection(StreamConnection):
         ahead, self._read_ahead = self._read_ahead, None
         phi, bias, alpha = self.projection()
         return Fm.mhc_sublayer_pre(streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps,
-                                   variant=self.variant, read_ahead=ahead)
+                                   variant=self.variant, read_ahead=ahead, h_res=self.h_res_map)
 
     def write(self, state, sublayer_output):
         """With the kernels and a next reader (:func:`chain_reads`), the post also computes the next
@@ -324,7 +334,7 @@ class ManifoldHyperConnection(StreamConnection):
         phi, bias, alpha = self.projection()
         h_pre, h_post, h_res = Fm.mhc_coefficients(
             streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps, variant=self.variant,
-            dynamic=self.dynamic,
+            dynamic=self.dynamic, h_res=self.h_res_map,
         )
         return fix_unlearned(self.learn, streams, (h_pre, h_post, h_res))
 

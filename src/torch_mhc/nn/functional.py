@@ -13,7 +13,7 @@ import functools
 import torch
 
 from torch_mhc import ops
-from torch_mhc.nn.sinkhorn import sinkhorn
+from torch_mhc.nn.maps import HResMap, SinkhornMap
 from torch_mhc.numerics import compute_dtype, no_autocast, sinkhorn_start
 
 
@@ -26,11 +26,18 @@ def check_finite(t: torch.Tensor, what: str) -> None:
 
 
 @functools.cache
-def alpha_columns(n: int, device: torch.device) -> torch.Tensor:
-    """Which alpha (0 pre, 1 post, 2 res) scales each of the ``2n + n^2`` coefficient columns. Built once per
-    (n, device), so the hot path makes no host-to-device copy; gathered with ``index_select``, whose backward
-    sums alpha's gradient in the same order as the former ``repeat_interleave`` (bit-identical curves)."""
-    return torch.tensor([0] * n + [1] * n + [2] * n * n, device=device)
+def alpha_columns(n: int, device: torch.device, k: int | None = None) -> torch.Tensor:
+    """Which alpha (0 pre, 1 post, 2 res) scales each of the ``2n + k`` coefficient columns (k res logits; default
+    n^2, Sinkhorn's). Built once per (n, device, k), so the hot path makes no host-to-device copy; gathered with
+    ``index_select``, whose backward sums alpha's gradient in the same order as the former ``repeat_interleave``
+    (bit-identical curves)."""
+    return torch.tensor([0] * n + [1] * n + [2] * (n * n if k is None else k), device=device)
+
+
+def default_map(n: int, iters: int, eps: float, variant: str) -> HResMap:
+    """The map ``variant`` stands for: Sinkhorn with the paper's exp start, or V4's softmax start read transposed."""
+    v4 = variant == "deepseek-v4"
+    return SinkhornMap(n, iters=iters, eps=eps, start=sinkhorn_start(variant), transpose=v4)
 
 
 def mhc_coefficients(
@@ -43,52 +50,58 @@ def mhc_coefficients(
     eps: float = 1e-6,
     variant: str = "paper",
     dynamic: bool = True,
+    h_res: HResMap | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC coefficients (spec Eq. 7-9, fused form Eq. 10-19).
 
-    x ``[..., n, C]``; phi ``[n*C, 2n + n*n]`` (columns pre | post | res, res row-major); bias
-    ``[2n + n*n]``; alpha ``[3]`` (pre, post, res). Returns fp32 ``(H_pre, H_post, H_res)``.
+    x ``[..., n, C]``; phi ``[n*C, 2n + k]`` (columns pre | post | res); bias ``[2n + k]``; alpha ``[3]`` (pre,
+    post, res). ``h_res``: the map from the k res logits to H_res (:mod:`torch_mhc.nn.maps`); None: Sinkhorn
+    (k = n^2, res row-major) with ``iters`` and ``eps`` as ``variant`` says. Returns fp32 ``(H_pre, H_post, H_res)``.
 
-    ``variant="deepseek-v4"``: ``H_pre = sigmoid(.) + eps`` and the res block is V4's ``comb``
+    ``variant="deepseek-v4"``: ``H_pre = sigmoid(.) + eps``; its default map reads the res block as V4's ``comb``
     logits, so ``H_res = comb^T`` with V4's softmax-start Sinkhorn.
     """
+    n = x.shape[-2]
+    h_res = default_map(n, iters, eps, variant) if h_res is None else h_res
     if dynamic and ops.should_fuse(x):
         with no_autocast(x):
-            return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
-    n, cdt = x.shape[-2], compute_dtype(x.dtype)
+            return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
+                                              h_res=h_res)
+    cdt = compute_dtype(x.dtype)
     with no_autocast(x):
         if dynamic:
             xf = x.flatten(-2).to(cdt)
             inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-            scale = alpha.to(cdt).index_select(0, alpha_columns(n, alpha.device))  # alpha of each column
+            k = phi.shape[-1] - 2 * n
+            scale = alpha.to(cdt).index_select(0, alpha_columns(n, alpha.device, None if k == n * n else k))
             h = (xf @ phi.to(cdt)) * inv_rms * scale + bias.to(cdt)
         else:
             h = bias.to(cdt).expand(*x.shape[:-2], bias.shape[-1])
         check_finite(h, "the mHC coefficients (check the streams and parameters)")
         h_pre = torch.sigmoid(h[..., :n])
         h_post = 2.0 * torch.sigmoid(h[..., n : 2 * n])
-        res_logits = h[..., 2 * n :].unflatten(-1, (n, n))
-        if variant == "deepseek-v4":  # V4: eps on H_pre, and its comb is applied transposed
+        if variant == "deepseek-v4":  # V4: eps on H_pre
             h_pre = h_pre + eps
-            res_logits = res_logits.transpose(-1, -2)
-        h_res = sinkhorn(res_logits, iters=iters, eps=eps, start=sinkhorn_start(variant))
-    return h_pre, h_post, h_res
+        out = h_res(h[..., 2 * n :])
+    return h_pre, h_post, out
 
 
 def mhc_sublayer_pre(
     x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int = 20,
-    eps: float = 1e-6, variant: str = "paper", read_ahead=None,
+    eps: float = 1e-6, variant: str = "paper", read_ahead=None, h_res: HResMap | None = None,
 ):
     """The read half of a dynamic mHC sublayer: x ``[..., n, C]`` -> (sublayer input ``[..., C]``,
     fp32 (H_pre, H_post, H_res), link). ``link`` is None on the reference path; with the kernels it ties this
     read to :func:`stream_post` (pass it as ``link=``) so that the sublayer's three gradient terms of x are
     summed in one buffer instead of by autograd (see :mod:`torch_mhc.ops.sublayer`). ``read_ahead``: what the
-    fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None."""
+    fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None. ``h_res``: as in
+    :func:`mhc_coefficients`."""
+    h_res = default_map(x.shape[-2], iters, eps, variant) if h_res is None else h_res
     if ops.should_fuse(x):
         with no_autocast(x):
             return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
-                                          read_ahead=read_ahead)
-    coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+                                          read_ahead=read_ahead, h_res=h_res)
+    coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res)
     return stream_pre(x, coeffs[0]), coeffs, None
 
 

@@ -75,15 +75,29 @@ def _require_fused_streams(n: int, what: str) -> None:
 # works without triton.
 
 
+def kernel_spec(h_res, iters: int, variant: str) -> tuple:
+    """What the epilogue kernels compute for the res part: ("sinkhorn", iters, softmax start, transposed) on chip,
+    or ("logits", k): the k res logits handed out, the map's own ``h_res`` run on them in PyTorch between the
+    two kernels (any map the kernels do not know, a user's map included). ``h_res``: an
+    :class:`torch_mhc.nn.maps.HResMap` (duck-typed: ``kernel_spec()``, ``logit_count()``, called on the logits),
+    or None for the Sinkhorn that ``iters`` and ``variant`` name."""
+    if h_res is None:
+        v4 = variant == "deepseek-v4"
+        return ("sinkhorn", iters, v4, v4)
+    return h_res.kernel_spec() or ("logits", h_res.logit_count())
+
+
 def fused_mhc_coefficients(
-    x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int, eps: float, variant: str
+    x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int, eps: float,
+    variant: str, h_res=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x ``[..., n, C]``, phi ``[n*C, 2n+n^2]``, bias ``[2n+n^2]``, alpha ``[3]`` -> fp32 (H_pre ``[..., n]``,
-    H_post ``[..., n]``, H_res ``[..., n, n]``); see :mod:`torch_mhc.ops.coefficients`."""
+    """x ``[..., n, C]``, phi ``[n*C, 2n+k]``, bias ``[2n+k]``, alpha ``[3]`` -> fp32 (H_pre ``[..., n]``,
+    H_post ``[..., n]``, H_res ``[..., n, n]``); ``h_res``: the map (None: the variant's Sinkhorn, k = n^2, with
+    ``iters``); see :mod:`torch_mhc.ops.coefficients`."""
     _require_fused_streams(x.shape[-2], "fused_mhc_coefficients")
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
-    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant)
+    return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res)
 
 
 def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
@@ -104,15 +118,17 @@ def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 
 
 def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int,
-                       eps: float, variant: str, read_ahead=None):
+                       eps: float, variant: str, read_ahead=None, h_res=None):
     """x ``[..., n, C]`` -> (y ``[..., C]``, fp32 (H_pre, H_post, H_res), link): coefficients and pre in one
     autograd Function whose backward takes post's dx through ``link`` and adds pre's and the coefficient
     GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`.
-    ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi)."""
+    ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi). ``h_res``: as
+    in :func:`fused_mhc_coefficients`."""
     _require_fused_streams(x.shape[-2], "fused_sublayer_pre")
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
-    return impl(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, read_ahead=read_ahead)
+    return impl(x, phi, bias, alpha, eps=eps, variant=variant, read_ahead=read_ahead,
+                spec=kernel_spec(h_res, iters, variant), h_res=h_res)
 
 
 def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None,

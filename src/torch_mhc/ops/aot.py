@@ -119,19 +119,50 @@ class LaunchRecorder:
         JITFunction.run = self._saved
 
 
-def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Fresh CPU leaves of one mHC sublayer: x [T, n, C], phi [n*C, 2n+n^2], bias [2n+n^2], alpha [3]."""
-    M = 2 * n + n * n
+class GateMap:
+    """A stand-in H_res map with k res logits that the kernels do not compute on chip (``kernel_spec`` None): the
+    epilogue hands out the logits and this runs on them (a circulant of their softmax, k >= 1; I for k = 0). The
+    kernels see only k (ops/ may not import nn/maps.py): the gate traces each k a built-in map takes."""
+
+    def __init__(self, n: int, k: int):
+        self.n, self.k = n, k
+
+    def kernel_spec(self):
+        return None
+
+    def logit_count(self) -> int:
+        return self.k
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        n, lead = self.n, logits.shape[:-1]
+        if self.k == 0:
+            return torch.eye(n, dtype=logits.dtype).expand(*lead, n, n)
+        w = torch.softmax(logits, dim=-1)[..., torch.arange(n) % self.k]
+        i = torch.arange(n)
+        return w[..., (i[None, :] - i[:, None]) % n]
+
+
+# k of every built-in map the kernels run through the logits path, per n: identity (0), circulant (n),
+# permutation-mixture (n!, n <= 4 fused), kronecker (n = 8: permutation mixtures of 4 and 2, 24 + 2).
+MAP_LOGITS = {1: (0, 1), 2: (0, 2), 4: (0, 4, 24), 8: (0, 8, 26)}
+
+
+def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype, k: int | None = None) -> list[torch.Tensor]:
+    """Fresh CPU leaves of one mHC sublayer: x [T, n, C], phi [n*C, 2n+k], bias [2n+k], alpha [3] (k res logits;
+    None: Sinkhorn's n^2)."""
+    M = 2 * n + (n * n if k is None else k)
     return [torch.randn(T, n, C, dtype=dtype, requires_grad=True), torch.randn(n * C, M, requires_grad=True),
             torch.randn(M, requires_grad=True), torch.rand(3, requires_grad=True)]
 
 
-def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True, f_dtype=None) -> torch.Tensor:
+def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool = True, f_dtype=None,
+                     h_res=None) -> torch.Tensor:
     """One mHC sublayer (F = identity) through the fused ops: the new state [T, n, C]. ``fused``: the two
     sublayer Functions with one dx buffer (what connections run), the post reading ahead for a next sublayer
     with the same phi (:func:`chain` of one); False: the separate ops (coefficients, pre, post: what code calling
     them directly, and recompute's rebuild, run). ``f_dtype``: the sublayer's output in another dtype than the streams
-    (the trainer: fp32 streams, bf16 outputs of a sublayer under autocast)."""
+    (the trainer: fp32 streams, bf16 outputs of a sublayer under autocast). ``h_res``: the H_res map (None:
+    Sinkhorn)."""
     from torch_mhc.ops import (
         fused_mhc_coefficients,
         fused_stream_post,
@@ -139,13 +170,15 @@ def sublayer_forward(x, phi, bias, alpha, variant: str, iters: int, fused: bool 
     )
 
     if fused:
-        return chain(x, [(phi, bias, alpha)], variant, iters, chain_backward=False, f_dtype=f_dtype)
-    h_pre, h_post, h_res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+        return chain(x, [(phi, bias, alpha)], variant, iters, chain_backward=False, f_dtype=f_dtype, h_res=h_res)
+    h_pre, h_post, res = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
+                                                h_res=h_res)
     y = fused_stream_pre(x, h_pre)
-    return fused_stream_post(x, h_post, h_res, y if f_dtype is None else y.to(f_dtype))
+    return fused_stream_post(x, h_post, res, y if f_dtype is None else y.to(f_dtype))
 
 
-def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True, f_dtype=None) -> torch.Tensor:
+def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True, f_dtype=None,
+          h_res=None) -> torch.Tensor:
     """Fused sublayers in a row (F = identity), ``layers`` = [(phi, bias, alpha)] one per sublayer: each post reads
     ahead for the next sublayer's phi, each read takes the previous post's read-ahead and, with ``chain_backward``,
     leaves its state gradient to that post's backward. -> the last state."""
@@ -154,23 +187,27 @@ def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True
     ahead = None
     for i, (phi, bias, alpha) in enumerate(layers):
         nxt = layers[i + 1][0] if i + 1 < len(layers) else phi
-        y, (_, h_post, h_res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
-                                                         read_ahead=ahead)
+        y, (_, h_post, res), link = fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant,
+                                                       read_ahead=ahead, h_res=h_res)
         f = y if f_dtype is None else y.to(f_dtype)
-        x, ahead = fused_sublayer_post(link, h_post, h_res, f, read_ahead=(nxt, 1e-6), chain_backward=chain_backward)
+        x, ahead = fused_sublayer_post(link, h_post, res, f, read_ahead=(nxt, 1e-6), chain_backward=chain_backward)
     return x
 
 
 def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True,
-                 f_dtype=None) -> None:
+                 f_dtype=None, res_logits: int | None = None) -> None:
     """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: also two chained sublayers (the
     first runs the coefficient GEMM; the second's read takes the first post's read-ahead and leaves its state
-    gradient to the first post's chained backward)."""
-    x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype)
-    out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused, f_dtype)
+    gradient to the first post's chained backward). ``res_logits``: k of a map run outside the kernels
+    (:class:`GateMap`); None: Sinkhorn on chip."""
+    k = res_logits
+    h_res = None if k is None else GateMap(n, k)
+    x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype, k)
+    out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused, f_dtype, h_res)
     out.backward(torch.ones_like(out))
     if fused:
-        out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype)[1:]], variant, iters, f_dtype=f_dtype)
+        out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype, k)[1:]], variant, iters, f_dtype=f_dtype,
+                    h_res=h_res)
         out.backward(torch.ones_like(out))
 
 
@@ -257,6 +294,14 @@ GATE_CASES = [
     dict(n=n, C=C, T=T, dtype=torch.float32, variant="paper", iters=20, fused=fused, f_dtype=torch.bfloat16)
     for n in (1, 2, 4, 8)
     for C, T in ((24, 48), (1024, 48), (16, 8448))
+    for fused in (True, False)
+    if fused or T == 48
+] + [  # the other H_res maps (the epilogue hands out their k res logits; GEMM widths 2n + k)
+    dict(n=n, C=C, T=T, dtype=dtype, variant="paper", iters=20, fused=fused, res_logits=k)
+    for n, ks in MAP_LOGITS.items()
+    for k in ks
+    for C, T in ((24, 48), (1024, 48), (16, 8448))
+    for dtype in (torch.float32, torch.bfloat16)
     for fused in (True, False)
     if fused or T == 48
 ]

@@ -19,6 +19,8 @@ Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -92,10 +94,8 @@ def _row_sums(m, eps):
 
 
 @triton.jit
-def _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M,
-                          N: tl.constexpr, V4: tl.constexpr):
-    """Per-token inputs: raw pre/post [BT, N], raw res [BT, N, N] (in the orientation Sinkhorn
-    sees), inv_rms [BT], the logits h = raw * inv * alpha + bias of each, and the columns res came from."""
+def _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N: tl.constexpr):
+    """Per-token inputs of the gates: raw pre/post [BT, N], inv_rms [BT] and the logits h = raw * inv * alpha + bias."""
     i = tl.arange(0, N)
     inv = tl.load(inv_ptr + rows64, mask=rmask, other=1.0)
     base = raw_ptr + rows64[:, None] * M
@@ -103,37 +103,64 @@ def _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, 
     raw_post = tl.load(base + N + i[None, :], mask=rmask[:, None], other=0.0)
     h_pre = raw_pre * inv[:, None] * tl.load(alpha_ptr) + tl.load(bias_ptr + i)[None, :]
     h_post = raw_post * inv[:, None] * tl.load(alpha_ptr + 1) + tl.load(bias_ptr + N + i)[None, :]
+    return raw_pre, raw_post, inv, h_pre, h_post
+
+
+@triton.jit
+def _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Sinkhorn's res logits as [BT, N, N] in the orientation Sinkhorn sees: raw, L = raw * inv * alpha + bias, and
+    the columns they came from (TRANSPOSE: V4's comb[j, i] = H_res[i, j])."""
+    i = tl.arange(0, N)
     r = i[None, :, None]
     c = i[None, None, :]
-    if V4:  # V4's comb[j, i] = H_res[i, j]
+    if TRANSPOSE:
         col = 2 * N + c * N + r
     else:
         col = 2 * N + r * N + c
     raw_res = tl.load(raw_ptr + rows64[:, None, None] * M + col, mask=rmask[:, None, None], other=0.0)
     L = raw_res * inv[:, None, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + col)
-    return raw_pre, raw_post, raw_res, inv, h_pre, h_post, L, col
+    return raw_res, L, col
+
+
+@triton.jit
+def _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N: tl.constexpr, KR: tl.constexpr,
+                     BKR: tl.constexpr):
+    """A map's KR res logits as [BT, BKR] (columns 2N + j, padded to BKR with zeros): raw, L, the column mask."""
+    j = tl.arange(0, BKR)
+    jm = j < KR
+    raw_res = tl.load(raw_ptr + rows64[:, None] * M + 2 * N + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0)
+    L = raw_res * inv[:, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + 2 * N + j, mask=jm, other=0.0)[None, :]
+    return raw_res, L, j, jm
 
 
 @triton.jit(do_not_specialize=["T", "PAIRS"])
 def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, T, M, PAIRS, eps,
-                  N: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
-    """Sinkhorn steps: V4 starts with one row normalisation, then PAIRS x (columns, rows)."""
+                  N: tl.constexpr, PRE_EPS: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr,
+                  TRANSPOSE: tl.constexpr, KR: tl.constexpr, BKR: tl.constexpr, BT: tl.constexpr,
+                  SAFE_MAX: tl.constexpr):
+    """Gates (sigmoid, 2 sigmoid; PRE_EPS: + eps on H_pre, V4) and the res part. RES = 0: Sinkhorn on chip, H_res
+    [T, N, N] (SOFTMAX: V4's start, then one row normalisation; then PAIRS x (columns, rows)); RES = 1: the KR res
+    logits [T, KR] for a map that runs outside the kernels."""
     rows64, rmask = token_block(T, BT)
     i = tl.arange(0, N)
-    _, _, _, _, h_pre, h_post, L, _ = _load_epilogue_inputs(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask,
-                                                            M, N, V4)
+    _, _, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
     pre = tl.sigmoid(h_pre)
-    if V4:
+    if PRE_EPS:
         pre += eps
     tl.store(pre_ptr + rows64[:, None] * N + i[None, :], pre, mask=rmask[:, None])
     tl.store(post_ptr + rows64[:, None] * N + i[None, :], 2.0 * tl.sigmoid(h_post), mask=rmask[:, None])
-    m = _sk_start(L, eps, V4, SAFE_MAX)
-    if V4:
-        m = m / _row_sums(m, eps)[:, :, None]
-    for _ in range(PAIRS):
-        m = m / _col_sums(m, eps)[:, None, :]
-        m = m / _row_sums(m, eps)[:, :, None]
-    tl.store(res_ptr + mat_offsets(rows64, N), m, mask=rmask[:, None, None])
+    if RES == 0:
+        _, L, _ = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
+        m = _sk_start(L, eps, SOFTMAX, SAFE_MAX)
+        if SOFTMAX:
+            m = m / _row_sums(m, eps)[:, :, None]
+        for _ in range(PAIRS):
+            m = m / _col_sums(m, eps)[:, None, :]
+            m = m / _row_sums(m, eps)[:, :, None]
+        tl.store(res_ptr + mat_offsets(rows64, N), m, mask=rmask[:, None, None])
+    elif KR > 0:
+        _, L, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
+        tl.store(res_ptr + rows64[:, None] * KR + j[None, :], L, mask=rmask[:, None] & jm[None, :])
 
 
 @triton.jit
@@ -149,32 +176,18 @@ def _step_bwd_row(g, y, den):
     return g, y * den[:, :, None]
 
 
-@triton.jit(do_not_specialize=["T"])
-def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, draw_ptr, coef_ptr,
-                  dbias_ptr, dalpha_ptr, T, M, K, eps, PAIRS: tl.constexpr,
-                  N: tl.constexpr, V4: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
-    """From the gradients of (H_pre, H_post, H_res): draw [T, M] = dL/draw, coef [T] (the RMS term of dx,
-    per element of x), and this program's partial sums of dbias [M] and dalpha [3].
-
-    Sinkhorn backward in O(steps), on chip: one recomputation of the forward keeps each step's sums (an
-    n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one compilation
-    per iteration count), then each step is undone from its output: input = output * sums.
-    """
-    rows64, rmask = token_block(T, BT)
+@triton.jit
+def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.constexpr, SOFTMAX: tl.constexpr,
+                  SAFE_MAX: tl.constexpr):
+    """dL [BT, N, N] from the gradient of H_res: one recomputation of the forward keeps each step's sums (an
+    n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one compilation per
+    iteration count), then each step is undone from its output: input = output * sums."""
     i = tl.arange(0, N)
-    raw_pre, raw_post, raw_res, inv, h_pre, h_post, L, col = _load_epilogue_inputs(
-        raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N, V4)
-    s_pre = tl.sigmoid(h_pre)
-    s_post = tl.sigmoid(h_post)
-    dh_pre = load_vec(dpre_ptr, rows64, rmask, N) * s_pre * (1 - s_pre)
-    dh_post = 2.0 * load_vec(dpost_ptr, rows64, rmask, N) * s_post * (1 - s_post)
-
-    # Sinkhorn: recompute once, keeping the sums; then sweep back.
-    LEAD: tl.constexpr = 1 if V4 else 0
-    m0 = _sk_start(L, eps, V4, SAFE_MAX)
+    LEAD: tl.constexpr = 1 if SOFTMAX else 0
+    m0 = _sk_start(L, eps, SOFTMAX, SAFE_MAX)
     m = m0
     sums = ()
-    if V4:
+    if SOFTMAX:
         den = _row_sums(m, eps)
         sums = sums + (den,)
         m = m / den[:, :, None]
@@ -189,7 +202,7 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
     for q in tl.static_range(PAIRS):
         g, m = _step_bwd_row(g, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
         g, m = _step_bwd_col(g, m, sums[LEAD + 2 * (PAIRS - 1 - q)])
-    if V4:
+    if SOFTMAX:
         g, m = _step_bwd_row(g, m, sums[0])
         e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
         sm = e / tl.sum(e, axis=1)[:, None, :]
@@ -204,26 +217,57 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
         first = tl.min(tl.min(tl.where(L == top[:, None, None], flat, N * N), axis=2), axis=1)
         total = tl.sum(tl.sum(dL, axis=2), axis=1)
         dL -= tl.where((flat == first[:, None, None]) & (shift > 0)[:, None, None], total[:, None, None], 0.0)
+    return dL
+
+
+@triton.jit(do_not_specialize=["T"])
+def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, draw_ptr, coef_ptr,
+                  dbias_ptr, dalpha_ptr, T, M, K, eps, PAIRS: tl.constexpr,
+                  N: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSE: tl.constexpr,
+                  KR: tl.constexpr, BKR: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
+    """From the gradients of (H_pre, H_post, and H_res (RES = 0, Sinkhorn on chip) or the res logits [T, KR]
+    (RES = 1)): draw [T, M] = dL/draw, coef [T] (the RMS term of dx, per element of x), and this program's
+    partial sums of dbias [M] and dalpha [3]. Sinkhorn backward in O(steps), on chip (:func:`_sinkhorn_bwd`)."""
+    rows64, rmask = token_block(T, BT)
+    i = tl.arange(0, N)
+    raw_pre, raw_post, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
+    s_pre = tl.sigmoid(h_pre)
+    s_post = tl.sigmoid(h_post)
+    dh_pre = load_vec(dpre_ptr, rows64, rmask, N) * s_pre * (1 - s_pre)
+    dh_post = 2.0 * load_vec(dpost_ptr, rows64, rmask, N) * s_post * (1 - s_post)
 
     # h = raw * inv * alpha + bias: dL/draw = dh * alpha * inv; the RMS term for dx; bias and alpha partials.
     a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
     out = draw_ptr + rows64[:, None] * M
     tl.store(out + i[None, :], dh_pre * a_pre * inv[:, None], mask=rmask[:, None])
     tl.store(out + N + i[None, :], dh_post * a_post * inv[:, None], mask=rmask[:, None])
-    tl.store(draw_ptr + rows64[:, None, None] * M + col, dL * a_res * inv[:, None, None], mask=rmask[:, None, None])
     d_pre = tl.sum(dh_pre * raw_pre, axis=1)  # [BT]: sum over the group's columns of dh * raw
     d_post = tl.sum(dh_post * raw_post, axis=1)
-    d_res = tl.sum(tl.sum(dL * raw_res, axis=2), axis=1)
+    pid = tl.program_id(0).to(tl.int64)
+    if RES == 0:
+        raw_res, L, col = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
+        dL = _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS, N, SOFTMAX, SAFE_MAX)
+        tl.store(draw_ptr + rows64[:, None, None] * M + col, dL * a_res * inv[:, None, None],
+                 mask=rmask[:, None, None])
+        d_res = tl.sum(tl.sum(dL * raw_res, axis=2), axis=1)
+        if TRANSPOSE:
+            col2 = 2 * N + i[None, :] * N + i[:, None]
+        else:
+            col2 = 2 * N + i[:, None] * N + i[None, :]
+        tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0))
+    elif KR > 0:
+        raw_res, _, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
+        dL = tl.load(dres_ptr + rows64[:, None] * KR + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0)
+        tl.store(draw_ptr + rows64[:, None] * M + 2 * N + j[None, :], dL * a_res * inv[:, None],
+                 mask=rmask[:, None] & jm[None, :])
+        d_res = tl.sum(dL * raw_res, axis=1)
+        tl.store(dbias_ptr + pid * M + 2 * N + j, tl.sum(dL, axis=0), mask=jm)
+    else:  # no res logits (H_res = I)
+        d_res = tl.zeros((BT,), dtype=tl.float32)
     coef = -(a_pre * d_pre + a_post * d_post + a_res * d_res) * inv * inv * inv / K
     tl.store(coef_ptr + rows64, coef, mask=rmask)
-    pid = tl.program_id(0).to(tl.int64)
     tl.store(dbias_ptr + pid * M + i, tl.sum(dh_pre, axis=0))
     tl.store(dbias_ptr + pid * M + N + i, tl.sum(dh_post, axis=0))
-    if V4:
-        col2 = 2 * N + i[None, :] * N + i[:, None]
-    else:
-        col2 = 2 * N + i[:, None] * N + i[None, :]
-    tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0))
     tl.store(dalpha_ptr + pid * 3, tl.sum(d_pre * inv, axis=0))
     tl.store(dalpha_ptr + pid * 3 + 1, tl.sum(d_post * inv, axis=0))
     tl.store(dalpha_ptr + pid * 3 + 2, tl.sum(d_res * inv, axis=0))
@@ -319,7 +363,8 @@ def _block_m(m: int) -> int:
 
 
 def _sinkhorn_pairs(iters: int, v4: bool) -> int:
-    """The kernels run an optional leading row step (V4) then (col, row) pairs: check that against the rule."""
+    """The kernels run an optional leading row step (V4's softmax start) then (col, row) pairs: check that against
+    the rule."""
     steps = sinkhorn_steps(iters, "softmax" if v4 else "exp")
     lead = [ROW] if v4 else []
     pairs = (len(steps) - len(lead)) // 2
@@ -328,20 +373,56 @@ def _sinkhorn_pairs(iters: int, v4: bool) -> int:
     return pairs
 
 
+@dataclass(frozen=True)
+class Epilogue:
+    """What the epilogue kernels compute for n streams besides the GEMM: the gates (``pre_eps``: H_pre + eps, V4)
+    and the res part: Sinkhorn on chip (``sinkhorn``: ``pairs`` (col, row) pairs after V4's ``softmax`` start and
+    its row step; ``transpose``: the logits are V4's comb) or, for any other map, the k res logits handed out (the
+    map runs in PyTorch between the two kernels). ``M = 2n + k`` columns of phi."""
+
+    n: int
+    k: int
+    pre_eps: bool = False
+    sinkhorn: bool = False
+    pairs: int = 0
+    softmax: bool = False
+    transpose: bool = False
+
+    @property
+    def M(self) -> int:
+        return 2 * self.n + self.k
+
+    def constexprs(self) -> dict:
+        return dict(N=self.n, RES=0 if self.sinkhorn else 1, SOFTMAX=self.softmax, TRANSPOSE=self.transpose,
+                    KR=self.k, BKR=triton.next_power_of_2(max(1, self.k)), SAFE_MAX=EXP_SAFE_MAX)
+
+
+def make_epilogue(n: int, spec: tuple, pre_eps: bool) -> Epilogue:
+    """``spec``: ("sinkhorn", iters, softmax start, transposed) or ("logits", k) (see ``ops.kernel_spec``)."""
+    if spec[0] == "sinkhorn":
+        _, iters, softmax, transpose = spec
+        return Epilogue(n, n * n, pre_eps, True, _sinkhorn_pairs(iters, softmax), softmax, transpose)
+    if spec[0] == "logits":
+        return Epilogue(n, spec[1], pre_eps)
+    raise ValueError(f"unknown epilogue spec {spec!r}")
+
+
 @on_tensors_device
-def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, v4: bool, raw_inv=None):
-    """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n], saved): fp32; ``saved`` is what
-    :func:`coefficients_backward` needs besides x2d and phi (fp32 bias and alpha, raw GEMM output, inv_rms).
-    ``raw_inv``: (x2d @ phi [T, M], inv_rms [T]) already computed (by the previous sublayer's read-ahead post)."""
+def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_inv=None):
+    """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], res, saved): fp32; res is H_res [T, n, n] (Sinkhorn on chip)
+    or the res logits [T, k] (``epi``); ``saved`` is what :func:`coefficients_backward` needs besides x2d and phi
+    (fp32 bias and alpha, raw GEMM output, inv_rms). ``raw_inv``: (x2d @ phi [T, M], inv_rms [T]) already computed
+    (by the previous sublayer's read-ahead post)."""
     T, K = x2d.shape
-    M = 2 * n + n * n
+    n, M = epi.n, epi.M
     dev = x2d.device
     bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
+    res_shape = (n, n) if epi.sinkhorn else (epi.k,)
     if T == 0:  # an empty batch: nothing to launch (the grids below would be empty, the split choice divides by 0)
         raw, inv = raw_inv if raw_inv is not None else (x2d.new_empty(0, M, dtype=torch.float32),
                                                           x2d.new_empty(0, dtype=torch.float32))
         empty = x2d.new_empty(0, n, dtype=torch.float32)
-        return empty, empty.clone(), x2d.new_empty(0, n, n, dtype=torch.float32), (bias32, alpha32, raw, inv)
+        return empty, empty.clone(), x2d.new_empty(0, *res_shape, dtype=torch.float32), (bias32, alpha32, raw, inv)
     if raw_inv is not None:
         raw, inv = raw_inv
     else:
@@ -366,24 +447,27 @@ def coefficients_forward(x2d, phi, bias, alpha, n: int, pairs: int, eps: float, 
             torch.sum(ss_part, 0, out=inv).div_(K).add_(eps).sqrt_().reciprocal_()
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
     post = torch.empty(T, n, device=dev, dtype=torch.float32)
-    res = torch.empty(T, n, n, device=dev, dtype=torch.float32)
+    res = torch.empty(T, *res_shape, device=dev, dtype=torch.float32)
     _epilogue_fwd[(triton.cdiv(T, EPI_BLOCK[n]),)](
-        raw, inv, alpha32, bias32, pre, post, res, T, M, pairs, eps,
-        N=n, V4=v4, BT=EPI_BLOCK[n], SAFE_MAX=EXP_SAFE_MAX)
+        raw, inv, alpha32, bias32, pre, post, res, T, M, epi.pairs, eps,
+        PRE_EPS=epi.pre_eps, BT=EPI_BLOCK[n], **epi.constexprs())
     return pre, post, res, (bias32, alpha32, raw, inv)
 
 
 @on_tensors_device
-def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, dpre, dpost, dres):
-    """Gradients of (H_pre [T, n], H_post [T, n], H_res [T, n, n]; fp32, any may be None) -> (draw [T, M],
-    coef [T], dbias [M], dalpha [3]), fp32: dL/draw, the RMS term of dx per element of x (dx = draw @ phi^T
-    + coef * x), and the bias and alpha gradients. K = n * C."""
+def epilogue_backward(saved, epi: Epilogue, eps: float, K: int, dpre, dpost, dres):
+    """Gradients of (H_pre [T, n], H_post [T, n], res (H_res [T, n, n] or the res logits [T, k], as
+    :func:`coefficients_forward` returned it); fp32, any may be None) -> (draw [T, M], coef [T], dbias [M],
+    dalpha [3]), fp32: dL/draw, the RMS term of dx per element of x (dx = draw @ phi^T + coef * x), and the bias
+    and alpha gradients. K = n * C."""
     bias32, alpha32, raw, inv = saved
     T, M = raw.shape
+    n = epi.n
     dev = raw.device
     dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
     dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
-    dres = torch.zeros(T, n, n, device=dev) if dres is None else dres.float().contiguous()
+    res_shape = (n, n) if epi.sinkhorn else (epi.k,)
+    dres = torch.zeros(T, *res_shape, device=dev) if dres is None else dres.float().contiguous()
     bt_epi = EPI_BLOCK[n]
     n_epi = triton.cdiv(T, bt_epi)
     draw = torch.empty(T, M, device=dev, dtype=torch.float32)
@@ -394,7 +478,7 @@ def epilogue_backward(saved, n: int, pairs: int, eps: float, v4: bool, K: int, d
     dalpha_part = torch.empty(n_epi, 3, device=dev, dtype=torch.float32)
     _epilogue_bwd[(n_epi,)](
         raw, inv, alpha32, bias32, dpre, dpost, dres, draw, coef, dbias_part, dalpha_part, T, M, K, eps,
-        PAIRS=pairs, N=n, V4=v4, BT=bt_epi, SAFE_MAX=EXP_SAFE_MAX)
+        PAIRS=epi.pairs, BT=bt_epi, **epi.constexprs())
     return draw, coef, dbias_part.sum(0), dalpha_part.sum(0)
 
 
@@ -428,40 +512,42 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
     return dx, dphi_part.sum(0)
 
 
-def coefficients_backward(x2d, phi, saved, n: int, pairs: int, eps: float, v4: bool, dpre, dpost, dres,
-                          dx=None, pre_term=None):
-    """Gradients (fp32 [T, n], [T, n], [T, n, n], any may be None) -> (dx [T, n*C] in x's dtype, dphi, dbias,
+def coefficients_backward(x2d, phi, saved, epi: Epilogue, eps: float, dpre, dpost, dres, dx=None, pre_term=None):
+    """Gradients (fp32 [T, n], [T, n], res as returned, any may be None) -> (dx [T, n*C] in x's dtype, dphi, dbias,
     dalpha in fp32): :func:`epilogue_backward` then :func:`gemm_backward` (``dx``, ``pre_term``: see there)."""
-    draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, x2d.shape[1], dpre, dpost, dres)
-    dx, dphi = gemm_backward(x2d, phi, draw, coef, n, dx=dx, pre_term=pre_term)
+    draw, coef, dbias, dalpha = epilogue_backward(saved, epi, eps, x2d.shape[1], dpre, dpost, dres)
+    dx, dphi = gemm_backward(x2d, phi, draw, coef, epi.n, dx=dx, pre_term=pre_term)
     return dx, dphi, dbias, dalpha
 
 
 class FusedCoefficients(torch.autograd.Function):
-    """x2d [T, n*C], phi [n*C, M], bias [M], alpha [3] -> (H_pre [T, n], H_post [T, n], H_res [T, n, n])."""
+    """x2d [T, n*C], phi [n*C, M], bias [M], alpha [3] -> (H_pre [T, n], H_post [T, n], res): res is H_res
+    [T, n, n] (Sinkhorn on chip) or the res logits [T, k] (see :class:`Epilogue`)."""
 
     @staticmethod
-    def forward(ctx, x2d, phi, bias, alpha, n: int, iters: int, eps: float, v4: bool):
-        pairs = _sinkhorn_pairs(iters, v4)
-        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, n, pairs, eps, v4)
+    def forward(ctx, x2d, phi, bias, alpha, epi: Epilogue, eps: float):
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps)
         ctx.save_for_backward(x2d, phi, *saved)
-        ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
+        ctx.config = (epi, eps, alpha.dtype, bias.dtype)
         return pre, post, res
 
     @staticmethod
     def backward(ctx, dpre, dpost, dres):
         x2d, phi, *saved = ctx.saved_tensors
-        n, pairs, eps, v4, alpha_dtype, bias_dtype = ctx.config
-        dx, dphi, dbias, dalpha = coefficients_backward(x2d, phi, saved, n, pairs, eps, v4, dpre, dpost, dres)
-        return dx, dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype), None, None, None, None
+        epi, eps, alpha_dtype, bias_dtype = ctx.config
+        dx, dphi, dbias, dalpha = coefficients_backward(x2d, phi, saved, epi, eps, dpre, dpost, dres)
+        return dx, dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype), None, None
 
 
-def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str):
-    """x ``[..., n, C]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""
+def fused_mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, h_res=None):
+    """x ``[..., n, C]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``). ``spec``: what the
+    epilogue computes (``ops.kernel_spec``); for ("logits", k) ``h_res`` (the map) runs on the logits here."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x2d = x.reshape(-1, n * C)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, n, iters, eps, variant == "deepseek-v4")
-    return pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)
+    epi = make_epilogue(n, spec, variant == "deepseek-v4")
+    pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, epi, eps)
+    res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
+    return pre.view(*lead, n), post.view(*lead, n), res

@@ -45,11 +45,11 @@ from dataclasses import dataclass
 import torch
 
 from torch_mhc.ops.coefficients import (
-    _sinkhorn_pairs,
     coefficients_backward,
     coefficients_forward,
     epilogue_backward,
     gemm_backward,
+    make_epilogue,
 )
 from torch_mhc.ops.streams import (
     CHAIN_MAX_STREAMS,
@@ -149,18 +149,18 @@ class ReadAhead:
 
 
 class FusedSublayerPre(torch.autograd.Function):
-    """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], H_res [T, n, n], link [T, n, C])."""
+    """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], res, link [T, n, C]); res is
+    H_res [T, n, n] (Sinkhorn on chip) or the res logits [T, k] of a map that runs outside (``epi``)."""
 
     @staticmethod
-    def forward(ctx, x, phi, bias, alpha, iters: int, eps: float, v4: bool, raw_inv=None, chain=None):
+    def forward(ctx, x, phi, bias, alpha, epi, eps: float, raw_inv=None, chain=None):
         T, n, C = x.shape
-        pairs = _sinkhorn_pairs(iters, v4)
         x2d = x.view(T, n * C)
-        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, n, pairs, eps, v4, raw_inv)
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps, raw_inv)
         y = pre_forward(x, pre)
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
-        ctx.config = (n, pairs, eps, v4, alpha.dtype, bias.dtype)
+        ctx.config = (epi, eps, alpha.dtype, bias.dtype)
         ctx.chain = chain  # (Handoff, the writing post's autograd node) or None
         ctx.set_materialize_grads(False)
         return y, pre, post, res, link
@@ -168,8 +168,8 @@ class FusedSublayerPre(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dpre_out, dpost, dres, dlink):
         x, phi, pre, *saved = ctx.saved_tensors
-        n, pairs, eps, v4, alpha_dtype, bias_dtype = ctx.config
-        T, _, C = x.shape
+        epi, eps, alpha_dtype, bias_dtype = ctx.config
+        T, n, C = x.shape
         dpre, pre_term = dpre_out, None
         if dy is not None:
             dy = dy.contiguous()
@@ -183,16 +183,16 @@ class FusedSublayerPre(torch.autograd.Function):
         # of the state alone: its gradient is then captured before the post, and must be the whole one)
         if (handoff is not None and ctx.needs_input_grad[0] and not handoff.observed()
                 and torch._C._will_engine_execute_node(node)):
-            draw, coef, dbias, dalpha = epilogue_backward(saved, n, pairs, eps, v4, n * C, dpre, dpost, dres)
+            draw, coef, dbias, dalpha = epilogue_backward(saved, epi, eps, n * C, dpre, dpost, dres)
             _, dphi = gemm_backward(x2d, phi, draw, coef, n, write_dx=False)
             dy = dy if dy is not None else x.new_zeros(T, C)
             dx = handoff.leave((dx, dy, pre, draw, coef, phi), x)
         else:
             dx, dphi, dbias, dalpha = coefficients_backward(
-                x2d, phi, saved, n, pairs, eps, v4, dpre, dpost, dres,
+                x2d, phi, saved, epi, eps, dpre, dpost, dres,
                 dx=None if dx is None else dx.view(T, n * C), pre_term=pre_term)
         return (dx.view(T, n, C), dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype),
-                None, None, None, None, None)
+                None, None, None, None)
 
 
 class FusedSublayerPost(torch.autograd.Function):
@@ -245,11 +245,13 @@ def _writer_node(state: torch.Tensor):
     return node.next_functions[0][0] if node.next_functions and node.next_functions[0][0] is not None else node
 
 
-def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, read_ahead=None):
+def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, read_ahead=None, h_res=None):
     """x ``[..., n, C]`` -> (y ``[..., C]``, (H_pre, H_post, H_res) fp32 ``[..., n]``/``[..., n, n]``, link).
 
     ``link`` = (x as ``[T, n, C]`` contiguous, the link tensor): pass it to :func:`fused_sublayer_post`.
-    ``read_ahead``: a :class:`ReadAhead` from the post that wrote x; used only if it matches x and phi."""
+    ``read_ahead``: a :class:`ReadAhead` from the post that wrote x; used only if it matches x and phi.
+    ``spec``: what the epilogue computes (``ops.kernel_spec``); for ("logits", k) the map ``h_res`` runs on the
+    logits between the kernels (autograd takes its gradient back into the pre half's backward)."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x3 = _flat(x, -1, n, C)
@@ -259,9 +261,10 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: 
         h = read_ahead.handoff
         if h is not None and torch.is_grad_enabled() and h.claim(x):
             chain = (h, _writer_node(x))
-    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, iters, eps, variant == "deepseek-v4",
-                                                     raw_inv, chain)
-    return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res.view(*lead, n, n)), (x3, link)
+    epi = make_epilogue(n, spec, variant == "deepseek-v4")
+    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, epi, eps, raw_inv, chain)
+    res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
+    return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res), (x3, link)
 
 
 def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backward: bool = False):
