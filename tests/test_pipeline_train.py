@@ -18,7 +18,14 @@ import torch
 from torch_mhc.cli import main
 from torch_mhc.distributed.checkpoint import tensor_shapes
 from torch_mhc.distributed.mesh import ParallelConfig
-from torch_mhc.distributed.pipeline import SCHEDULES, pipeline_errors, stage_ids, stage_owner
+from torch_mhc.distributed.pipeline import (
+    SCHEDULES,
+    StreamStage,
+    pipeline_errors,
+    stage_bounds,
+    stage_ids,
+    stage_owner,
+)
 from torch_mhc.models import DecoderLM, ModelConfig
 from torch_mhc.train.config import build_config
 
@@ -198,3 +205,14 @@ def test_bad_pipeline_settings_stop_every_rank_before_the_run_starts(tmp_path, s
         assert f"mhc train (rank {rank}): error: invalid parallel settings: parallel.pp_schedule=1F1B needs " \
                "grad_accum >= pp" in p.stderr
     assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_read_ahead_chain_ends_at_stage_boundaries():
+    """The fused post computes its reader's GEMM ahead (``chain_reads``); a stage's last connection has no reader
+    on its stage (the next one gets the state through a send), so its chain ends there."""
+    model = DecoderLM(ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=2, max_seq_len=16, n_streams=4))
+    assert model.blocks[1].ffn.next_reader is model.blocks[2].attn  # unpipelined: chained across every block
+    for start, stop in stage_bounds(4, 2):
+        conns = StreamStage(model, start, stop).connections()
+        assert len(conns) == 4
+        assert [c.next_reader for c in conns] == conns[1:] + [None]
