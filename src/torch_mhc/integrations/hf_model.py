@@ -2,8 +2,10 @@
 
 ``from_pretrained``, ``save_pretrained``, ``generate()`` and the transformers ``Trainer`` work on it.
 The weights are the native model's under ``model.`` (``model.blocks.0.attn.phi``, ...), so the
-logits are the native model's. Generation recomputes the window each step (``DecoderLM`` has no
-KV cache), cropped to ``max_seq_len`` as :meth:`DecoderLM.generate` does.
+logits are the native model's. ``generate()`` keeps the keys and values in transformers' ``DynamicCache``
+(``use_cache=False``: none) and honours ``attention_mask`` (left padding: each row as it would be alone);
+once a sequence is longer than ``max_seq_len``, each step recomputes its last ``max_seq_len`` tokens, as
+:meth:`DecoderLM.generate` does.
 
 ``mhc export`` copies this file into the exported directory as ``modeling_torch_mhc.py``, with its
 ``torch_mhc`` import pointed at a copy of the model code, so ``trust_remote_code=True`` loads it
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from torch_mhc.models.decoder import DecoderLM, ModelConfig, rope_tables
@@ -47,7 +49,6 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
-    _supports_cache_class = False
 
     def __init__(self, config: TorchMhcConfig):
         super().__init__(config)
@@ -78,15 +79,41 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.model.lm_head = value
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask=None, labels=None, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("TorchMhcForCausalLM has no padding support: pass unpadded input_ids "
-                             "(an attention_mask of all ones)")
-        logits, _ = self.model(input_ids)
+    def forward(self, input_ids: torch.LongTensor, attention_mask=None, position_ids=None, cache=None,
+                use_cache: bool | None = None, labels=None, **kwargs):
+        """``attention_mask`` ``[B, S + T]`` (0 on padding) and ``cache`` (a transformers ``Cache`` holding S
+        earlier tokens; input_ids then holds the T new ones) as transformers' models take them; ``use_cache``
+        makes a ``DynamicCache`` when none is given. ``position_ids`` ``[B, T]``: default, each token's count of
+        earlier tokens (padding not counted)."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)  # the name before transformers 5.2x
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if attention_mask is not None and cache is None and position_ids is None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the training forward
+        inference = {name: value for name, value in
+                     (("cache", cache), ("attention_mask", attention_mask), ("position_ids", position_ids))
+                     if value is not None}
+        logits, _ = self.model(input_ids, **inference)
         loss = None
         if labels is not None:  # transformers convention: labels are input_ids, shifted here; -100 is ignored
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, **kwargs):
-        return {"input_ids": input_ids[:, -self.config.max_position_embeddings :]}
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, cache=None, attention_mask=None,
+                                      **kwargs):
+        """transformers' preparation, except past ``max_seq_len`` tokens: then the last ``max_seq_len`` tokens
+        are run from an emptied cache, at positions counted from the window's start (as ``DecoderLM.generate``)."""
+        window = self.config.max_position_embeddings
+        if input_ids.shape[1] > window:
+            if cache is not None:
+                cache.reset()
+            input_ids, next_sequence_length = input_ids[:, -window:], None
+            attention_mask = None if attention_mask is None else attention_mask[:, -window:]
+            kwargs.pop("position_ids", None)
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                     cache=cache, attention_mask=attention_mask, **kwargs)
+
+
+# the output's cache field: ``cache`` since transformers renamed ``past_key_values``
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

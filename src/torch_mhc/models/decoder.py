@@ -2,7 +2,8 @@
 
 Token embedding -> n copied streams -> blocks (attention and FFN/MoE, each a sublayer wrapped by
 the configured connection, each with its own RMSNorm inside) -> merge (sum, mean or HyperHead) ->
-RMSNorm -> LM head. Rotary attention through ``F.scaled_dot_product_attention`` (causal).
+RMSNorm -> LM head. Rotary attention through ``F.scaled_dot_product_attention`` (causal), with a KV
+cache, positions and a padding mask for inference (``generate``); the mHC streams are per token and need none.
 """
 
 from __future__ import annotations
@@ -162,22 +163,64 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-class Attention(nn.Module):
-    """Pre-norm causal self-attention sublayer: ``[B, T, dim] -> [B, T, dim]``."""
+class KVCache:
+    """The keys and values of the tokens seen so far, per attention layer (``[B, H, S, head_dim]`` each): what
+    ``DecoderLM.forward(..., cache=...)`` appends to and attends over. ``update`` and ``get_seq_length`` are
+    those of transformers' ``DynamicCache``, so the exported model hands its own cache to the same attention."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values ``[B, H, T, D]`` to layer ``layer_idx``'s; return all of them."""
+        if layer_idx == len(self.keys):
+            self.keys.append(keys)
+            self.values.append(values)
+        else:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], keys], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], values], dim=2)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.keys[layer_idx].shape[2] if layer_idx < len(self.keys) else 0
+
+
+class Attention(nn.Module):
+    """Pre-norm causal self-attention sublayer: ``[B, T, dim] -> [B, T, dim]``.
+
+    ``cos``, ``sin``: the rotary tables ``[max_seq_len, head_dim / 2]`` (the T tokens at positions 0..T-1), or
+    the angles at each token's own position ``[B | 1, 1, T, head_dim / 2]``. ``cache``: a :class:`KVCache` (or
+    transformers ``Cache``) holding earlier tokens' keys and values, to which this call's are appended.
+    ``mask``: boolean ``[B | 1, 1, T, S + T]``, True where a query may attend a key; None: each query attends
+    every earlier key (cached ones included) and itself.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.layer_idx = layer_idx  # this layer's slot in a KV cache
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         qkv = self.qkv(self.norm(x))
         B, T = qkv.shape[:2]  # heads and width from qkv: a tensor-parallel rank holds a share of the heads
         q, k, v = qkv.view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cos.dim() == 2:
+            cos, sin = cos[:T], sin[:T]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None and mask is None:  # the training path
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx)
+            past = k.shape[2] - T
+            if mask is None and past and T > 1:  # SDPA's is_causal aligns queries with the first keys, not the last
+                mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -218,11 +261,12 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, block_index: int):
         super().__init__()
         use_moe = cfg.moe and block_index >= cfg.first_dense_layers
-        self.attn = make_connection(cfg, Attention(cfg), 2 * block_index)
+        self.attn = make_connection(cfg, Attention(cfg, block_index), 2 * block_index)
         self.ffn = make_connection(cfg, FeedForward(cfg, use_moe), 2 * block_index + 1)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self.ffn(self.attn(h, cos, sin))
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention) -> torch.Tensor:
+        """``attention``: the attention's ``cache`` and ``mask`` (inference; see :class:`Attention`)."""
+        return self.ffn(self.attn(h, cos, sin, **attention))
 
 
 class DecoderLM(nn.Module):
@@ -285,13 +329,47 @@ class DecoderLM(nn.Module):
         for moe in self.moe_layers():
             moe.reset_balance()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """Inference may add: ``cache`` (a :class:`KVCache`: idx ``[B, T]`` then holds only the tokens after the
+        S cached ones), ``attention_mask`` ``[B, S + T]`` (1 for a token, 0 for padding, over the cached and new
+        tokens), ``position_ids`` ``[B | 1, T]`` (default: the number of tokens before each one)."""
         h = self.enter_streams(idx)
+        cos, sin, attention = self.rope_cos, self.rope_sin, {}
+        if cache is not None or attention_mask is not None or position_ids is not None:
+            cos, sin, attention = self.attention_inputs(idx.shape[1], cache, attention_mask, position_ids)
         with self._recompute_context():
             for block in self.blocks:
-                h = block(h, self.rope_cos, self.rope_sin)
+                h = block(h, cos, sin, **attention)
         logits = self.leave_streams(h)
         return logits, None if targets is None else lm_loss(logits, targets)
+
+    def attention_inputs(self, T: int, cache, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None):
+        """The rotary angles at the new tokens' positions ``[B | 1, 1, T, D/2]`` and the attention's keyword
+        arguments (``cache``; ``mask`` where there is padding) for T new tokens after the cache's S."""
+        past = 0 if cache is None else cache.get_seq_length()
+        device = self.rope_cos.device
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != past + T:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, but there are {past} "
+                                 f"cached and {T} new ones")
+            keep = attention_mask.to(device=device, dtype=torch.bool)
+            if position_ids is None:  # each token's position: how many tokens (not padding) precede it
+                position_ids = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            if not bool(keep.all()):
+                # a query sees the earlier tokens and itself (a padding query too: no row is all masked)
+                causal = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(past)
+                mask = causal & (keep[:, None, :] | ~causal.tril(past - 1))[:, None]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=device)[None]
+        position_ids = position_ids.to(device)
+        if int(position_ids.max()) >= self.cfg.max_seq_len:
+            raise ValueError(f"position {int(position_ids.max())} is past max_seq_len {self.cfg.max_seq_len}")
+        attention = {"cache": cache} if cache is not None else {}
+        if mask is not None:
+            attention["mask"] = mask
+        return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None], attention
 
     def enter_streams(self, idx: torch.Tensor) -> torch.Tensor:
         """Tokens ``[B, T]`` -> stream state ``[B, T, n, dim]`` (the embedding, copied to n streams)."""
@@ -366,10 +444,29 @@ class DecoderLM(nn.Module):
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None):
-        """Greedy when temperature == 0, else sampling (optionally top-k). idx ``[B, T]``."""
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 *, attention_mask: torch.Tensor | None = None, use_cache: bool = True, on_token=None):
+        """Greedy when temperature == 0, else sampling (optionally top-k). idx ``[B, T]`` -> ``[B, T + new]``.
+
+        ``attention_mask`` ``[B, T]``: 0 on left padding (each row then continues as it would alone).
+        ``use_cache``: keep the keys and values (:class:`KVCache`) and run only the new token each step, while
+        the sequence fits in ``max_seq_len``; past it, as without a cache, each step recomputes the last
+        ``max_seq_len`` tokens. ``on_token(next [B, 1])`` is called with each new token as it comes.
+        """
+        window = self.cfg.max_seq_len
+        use_cache = use_cache and isinstance(self, DecoderLM)  # ConvertedLM borrows this method; it has no cache
+        cache = None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.max_seq_len :])
+            if cache is not None and idx.shape[1] <= window:  # the cache holds every token but the last
+                idx_in, kwargs, mask = idx[:, -1:], {"cache": cache}, attention_mask
+            else:  # the first step, or past the window: the last max_seq_len tokens from scratch
+                idx_in = idx[:, -window:]
+                cache = KVCache() if use_cache and idx.shape[1] < window else None
+                kwargs = {} if cache is None else {"cache": cache}
+                mask = None if attention_mask is None else attention_mask[:, -window:]
+            if mask is not None:
+                kwargs["attention_mask"] = mask
+            logits, _ = self(idx_in, **kwargs)
             logits = logits[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
@@ -380,4 +477,8 @@ class DecoderLM(nn.Module):
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1)
             idx = torch.cat([idx, nxt], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(nxt.shape)], dim=1)
+            if on_token is not None:
+                on_token(nxt)
         return idx

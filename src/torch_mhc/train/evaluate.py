@@ -66,8 +66,33 @@ def check_sample_args(prompt: str, max_new_tokens: int, temperature: float, top_
         raise UserError(f"the prompt (--prompt) is not valid text: {e}. Pass UTF-8 text.") from None
 
 
+class TextStream:
+    """Hands on the text of a growing token sequence as it grows: ``on_text`` gets each new piece once it
+    is settled (a trailing incomplete character, decoded as U+FFFD, waits for its next bytes); the pieces
+    join to ``decode`` of the whole sequence."""
+
+    def __init__(self, decode, ids: list[int], on_text):
+        self.decode, self.ids, self.on_text, self.sent = decode, list(ids), on_text, ""
+
+    def add(self, token: torch.Tensor) -> None:
+        self.ids.extend(token.flatten().tolist())
+        self._send(self.decode(self.ids).rstrip("\ufffd"))
+
+    def finish(self) -> str:
+        text = self.decode(self.ids)
+        self._send(text)
+        return text
+
+    def _send(self, text: str) -> None:
+        if text.startswith(self.sent) and len(text) > len(self.sent):
+            self.on_text(text[len(self.sent):])
+            self.sent = text
+
+
 def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature: float = 0.0,
-               top_k: int | None = None, seed: int = 0) -> str:
+               top_k: int | None = None, seed: int = 0, on_text=None) -> str:
+    """The prompt and its continuation, generated with the KV cache; ``on_text(piece)`` gets the text as it comes
+    (the prompt's first)."""
     check_sample_args(prompt, max_new_tokens, temperature, top_k)
     model, cfg, state = load_run(run_dir)
     tokenizer = run_tokenizer(run_dir, cfg, state)
@@ -82,5 +107,7 @@ def sample_run(run_dir: str, prompt: str, max_new_tokens: int = 200, temperature
     torch.manual_seed(seed)
     device = next(model.parameters()).device
     idx = torch.as_tensor(ids.astype("int64"), device=device)[None]
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k)
-    return tokenizer.decode(out[0].tolist())
+    stream = TextStream(tokenizer.decode, [], on_text or (lambda text: None))
+    stream.add(idx)
+    model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, on_token=stream.add)
+    return stream.finish()
