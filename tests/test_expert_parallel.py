@@ -1,7 +1,8 @@
 """Expert parallel (``parallel.ep``) and TP with MoE on 4 gloo ranks: the one-process loss curve, weights and
 balancing bias of a 3-block MoE model (deepseek-v4 variant, head merge, n = 4); one host read per MoE layer
 and forward (the all-to-all split sizes), none in backward; experts stored split over ``ep``; an FSDP2 x EP
-DCP checkpoint loads under FSDP2 and in one process (the global weights and AdamW moments).
+DCP checkpoint loads under FSDP2 and in one process, and a one-process checkpoint under FSDP2 x EP (the global
+weights and AdamW moments, exactly).
 
 Tolerances as tests/test_distributed_dp.py explains: the gradients are the one-process sums taken in another
 order (the expert rows of several ranks meet on the rank that holds the expert), float32 rounding, which
@@ -24,6 +25,7 @@ from torch_mhc.distributed import ParallelDims, global_rows, parallelize
 from torch_mhc.distributed import checkpoint as dck
 from torch_mhc.distributed.expert_parallel import host_reads
 from torch_mhc.distributed.parallelize import clip_grad_norm_, sync_moe_load
+from torch_mhc.distributed.runtime import load_full_state
 from torch_mhc.distributed.tensor_parallel import reduce_tp_partial_grads, whole_tensor
 from torch_mhc.train.config import ParallelConfig, UserError
 
@@ -80,7 +82,7 @@ def reload_in_fsdp(run_dir, world):
     return {"state": whole_state(model), "optim": whole_optim(model, opt)}
 
 
-def ep_worker(rank, world, layouts, run_dir):
+def ep_worker(rank, world, layouts, run_dir, one_process):
     out = []
     for i, settings in enumerate(layouts):
         dims = ParallelDims.from_config(ParallelConfig(**settings), world)
@@ -102,6 +104,11 @@ def ep_worker(rank, world, layouts, run_dir):
             opt.zero_grad(set_to_none=True)
             dck.save_distributed(run_dir, STEPS, model, opt, {})
             out[-1].update(optim=whole_optim(model, opt), fsdp=reload_in_fsdp(run_dir, world))
+            # a one-process checkpoint (step_*.pt: whole tensors, AdamW state by index) resumed under FSDP2 x EP
+            model = parallelize(tiny_model(seed=3, **MOE), dims, mesh)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+            load_full_state(model, opt, one_process["model"], one_process["optim"])
+            out[-1].update(from_one={"state": whole_state(model), "optim": whole_optim(model, opt)})
     return out
 
 
@@ -109,18 +116,22 @@ def reference():
     model = tiny_model(**MOE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     curve = [step(model, opt, x, y, None, None) for x, y in batches(STEPS, BATCH, SEQ)]
+    names = [n for n, _ in model.named_parameters()]
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": opt.state_dict()}
+    moments = {f"{names[i]}.{k}": v.clone() for i, st in opt.state_dict()["state"].items() for k, v in st.items()
+               if v.dim() > 0}
     x, y = batches(1, BATCH, SEQ, seed=5)[0]
     with CountSyncs() as counter:
         _, loss = model(x, y)
         loss.backward()
-    return {"curve": curve, "state": whole_state(model), "syncs": counter.syncs,
-            "bias": [m.bias.clone() for m in model.moe_layers()]}
+    return {"curve": curve, "state": whole_state(model), "syncs": counter.syncs, "saved": saved,
+            "moments": moments, "bias": [m.bias.clone() for m in model.moe_layers()]}
 
 
 def test_expert_and_tensor_parallel_moe_match_one_process(tmp_path):
     ref = reference()
     run_dir = tmp_path / "run"
-    results = spawn(ep_worker, 4, tmp_path, LAYOUTS, str(run_dir))
+    results = spawn(ep_worker, 4, tmp_path, LAYOUTS, str(run_dir), ref["saved"])
     moe_layers = MOE["n_layers"] - MOE["first_dense_layers"]
     assert ref["curve"][0][0] != ref["curve"][-1][0]
     assert any((b != 0).any() for b in ref["bias"])  # the balancing bias moved
@@ -162,6 +173,14 @@ def test_expert_and_tensor_parallel_moe_match_one_process(tmp_path):
             assert torch.equal(fsdp["state"][k], ep_run["state"][k]), k
         for k in ep_run["optim"]:
             assert torch.equal(fsdp["optim"][k], ep_run["optim"][k]), k
+    for rank in range(4):  # and a one-process checkpoint loads into FSDP2 x EP: its weights and moments exactly
+        loaded = results[rank][0]["from_one"]
+        assert loaded["state"].keys() == ref["saved"]["model"].keys()
+        assert loaded["optim"].keys() == ref["moments"].keys()
+        for k, v in ref["saved"]["model"].items():
+            assert torch.equal(loaded["state"][k], v), k
+        for k, v in ref["moments"].items():
+            assert torch.equal(loaded["optim"][k], v), k
     one = tiny_model(seed=2, **MOE)
     dck.load_distributed(dck.dcp_dir(run_dir, STEPS), one)
     for k, v in one.state_dict().items():
