@@ -19,7 +19,6 @@ from torch_mhc.errors import UserError
 
 DP_MODES = ("fsdp", "ddp")
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
-EXPERT_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")  # dp_shard = dp_shard_mod_ep x ep
 
 
 @dataclass
