@@ -11,7 +11,7 @@ import torch
 from torch_mhc import ManifoldHyperConnection, ops
 from torch_mhc.diagnostics import collect_diagnostics
 from torch_mhc.models.decoder import DecoderLM, ModelConfig
-from torch_mhc.nn import chain_reads, chained_backward
+from torch_mhc.nn import chain_reads, chained_backward, maps
 from torch_mhc.nn.maps import (
     CirculantMap,
     HResMap,
@@ -21,6 +21,7 @@ from torch_mhc.nn.maps import (
     SinkhornMap,
     default_factors,
     make_h_res,
+    permutation_matrices,
 )
 from torch_mhc.numerics import H_RES_MAPS
 
@@ -129,6 +130,20 @@ def test_map_gradcheck(n, which):
     torch.manual_seed(n + which)
     logits = torch.randn(2, m.logit_count(), dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(m, (logits,))
+
+
+def test_permutation_table_asked_first_under_inference_mode():
+    """The cached permutation matrices are normal tensors: a forward under inference_mode first (e.g. sampling)
+    does not break training afterwards (autograd saves them)."""
+    m = PermutationMixtureMap(3)
+    for dtype in (torch.float64, torch.float32):
+        permutation_matrices.cache_clear()
+        maps._permutation_table.cache_clear()
+        with torch.inference_mode():
+            m(torch.randn(2, 6, dtype=dtype))
+        logits = torch.randn(2, 6, dtype=dtype, requires_grad=True)
+        m(logits).square().sum().backward()
+        assert logits.grad is not None
 
 
 def test_logit_counts_and_factors():

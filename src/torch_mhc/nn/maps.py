@@ -149,10 +149,19 @@ def permutation_matrices(n: int) -> torch.Tensor:
     """The n! permutation matrices ``[n!, n, n]`` (float64, CPU), in lexicographic order: the identity first.
     Matrix p has ``P[p, i, perm_p[i]] = 1``."""
     perms = list(itertools.permutations(range(n)))
-    out = torch.zeros(len(perms), n, n, dtype=torch.float64, device="cpu")  # cached: never on a meta device
-    for p, perm in enumerate(perms):
-        out[p, torch.arange(n, device="cpu"), torch.tensor(perm, device="cpu")] = 1.0
+    with torch.inference_mode(False):  # cached: a normal CPU tensor, whatever mode or default device asks first
+        out = torch.zeros(len(perms), n, n, dtype=torch.float64, device="cpu")
+        for p, perm in enumerate(perms):
+            out[p, torch.arange(n, device="cpu"), torch.tensor(perm, device="cpu")] = 1.0
     return out
+
+
+@functools.cache
+def _permutation_table(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[n!, n*n]`` on ``device``: copied there once, not in every forward (a host-to-device copy each time); a
+    normal tensor even when first asked for under ``inference_mode`` (autograd saves it later)."""
+    with torch.inference_mode(False):
+        return permutation_matrices(n).to(device=device, dtype=dtype).flatten(1)
 
 
 class PermutationMixtureMap(HResMap):
@@ -173,19 +182,12 @@ class PermutationMixtureMap(HResMap):
 
     def h_res(self, logits):
         w = torch.softmax(logits, dim=-1)
-        P = permutation_matrices(self.n).to(device=logits.device, dtype=logits.dtype)
-        return (w @ P.flatten(1)).unflatten(-1, (self.n, self.n))
+        return (w @ _permutation_table(self.n, logits.device, logits.dtype)).unflatten(-1, (self.n, self.n))
 
     def init_logits(self, bias_init, gap):
         if bias_init != "identity":
             return super().init_logits(bias_init, gap)
         return _one_hot_logits(self.logit_count(), 0, gap)  # permutation 0 is the identity
-
-
-@functools.cache
-def _shift_index(n: int) -> torch.Tensor:
-    i = torch.arange(n, device="cpu")
-    return (i[None, :] - i[:, None]) % n  # [i, j] -> (j - i) mod n
 
 
 class CirculantMap(HResMap):
@@ -194,17 +196,16 @@ class CirculantMap(HResMap):
 
     name = "circulant"
 
-    def logit_count(self):
+    def logit_count(self):               # k: phi and bias get 2n + k columns
         return self.n
 
-    def h_res(self, logits):
+    def h_res(self, logits):             # [..., k] (fp32, or fp64 in references) -> [..., n, n], differentiable
         w = torch.softmax(logits, dim=-1)
-        return w[..., _shift_index(self.n).to(logits.device)]
+        i = torch.arange(self.n, device=logits.device)
+        return w[..., (i[None, :] - i[:, None]) % self.n]
 
-    def init_logits(self, bias_init, gap):
-        if bias_init != "identity":
-            return super().init_logits(bias_init, gap)
-        return _one_hot_logits(self.n, 0, gap)
+    def init_logits(self, bias_init, gap):  # the res bias at init [k]; default zeros (uniform start)
+        return _one_hot_logits(self.n, 0, gap) if bias_init == "identity" else super().init_logits(bias_init, gap)
 
 
 def default_factors(n: int) -> tuple[int, ...]:

@@ -1,11 +1,13 @@
 """Fused mHC coefficients: ``x [T, n*C] -> H_pre [T, n], H_post [T, n], H_res [T, n, n]`` (fp32).
 
-Forward, two kernels:
+phi has ``M = 2n + k`` columns: pre | post | the k res logits of the H_res map (Sinkhorn: k = n^2). Forward, two
+kernels:
   1. ``_gemm_fwd``: one pass over x computes ``raw = x @ phi`` (fp32 products for fp32
      streams, tf32 tensor cores for bf16/fp16, fp32 accumulation; see :func:`dot_precision`)
      and the sum of squares, giving ``inv_rms``;
   2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and Sinkhorn-Knopp
-     on each token's n x n block in registers.
+     on each token's n x n block in registers; for any other map (:class:`Epilogue`, ``RES = 1``) the k res logits,
+     on which the map's own PyTorch forward runs (its gradient comes back into ``_epilogue_bwd``).
 Backward, two kernels:
   1. ``_epilogue_bwd``: sigmoid derivatives and the Sinkhorn backward in O(iters): the forward is
      recomputed once, keeping each step's n-vector of column/row sums in registers (the only thing a step
