@@ -349,3 +349,52 @@ def test_converted_directory_declares_its_architecture(tmp_path):
     built = _plain_load(tmp_path / "m", import_torch_mhc=True)
     assert built.returncode == 0, built.stderr[-2000:]
     assert built.stdout.split() == ["MhcLlamaForCausalLM", str(2 * 2 * 3)]
+
+
+GENERATION_MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(do_sample=False, num_beams=2, num_return_sequences=2),
+    "sample": dict(do_sample=True, top_k=8, temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(GENERATION_MODES))
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_v4_generation_modes_equal_transformers(mode, use_cache):
+    """generate() of the patched model equals transformers' model in greedy, beam and (seeded) sampling modes,
+    with and without the cache: the same tokens, and the scores, hidden states and attentions that
+    return_dict_in_generate hands back agree to fp32 rounding."""
+    torch.manual_seed(0)
+    reference = randomize_hc(transformers.DeepseekV4ForCausalLM(v4_config())).eval()
+    patched = apply_mhc_kernels(copy.deepcopy(reference))
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, pad_token_id=0, use_cache=use_cache, return_dict_in_generate=True,
+                  output_scores=True, output_hidden_states=True, output_attentions=True, **GENERATION_MODES[mode])
+    outs = []
+    for model in (reference, patched):
+        torch.manual_seed(7)
+        outs.append(model.generate(ids(batch=2, length=6), **kwargs))
+    ref, out = outs
+    assert torch.equal(out.sequences, ref.sequences)
+    for s, r in zip(out.scores, ref.scores):
+        torch.testing.assert_close(s, r, rtol=1e-4, atol=1e-5)
+    hidden = [h for step in out.hidden_states for h in step]
+    assert len(hidden) == 5 * 3 and hidden[1].shape[-2:] == (2, 32)  # per step: embeddings + 2 layers' streams
+    for h, r in zip(hidden, [h for step in ref.hidden_states for h in step]):
+        torch.testing.assert_close(h, r, rtol=1e-4, atol=1e-5)
+    for a, r in zip([a for step in out.attentions for a in step], [a for step in ref.attentions for a in step]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", sorted(GENERATION_MODES))
+def test_converted_generation_modes_equal_the_original(mode):
+    """The residual init makes the converted model the original Llama (up to the Sinkhorn eps, ~1e-6 relative
+    in the logits): generate() gives the original's tokens in greedy, beam and (seeded) sampling modes."""
+    torch.manual_seed(0)
+    original = transformers.LlamaForCausalLM(llama_config()).eval()
+    converted = convert_to_mhc(copy.deepcopy(original), n=4)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, pad_token_id=0, **GENERATION_MODES[mode])
+    outs = []
+    for model in (original, converted):
+        torch.manual_seed(7)
+        outs.append(model.generate(ids(batch=2, length=6), **kwargs))
+    assert torch.equal(outs[1], outs[0])
