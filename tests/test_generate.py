@@ -3,6 +3,11 @@ MoE, the deepseek-v4 variant, the head merge, every connection), a left-padded b
 greedy with the cache equals greedy without (also past max_seq_len), the exported transformers model through
 ``DynamicCache`` and ``attention_mask``, and ``mhc sample`` streaming its text."""
 
+import json
+import runpy
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -218,3 +223,16 @@ def test_text_stream_holds_back_an_incomplete_character():
     for b in "a€b".encode():  # € is three bytes
         stream.add(torch.tensor([[b]]))
     assert stream.finish() == "a€b" and pieces == ["a", "€", "b"]
+
+
+def test_bench_generate_runs(tmp_path, monkeypatch):
+    """bench/bench_generate.py runs (tiny model and contexts) and records both modes per context."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_generate.py"
+    out = tmp_path / "r.json"
+    monkeypatch.setattr(sys, "argv", [str(script), "--contexts", "8", "20", "--new", "3", "--reps", "1", "--dim", "32",
+                                      "--layers", "1", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(out.read_text())
+    assert result["command"] and result["device"] and result["torch"]
+    assert [r["context"] for r in result["rows"]] == [8, 20]
+    assert all(set(r["ms_per_token"]) == {"cache", "none"} for r in result["rows"])
