@@ -87,3 +87,22 @@ for fused in (True, False):
         assert fwd["state_ops"] == [] and bwd["state_ops"] == ([] if counts["fused"] else ["add", "add"])
         assert fwd["syncs"] == bwd["syncs"] == []
         assert fwd["other_ops"] == []
+
+
+def test_gate_traces_every_maps_logit_count():
+    """Every built-in H_res map that runs through the kernels' logits path has its k traced by the gate for every
+    fused n (a map added to nn/maps.py with a new k must be added to aot.MAP_LOGITS)."""
+    from torch_mhc.nn.maps import make_h_res
+    from torch_mhc.numerics import H_RES_MAPS
+    from torch_mhc.ops import FUSED_STREAMS, aot
+
+    traced = {(c["n"], c.get("res_logits")) for c in aot.GATE_CASES}
+    for n in FUSED_STREAMS:
+        assert (n, None) in traced  # Sinkhorn on chip
+        for name in H_RES_MAPS:
+            try:
+                m = make_h_res(name, n)
+            except ValueError:  # permutation-mixture at n = 8
+                continue
+            if m.kernel_spec() is None:
+                assert m.logit_count() in aot.MAP_LOGITS[n] and (n, m.logit_count()) in traced, (name, n)
