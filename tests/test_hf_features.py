@@ -3,7 +3,8 @@ changes inside transformers: DeepSeek-V4 patched by ``apply_mhc_kernels`` and a 
 ``convert_to_mhc`` (written here, not copied): gradient checkpointing recomputes, a meta-device build +
 ``init_weights()`` initialises everything, batching and attention backends agree in fp32/fp16/bf16,
 ``save_pretrained``/``from_pretrained`` round trips, generation with and without the cache and with
-left padding, and a converted directory that declares its own architecture.
+left padding, and a converted directory that declares its own architecture. The exported torch-mhc model
+(``TorchMhcForCausalLM``) takes the batching, round-trip and generation tests too.
 """
 
 import copy
@@ -78,7 +79,17 @@ def converted_llama(seed=0, n=2, **overrides):
     return model.eval()
 
 
+def exported(seed=0):
+    """The exported torch-mhc model (TorchMhcForCausalLM, what ``mhc export`` writes) over a tiny DecoderLM."""
+    from torch_mhc.integrations.hf_model import TorchMhcConfig, TorchMhcForCausalLM
+
+    torch.manual_seed(seed)
+    config = TorchMhcConfig(mhc=dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, max_seq_len=64, n_streams=2))
+    return TorchMhcForCausalLM(config).eval()
+
+
 MODELS = {"deepseek_v4": patched_v4, "converted_llama": converted_llama}
+INFERENCE_MODELS = {**MODELS, "exported": exported}  # the exported model has no gradient checkpointing
 
 
 def ids(batch=2, length=10, seed=1):
@@ -202,11 +213,11 @@ def _close(got, want, dtype, what):
     assert err <= TOLERANCE[dtype], f"{what}: max error {err:.3g} of the logits' scale in {dtype}"
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(INFERENCE_MODELS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_batch_equals_each_row_alone(name, dtype):
     """A batch's logits equal each row's alone; in fp16/bf16 also equal the fp32 model's within rounding."""
-    model = MODELS[name]()
+    model = INFERENCE_MODELS[name]()
     full = copy.deepcopy(model).float()
     model = model.to(dtype)
     x = ids(batch=3)
@@ -278,12 +289,23 @@ def test_converted_save_and_load_round_trip(tmp_path):
     assert all(torch.equal(p, model.get_parameter(k)) for k, p in half.named_parameters() if "_mhc." in k)
 
 
+def test_exported_save_and_load_round_trip(tmp_path):
+    model = exported()
+    model.save_pretrained(tmp_path / "e")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e", local_files_only=True).eval()
+    assert type(loaded) is type(model)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+
+
 # --- generation --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(INFERENCE_MODELS))
 def test_greedy_generation_with_and_without_cache(name):
-    model = MODELS[name]()
+    model = INFERENCE_MODELS[name]()
     prompt = ids(batch=2, length=5)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     cached = model.generate(prompt, **kwargs)
@@ -291,8 +313,9 @@ def test_greedy_generation_with_and_without_cache(name):
     assert cached.shape == (2, 13) and torch.equal(cached, uncached)
 
 
-def test_converted_left_padded_batch_generates_as_each_prompt_alone():
-    model = converted_llama()
+@pytest.mark.parametrize("name", ["converted_llama", "exported"])
+def test_left_padded_batch_generates_as_each_prompt_alone(name):
+    model = INFERENCE_MODELS[name]()
     prompts = [ids(batch=1, length=7, seed=3)[0], ids(batch=1, length=4, seed=4)[0]]
     batch = torch.zeros(2, 7, dtype=torch.long)
     mask = torch.zeros(2, 7, dtype=torch.long)
