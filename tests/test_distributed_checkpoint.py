@@ -3,6 +3,8 @@ size, a crash before the commit keeps the previous checkpoint, shape mismatches,
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -153,6 +155,9 @@ def test_export_weights_cli(tmp_path, capsys):
     dck.save_distributed(run_dir, 4, model, torch.optim.AdamW(model.parameters()), {})
     assert main(["export-weights", str(run_dir), str(tmp_path / "w.safetensors")]) == 0
     got = load_file(str(tmp_path / "w.safetensors"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # safetensors alone writes 0600
     assert got.keys() == model.state_dict().keys()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=0, atol=0)

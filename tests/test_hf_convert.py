@@ -3,6 +3,7 @@ connections and lowers the loss, save/load, mhc convert, mhc train --init-from, 
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -160,6 +161,9 @@ def test_cli_convert_train_init_from_and_export(tmp_path, small_text, capsys):
     _byte_tokenizer_files(hf_dir)
     assert main(["convert", str(hf_dir), str(tmp_path / "mhc"), "--streams", "2"]) == 0
     assert (tmp_path / "mhc" / "tokenizer.json").is_file()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "mhc").iterdir()} == {0o666 & ~mask}  # not safetensors' 0600
     ids = batch(256)
     converted = load_converted(tmp_path / "mhc")
     with torch.no_grad():

@@ -10,7 +10,7 @@ through one of two doors:
   caller allows (DCP's ``.metadata``, which torch itself reads with plain ``pickle.load``).
 
 Anything else in a file is refused with a :class:`UserError` naming the file and the global it asked for.
-:func:`write_atomically` is the matching door out: a file appears whole or not at all.
+:func:`write_atomically` is the matching door out: a file appears whole or not at all, with the usual mode.
 """
 
 from __future__ import annotations
@@ -96,6 +96,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def usual_permissions(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a new file or folder gets: 0666 / 0777
+    less the umask (0644 / 0755 usually), not the 0600 that some writers (safetensors) create files with."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path = Path(path)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def write_atomically(path: str | Path, write, then: str = "run the command again",
                      note: str = "nothing was written") -> Path:
     """``write(tmp)`` to a temporary file beside ``path`` (same suffix, so numpy adds none), renamed to
@@ -107,6 +117,7 @@ def write_atomically(path: str | Path, write, then: str = "run the command again
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        usual_permissions(tmp)
         os.replace(tmp, path)
     except BaseException as e:
         error = write_error(e, path, then, note)

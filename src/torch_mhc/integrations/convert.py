@@ -47,6 +47,7 @@ from torch import nn
 
 from torch_mhc.models.decoder import DecoderLM, ModelConfig
 from torch_mhc.nn import ManifoldHyperConnection, expand_streams, merge_streams
+from torch_mhc.serialization import usual_permissions
 from torch_mhc.train.config import UserError
 from torch_mhc.train.trainer import register_init_from
 
@@ -220,8 +221,10 @@ def mhc_connections(model: nn.Module) -> list[ManifoldHyperConnection]:
 
 
 def save_converted(model: nn.Module, out_dir: str | Path) -> Path:
-    """``save_pretrained`` (the config records the conversion; the connections are in the weights)."""
+    """``save_pretrained`` (the config records the conversion; the connections are in the weights), the
+    files with the usual permissions (safetensors writes 0600)."""
     model.save_pretrained(out_dir)
+    usual_permissions(out_dir)
     return Path(out_dir)
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from torch_mhc.errors import write_error
+from torch_mhc.serialization import usual_permissions
 from torch_mhc.train.config import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1]
@@ -331,16 +332,6 @@ def model_card(cfg, run_dir: Path, state: dict, roles: dict, tokenizer_name: str
     return "\n".join(lines)
 
 
-def normal_permissions(folder: Path) -> None:
-    """Give ``folder`` and everything in it the modes a new file or directory gets (0666 / 0777 less the
-    umask: 0644 / 0755 usually), not the 0600 of temporary files that some writers rename into place."""
-    mask = os.umask(0)
-    os.umask(mask)
-    folder.chmod(0o777 & ~mask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
 def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
     """Write the transformers directory of ``run_dir``'s latest checkpoint into ``out_dir`` (new or empty),
     through a temporary directory beside it (renamed into place when complete): the model, its tokenizer
@@ -380,7 +371,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, log=print) -> Path:
         if backend is not None:
             export_tokenizer(cfg, backend, roles, tmp)
         (tmp / "README.md").write_text(card)
-        normal_permissions(tmp)
+        usual_permissions(tmp)
     source = f", from {cfg.init_from}" if cfg.init_from else ""
     log(f"exported {run_dir} (step {state['step']}{source}) to {out_dir}; {_tokenizer_note(tok, roles)}")
     return out_dir
