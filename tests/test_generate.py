@@ -115,6 +115,23 @@ def test_left_padded_batch_equals_each_prompt_alone(name, dtype):
         assert torch.equal(row[L - len(p):], model.generate(p[None], 30, temperature=0)[0])
 
 
+def test_cache_on_the_fused_kernels():
+    """The fused path (Triton; the interpreter on a CPU), read-ahead between chained connections included: the
+    cached pieces give the reference path's full logits, and greedy with the cache equals greedy without."""
+    from torch_mhc import ops
+
+    model = make_model("mhc", torch.float32, max_seq_len=16)
+    idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        reference, _ = model(idx)
+        with ops.use_backend("triton"):
+            cache = KVCache()
+            pieces = [model(idx[:, :6], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in (6, 7, 8)]
+            cached = model.generate(idx[:, :5], 4, temperature=0)
+            assert torch.equal(cached, model.generate(idx[:, :5], 4, temperature=0, use_cache=False))
+    torch.testing.assert_close(torch.cat(pieces, 1), reference, rtol=0, atol=2e-5)
+
+
 def test_cached_forward_checks_its_inputs():
     model = make_model("mhc", max_seq_len=16)
     cache = KVCache()
