@@ -43,7 +43,8 @@ class TorchMhcConfig(PretrainedConfig):
 
 
 class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
-    """``forward(input_ids [B, T], labels=None) -> CausalLMOutputWithPast(loss, logits [B, T, vocab])``."""
+    """``forward(input_ids [B, T], attention_mask=None, cache=None, use_cache=None, labels=None) ->
+    CausalLMOutputWithPast(loss, logits [B, T, vocab], cache)``."""
 
     config_class = TorchMhcConfig
     base_model_prefix = "model"
@@ -86,7 +87,7 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
         makes a ``DynamicCache`` when none is given. ``position_ids`` ``[B, T]``: default, each token's count of
         earlier tokens (padding not counted)."""
         if cache is None:
-            cache = kwargs.pop("past_key_values", None)  # the name before transformers 5.2x
+            cache = kwargs.pop("past_key_values", None)  # older transformers' name (not tested here)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and cache is None and position_ids is None and bool(attention_mask.all()):
