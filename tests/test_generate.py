@@ -183,6 +183,23 @@ def test_hf_generate_with_left_padding_and_cache(name):
         assert torch.equal(alone, model.model.generate(p[None], 26, temperature=0)[0])
 
 
+def test_hf_beam_search_and_sampling_with_the_cache():
+    """Beam search (transformers reorders the DynamicCache between steps) and seeded sampling on a left-padded
+    batch give the same tokens with the cache as without; return_dict_in_generate hands back the cache."""
+    model = hf_model("mhc-moe")
+    g = torch.Generator().manual_seed(9)
+    ids, mask = left_padded([torch.randint(0, VOCAB - 1, (n,), generator=g) for n in (11, 4)], VOCAB - 1)
+    kw = dict(max_new_tokens=8, pad_token_id=VOCAB - 1, attention_mask=mask)
+    beams = model.generate(ids, num_beams=3, do_sample=False, **kw)
+    assert torch.equal(beams, model.generate(ids, num_beams=3, do_sample=False, use_cache=False, **kw))
+    torch.manual_seed(1)
+    sampled = model.generate(ids, do_sample=True, top_k=5, **kw)
+    torch.manual_seed(1)
+    assert torch.equal(sampled, model.generate(ids, do_sample=True, top_k=5, use_cache=False, **kw))
+    out = model.generate(ids, do_sample=False, return_dict_in_generate=True, **kw)
+    assert out.cache.get_seq_length() == ids.shape[1] + 8 - 1  # the last token is never run
+
+
 def test_hf_forward_with_dynamic_cache():
     """forward(cache=DynamicCache, attention_mask) step by step == one forward over the padded sequence; the
     returned cache is the one passed, grown; use_cache=True makes one."""
