@@ -89,7 +89,7 @@ def exported(seed=0):
 
 
 MODELS = {"deepseek_v4": patched_v4, "converted_llama": converted_llama}
-INFERENCE_MODELS = {**MODELS, "exported": exported}  # the exported model has no gradient checkpointing
+INFERENCE_MODELS = {**MODELS, "exported": exported}  # the exported model has its own checkpointing tests (end)
 
 
 def ids(batch=2, length=10, seed=1):
@@ -421,3 +421,144 @@ def test_converted_generation_modes_equal_the_original(mode):
         torch.manual_seed(7)
         outs.append(model.generate(ids(batch=2, length=6), **kwargs))
     assert torch.equal(outs[1], outs[0])
+
+
+# --- the exported model: init_weights, gradient checkpointing, round trip ------------------------------------------
+
+
+def exported_config(**overrides):
+    """Three blocks, MoE after the first, the learned head merge: the parts whose init draws differ."""
+    from torch_mhc.integrations.hf_model import TorchMhcConfig
+
+    mhc = dict(vocab_size=VOCAB, dim=32, n_layers=3, n_heads=4, max_seq_len=64, n_streams=4, merge="head", moe=True,
+               n_routed_experts=4, top_k=2, first_dense_layers=1)
+    mhc.update(overrides)
+    return TorchMhcConfig(mhc=mhc)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"connection": "hc", "tie_embeddings": True}], ids=["mhc-moe", "hc-tied"])
+def test_exported_meta_build_and_init_weights_equal_eager_construction(overrides):
+    """Meta build, to_empty (NaN), init_weights: nothing NaN, and every parameter and buffer (the rotary tables,
+    the MoE routing bias) equal to eager construction from the same seed. Parameters flagged as loaded
+    (``_is_hf_initialized``, as from_pretrained flags them) keep their values; the rest are still initialised."""
+    from torch_mhc.integrations.hf_model import TorchMhcForCausalLM
+
+    config = exported_config(**overrides)
+    torch.manual_seed(4)
+    eager = TorchMhcForCausalLM(config)
+    want = dict(eager.named_buffers()) | eager.state_dict()
+
+    def meta_built(loaded=()):
+        torch.manual_seed(4)
+        with torch.device("meta"):
+            model = TorchMhcForCausalLM(config)
+        _materialised_on_cpu(model)
+        with torch.no_grad():
+            for name in loaded:
+                p = model.get_parameter(name)
+                p.copy_(torch.arange(p.numel()).view_as(p) / p.numel())
+                p._is_hf_initialized = True
+        model.init_weights()
+        return model
+
+    model = meta_built()
+    got = dict(model.named_buffers()) | model.state_dict()
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        assert not v.is_floating_point() or torch.isfinite(v).all(), k
+        assert torch.equal(v, want[k]), k
+    assert model.model.blocks[1].ffn.sublayer.mlp.bias.abs().sum() == 0  # MoE routing bias, as constructed
+    assert (model.model.lm_head.weight is model.model.embed.weight) == config.tie_word_embeddings
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, eager.eval()(x).logits)
+
+    loaded = ["model.blocks.1.attn.phi" if config.mhc["connection"] == "mhc" else "model.blocks.1.attn.w_pre",
+              "model.blocks.2.ffn.sublayer.norm.weight", "model.embed.weight"]
+    partly = meta_built(loaded)
+    for k, v in partly.state_dict().items():
+        if k in loaded:
+            assert torch.equal(v, torch.arange(v.numel()).view_as(v) / v.numel()), k
+        else:
+            assert not v.is_floating_point() or torch.isfinite(v).all(), k
+    assert partly.model.blocks[0].attn.sublayer.qkv.weight.std() > 0.01
+
+
+def _attention_calls(model):
+    from torch_mhc.models.decoder import Attention
+
+    calls = []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_exported_gradient_checkpointing_recomputes(use_reentrant, every_n_layers):
+    """gradient_checkpointing_enable(): each checkpointed block's attention runs again in backward (3 blocks:
+    6 calls, or 5 with every_n_layers=2 (blocks 0 and 2)), gradients equal to the plain backward's, the
+    parameter names unchanged; eval and disable run each attention once."""
+    from torch_mhc.integrations.hf_model import TorchMhcForCausalLM
+
+    torch.manual_seed(0)
+    model = TorchMhcForCausalLM(exported_config()).train()
+    calls = _attention_calls(model)
+    x = ids()
+    layers = model.config.num_hidden_layers
+    keys = list(model.state_dict())
+
+    model(x, labels=x).loss.backward()
+    assert len(calls) == layers
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    assert any("phi" in k for k in grads) and any("head_merge" in k for k in grads)
+
+    model.zero_grad()
+    calls.clear()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant},
+                                        every_n_layers=every_n_layers)
+    assert [b.gradient_checkpointing for b in model.model.blocks] == [i % every_n_layers == 0 for i in range(layers)]
+    assert model.is_activation_checkpointing and list(model.state_dict()) == keys
+    model(x, attention_mask=torch.ones_like(x), labels=x, use_cache=True).loss.backward()  # the Trainer's call
+    assert len(calls) == layers + len(range(0, layers, every_n_layers))
+    assert grads.keys() == {k for k, p in model.named_parameters() if p.grad is not None}
+    for k, p in model.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-6, atol=1e-8, msg=lambda m, k=k: f"{k}: {m}")
+
+    calls.clear()
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(x[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 3 * layers and out.shape == (1, 7)
+
+    calls.clear()
+    model.train().gradient_checkpointing_disable()
+    assert type(model.model.blocks[0]).__name__ == "Block" and not model.is_activation_checkpointing
+    model(x, labels=x).loss.backward()
+    assert len(calls) == layers
+
+
+def test_exported_rich_save_and_load_round_trip(tmp_path):
+    """MoE, head merge, tied embeddings: from_pretrained gives the saved tensors exactly (its init_weights leaves
+    loaded tensors alone) and recomputes the rotary tables, which are not saved; also after checkpointing."""
+    from torch_mhc.integrations.hf_model import TorchMhcForCausalLM
+
+    torch.manual_seed(2)
+    model = TorchMhcForCausalLM(exported_config(tie_embeddings=True))
+    with torch.no_grad():  # values no initialisation reproduces
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.model.blocks[2].ffn.sublayer.mlp.bias.normal_()
+    model.gradient_checkpointing_enable()
+    model.save_pretrained(tmp_path / "e")
+    torch.manual_seed(9)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "e", local_files_only=True).eval()
+    assert type(loaded) is TorchMhcForCausalLM
+    for k, v in (dict(model.named_buffers()) | model.state_dict()).items():
+        assert torch.equal((dict(loaded.named_buffers()) | loaded.state_dict())[k], v), k
+    assert loaded.model.lm_head.weight is loaded.model.embed.weight
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model.eval()(x).logits)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import types
 
-import torch
 from torch import nn
 
 from torch_mhc.train.config import UserError
@@ -51,20 +50,10 @@ def register_auto_classes() -> None:
     register_converted()
 
 
-@torch.no_grad()
-def reset_unloaded(module: nn.Module) -> None:
-    """``module.reset_parameters()`` for the parameters that transformers has not marked as loaded
-    (``_is_hf_initialized``); the loaded ones keep their values."""
-    loaded = {name: p.detach().clone() for name, p in module.named_parameters(recurse=False)
-              if getattr(p, "_is_hf_initialized", False)}
-    module.reset_parameters()
-    for name, value in loaded.items():
-        getattr(module, name).copy_(value)
-
-
 def _init_weights(self, module: nn.Module) -> None:
     """The model's own ``_init_weights``, except for torch_mhc's modules: their ``reset_parameters``
-    (which initialise them as their construction does)."""
+    (which initialise them as their construction does), for what transformers has not loaded."""
+    from torch_mhc.integrations.hf_model import reset_unloaded
     from torch_mhc.nn import HyperHead, StreamConnection
 
     if isinstance(module, (StreamConnection, HyperHead)):

@@ -7,6 +7,9 @@ logits are the native model's. ``generate()`` keeps the keys and values in trans
 once a sequence is longer than ``max_seq_len``, each step recomputes its last ``max_seq_len`` tokens, as
 :meth:`DecoderLM.generate` does.
 
+``init_weights()`` after a meta-device build and ``to_empty()`` initialises the model as its construction
+does (:func:`reset_unloaded`); ``gradient_checkpointing_enable()`` recomputes each block in backward.
+
 ``mhc export`` copies this file into the exported directory as ``modeling_torch_mhc.py``, with its
 ``torch_mhc`` import pointed at a copy of the model code, so ``trust_remote_code=True`` loads it
 where ``torch_mhc`` is not installed.
@@ -14,12 +17,33 @@ where ``torch_mhc`` is not installed.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from torch_mhc.models.decoder import DecoderLM, ModelConfig, rope_tables
+from torch_mhc.nn import chain_reads
+
+
+def _loaded(tensor: torch.Tensor) -> bool:
+    return getattr(tensor, "_is_hf_initialized", False)
+
+
+@torch.no_grad()
+def reset_unloaded(module: nn.Module, recurse: bool = False) -> None:
+    """``module.reset_parameters()`` for the parameters and buffers that transformers has not marked as loaded
+    (``_is_hf_initialized``); the loaded ones keep their values. ``recurse``: also the submodules' tensors (for
+    a ``reset_parameters`` that sets them, as ``DecoderLM``'s does)."""
+    tensors = itertools.chain(module.named_parameters(recurse=recurse), module.named_buffers(recurse=recurse))
+    loaded = {name: t.detach().clone() for name, t in tensors if _loaded(t)}
+    module.reset_parameters()
+    for name, value in loaded.items():
+        owner, _, attr = name.rpartition(".")
+        getattr(module.get_submodule(owner), attr).copy_(value)
 
 
 class TorchMhcConfig(PretrainedConfig):
@@ -50,23 +74,64 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["Block"]
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: TorchMhcConfig):
         super().__init__(config)
         self.model = DecoderLM(config.model_config())
+        if not self.model.embed.weight.is_meta:  # DecoderLM.__init__ has initialised it: post_init must not redraw
+            self.model._is_hf_initialized = True
         if config.tie_word_embeddings:
             self._tied_weights_keys = {"model.lm_head.weight": "model.embed.weight"}
         self.post_init()
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The native initialisation (``DecoderLM.__init__`` has run); only the rotary tables, which
-        are not saved, are recomputed when the model was built on the meta device."""
-        if isinstance(module, DecoderLM):
+        """``init_weights()`` (after a meta-device build and ``to_empty()``; ``from_pretrained``'s missing keys):
+        ``DecoderLM.reset_parameters`` for what was not loaded, so one seed gives the model its eager construction
+        gives. Everything saved was loaded: only the buffers that are not saved (rotary tables, MoE load counts).
+        Its submodules are left to it."""
+        if not isinstance(module, DecoderLM):
+            return
+        if all(_loaded(t) for t in module.state_dict(keep_vars=True).values()):
             cfg = module.cfg
             cos, sin = rope_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
             module.rope_cos.copy_(cos)
             module.rope_sin.copy_(sin)
+            for moe in module.moe_layers():
+                moe.load.zero_()
+        else:
+            reset_unloaded(module, recurse=True)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1):
+        """What ``gradient_checkpointing_enable()`` calls: blocks 0, K, 2K, ... (K = ``every_n_layers``) run
+        their forward under ``gradient_checkpointing_func`` (transformers' ``torch.utils.checkpoint``) while
+        training with gradients, so autograd keeps only their input and recomputes them in backward. As
+        ``mhc train``'s ``activation_checkpoint`` does (``distributed.parallelize``): the block keeps its
+        parameter names (its class becomes a subclass of its own), and the fused kernels' read-ahead into the
+        next connection is not chained across a checkpointed block's boundary."""
+        blocks = list(self.model.blocks)
+        for block in blocks:
+            if isinstance(block, _CheckpointedBlock):
+                block.__class__ = block.__class__.__bases__[1]
+                del block._gradient_checkpointing_func
+            block.gradient_checkpointing = False
+        chain_reads(self.model.connections())
+        if not enable:
+            return
+        for i, block in enumerate(blocks):
+            if i % every_n_layers:
+                continue
+            cls = type(block)
+            if cls not in _CHECKPOINTED_CLASSES:
+                _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_CheckpointedBlock, cls), {})
+            block.__class__ = _CHECKPOINTED_CLASSES[cls]
+            block._gradient_checkpointing_func = gradient_checkpointing_func
+            block.gradient_checkpointing = True
+            for conn in ([blocks[i - 1].ffn] if i > 0 else []) + [block.ffn]:
+                if hasattr(conn, "next_reader"):
+                    conn.next_reader = None
 
     def get_input_embeddings(self):
         return self.model.embed
@@ -88,6 +153,9 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
         earlier tokens (padding not counted)."""
         if cache is None:
             cache = kwargs.pop("past_key_values", None)  # older transformers' name (not tested here)
+        if self.training and torch.is_grad_enabled() and any(
+                getattr(b, "gradient_checkpointing", False) for b in self.model.blocks):
+            cache, use_cache = None, False  # a checkpointed block's recompute would append to the cache again
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and cache is None and position_ids is None and bool(attention_mask.all()):
@@ -115,6 +183,20 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
         return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                      cache=cache, attention_mask=attention_mask, **kwargs)
 
+
+class _CheckpointedBlock:
+    """Mixed into a ``Block``'s class by ``gradient_checkpointing_enable()``: while training with gradients, its
+    forward runs under ``_gradient_checkpointing_func``; otherwise (eval, sampling) it is plain."""
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention) -> torch.Tensor:
+        forward = super().forward
+        if self.training and torch.is_grad_enabled():
+            # the tensors that may need gradients positionally (reentrant checkpoints pass no keyword arguments)
+            return self._gradient_checkpointing_func(lambda h, cos, sin: forward(h, cos, sin, **attention), h, cos, sin)
+        return forward(h, cos, sin, **attention)
+
+
+_CHECKPOINTED_CLASSES: dict[type, type] = {}
 
 # the output's cache field: ``cache`` since transformers renamed ``past_key_values``
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
