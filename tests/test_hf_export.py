@@ -233,3 +233,74 @@ def test_converted_then_trained_export_keeps_special_tokens(tmp_path, text, wher
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"`{tmp_path / 'mhc'}` (a transformers model converted to mHC with 2 residual streams)" in card
     assert "load_converted" in card
+
+
+REMOTE_FEATURES = textwrap.dedent("""
+    import sys
+    sys.modules["torch_mhc"] = None  # any import of torch_mhc now fails
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    for out in sys.argv[2:]:
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+        cls, config = type(model), AutoConfig.from_pretrained(out, trust_remote_code=True)
+        x = torch.randint(0, config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+
+        # meta build + to_empty (NaN) + init_weights == eager construction from one seed
+        torch.manual_seed(3)
+        eager = cls(config)
+        torch.manual_seed(3)
+        with torch.device("meta"):
+            meta = cls(config)
+        meta.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in list(meta.parameters()) + list(meta.buffers()):
+                t.fill_(float("nan"))
+        meta.init_weights()
+        want = dict(eager.named_buffers()) | eager.state_dict()
+        got = dict(meta.named_buffers()) | meta.state_dict()
+        assert got.keys() == want.keys()
+        for k, v in got.items():
+            assert torch.isfinite(v).all() and torch.equal(v, want[k]), k
+
+        # gradient checkpointing: each attention again in backward, equal gradients
+        model.train()
+        calls = []
+        for m in model.modules():
+            if type(m).__name__ == "Attention":
+                m.register_forward_pre_hook(lambda *_: calls.append(1))
+        model(x, labels=x).loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        assert len(calls) == config.num_hidden_layers, len(calls)
+        model.zero_grad()
+        calls.clear()
+        model.gradient_checkpointing_enable()
+        model(x, labels=x).loss.backward()
+        assert len(calls) == 2 * config.num_hidden_layers, len(calls)
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-6, atol=1e-8)
+
+        # save_pretrained / from_pretrained: exact
+        model.eval().save_pretrained(sys.argv[1] + "/" + out.replace("/", "_"))
+        again = AutoModelForCausalLM.from_pretrained(sys.argv[1] + "/" + out.replace("/", "_"),
+                                                     trust_remote_code=True)
+        assert type(again).__module__.startswith("transformers_modules")
+        for k, v in (dict(model.named_buffers()) | model.state_dict()).items():
+            assert torch.equal((dict(again.named_buffers()) | again.state_dict())[k], v), k
+        with torch.no_grad():
+            assert torch.equal(again(x).logits, model(x).logits)
+        print("checked", type(model).__module__, config.num_hidden_layers)
+    assert not any(m.startswith("torch_mhc") for m in sys.modules if sys.modules[m] is not None)
+""")
+
+
+def test_export_without_torch_mhc_init_weights_checkpointing_and_save(exports, tmp_path):
+    """The exported code alone (trust_remote_code, torch_mhc blocked): a meta build + init_weights() equals
+    eager construction, gradient checkpointing recomputes each attention with equal gradients, and
+    save_pretrained/from_pretrained is exact."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_OFFLINE="1")
+    outs = [str(out) for _, out in exports.values()]
+    proc = subprocess.run([sys.executable, "-c", REMOTE_FEATURES, str(tmp_path), *outs],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checked transformers_modules") == len(outs), proc.stdout
