@@ -95,8 +95,11 @@ def stream_stats(streams: torch.Tensor, h_pre: torch.Tensor, h_post: torch.Tenso
 
 
 def logit_spread(dynamic_logits: torch.Tensor, n: int) -> dict[str, float]:
-    """Spread over tokens of the dynamic logits ``[..., 2n + n^2]`` (columns pre | post | res): per
-    mapping, the mean over its columns of the standard deviation over tokens."""
+    """Spread over tokens of the dynamic logits ``[..., 2n + k]`` (columns pre | post | res, k = the H_res
+    map's logit count): per mapping, the mean over its columns of the standard deviation over tokens. A map
+    without logits (identity, k = 0) has no res entry."""
     sd = dynamic_logits.reshape(-1, dynamic_logits.shape[-1]).double().std(0, correction=0)
-    return {"pre_logit_spread": sd[:n].mean().item(), "post_logit_spread": sd[n:2 * n].mean().item(),
-            "res_logit_spread": sd[2 * n:].mean().item()}
+    spread = {"pre_logit_spread": sd[:n].mean().item(), "post_logit_spread": sd[n:2 * n].mean().item()}
+    if sd.numel() > 2 * n:
+        spread["res_logit_spread"] = sd[2 * n:].mean().item()
+    return spread
