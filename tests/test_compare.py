@@ -18,7 +18,6 @@ from torch_mhc.reports import stats
 from torch_mhc.reports.compare import (
     BASELINE,
     DIAGNOSTICS_SUMMARY,
-    MODES,
     Plan,
     build_protocol,
     compare,
@@ -128,7 +127,7 @@ def test_parse_arms():
                       ["pre-res:model.learn=pre,res,model.sinkhorn_iters=5"])
     assert arms == [("mhc", ["model.connection=mhc"]),
                     ("mhc-gate", ["model.connection=mhc", "model.n_streams=1"]),
-                    ("mhc-identity", MODES["mhc-identity"]),
+                    ("mhc-identity", ["model.connection=mhc", "model.learn=pre,post"]),
                     ("hc-identity", ["model.connection=hc", "model.learn=pre,post"]),
                     ("pre-res", ["model.learn=pre,res", "model.sinkhorn_iters=5"])]
     for bad in (["dense"], ["mhc", "mhc"]):

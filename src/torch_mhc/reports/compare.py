@@ -63,8 +63,10 @@ MODES = {
     "mhc-gate": ["model.connection=mhc", "model.n_streams=1"],
     "mhc-identity": ["model.connection=mhc", "model.learn=pre,post"],
     "hc-identity": ["model.connection=hc", "model.learn=pre,post"],
-    **{f"mhc-{m}": ["model.connection=mhc", f"model.h_res={m}"]  # mHC with each other H_res map (nn/maps.py)
-       for m in ("identity", "permutation-mixture", "circulant", "kronecker")},
+    # mHC with each other H_res map (nn/maps.py). Not "identity": mhc-identity above (H_res fixed by learn, the
+    # published control) computes the same function; model.h_res=identity drops phi's unused res columns
+    **{f"mhc-{m}": ["model.connection=mhc", f"model.h_res={m}"]
+       for m in ("permutation-mixture", "circulant", "kronecker")},
 }
 # Residual controls computed from the base config (:func:`matched_width`): the residual network with its FFNs
 # widened to the hidden width that brings it closest to the mHC arm's parameter count (residual-params) or to
