@@ -8,6 +8,7 @@ left padding, and a converted directory that declares its own architecture. The 
 """
 
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -562,3 +563,45 @@ def test_exported_rich_save_and_load_round_trip(tmp_path):
     x = ids()
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_exported_gradient_checkpointing_on_the_fused_kernels(monkeypatch):
+    """On the fused path (Triton; the interpreter on a CPU), where each connection's post computes its next
+    reader's GEMM ahead and, in the trainer's ``chained_backward`` scope, sums its reader's gradient terms:
+    checkpointed blocks' gradients equal the plain fused backward's, twice in a row, and the reference path's.
+    The read-ahead is not chained across a checkpointed block's boundary (as ``mhc train``'s checkpointing), so
+    the recompute computes what the forward did: each block's first read launches its own coefficient GEMM, in
+    the forward and again in the recompute (the plain forward launches one for the whole chain)."""
+    from conftest import CountLaunches
+    from torch_mhc import ops
+    from torch_mhc.integrations.hf_model import TorchMhcForCausalLM
+    from torch_mhc.nn.connections import chained_backward
+    from torch_mhc.ops import coefficients
+
+    torch.manual_seed(0)
+    model = TorchMhcForCausalLM(exported_config(moe=False, merge="sum")).train()
+    x = ids(length=8)
+
+    def grads():
+        model.zero_grad()
+        with chained_backward():
+            loss = model(x, labels=x).loss
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    reference = grads()
+    gemm = CountLaunches(coefficients._gemm_fwd)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", gemm)
+    with ops.use_backend("triton"):
+        fused = grads()
+        assert gemm.launches == 1
+        model.gradient_checkpointing_enable()
+        checkpointed = [grads(), grads()]
+        assert gemm.launches == 1 + 2 * (3 + 3)
+        model.gradient_checkpointing_disable()
+        again = grads()
+    for k, want in fused.items():
+        for got in checkpointed + [again]:
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+        torch.testing.assert_close(want, reference[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
