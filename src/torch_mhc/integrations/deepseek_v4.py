@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from torch_mhc.nn import HyperHead, ManifoldHyperConnection, chain_reads
-from torch_mhc.numerics import compute_dtype
+from torch_mhc.numerics import MAPPINGS, compute_dtype
 
 LAYER_CLASS_NAME = "MhcDeepseekV4DecoderLayer"
 
@@ -96,7 +96,9 @@ class DeepseekV4Connection(ManifoldHyperConnection):
         return super().extra_repr() + f", eps={self.eps}, norm_eps={self.norm_eps}"
 
     def fused_read(self) -> bool:
-        return self.norm_eps == self.eps and super().fused_read()
+        """The fused read when the two eps agree: ``coefficients`` below is then the base's own function (the
+        base's ``fused_read`` sees it overridden and would never fuse, which lost V4 its kernels)."""
+        return self.norm_eps == self.eps and self.dynamic and len(self.learn) == len(MAPPINGS)
 
     def coefficients(self, streams):
         if self.norm_eps == self.eps:
