@@ -1,7 +1,8 @@
 """``mhc train`` with ``parallel.pp`` through real torchrun on gloo ranks: a 4-layer MoE model (a dense layer,
 then MoE; the V4 variant with the head merge), each run held against the one-process run of the same config.
 1F1B and ZBVZeroBubble on 2 ranks; PP x FSDP on 4 ranks through diagnostics steps, evaluations and DCP
-checkpoints, resumed on other layouts (PP on 2 ranks, one process, FSDP on 2 ranks); bad settings refused."""
+checkpoints, resumed on other layouts (PP on 2 ranks, one process, FSDP on 2 ranks); PP x FSDP x EP on 4 ranks,
+resumed on one process; bad settings refused."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch_mhc.distributed.pipeline import (
     stage_ids,
     stage_owner,
 )
+from torch_mhc.distributed.runtime import layout_problems
 from torch_mhc.models import DecoderLM, ModelConfig
 from torch_mhc.train.config import build_config
 
@@ -163,6 +165,31 @@ def test_pipeline_under_fsdp_resumes_on_other_layouts(tmp_path, reference, capsy
     assert_same_diagnostics(pf, one)
 
 
+def test_pipeline_with_expert_parallel_matches_one_process_and_resumes_there(tmp_path, reference):
+    """PP x FSDP x EP: 2 stages, each FSDP2-sharded over its 2 data-parallel ranks, which also split each of the
+    stage's MoE layers' 4 experts (2 a rank); the checkpoint holds the global expert weights and resumes in one
+    process."""
+    one, data = reference
+    p = torchrun("train", *sets(tmp_path, data, "run_name=pe", "parallel.pp=2", "parallel.dp_shard=2",
+                                "parallel.ep=2"), nproc=4)
+    assert p.returncode == 0, p.stderr[-3000:]
+    pe = tmp_path / "runs" / "pe"
+    assert_same_curve(pe, one)
+    assert_same_diagnostics(pe, one)
+    ckpts = pe / "checkpoints"
+    model = DecoderLM(ModelConfig(**json.loads((pe / "config.json").read_text())["model"]))
+    saved = {k.removeprefix("model."): shape for k, (shape, _) in tensor_shapes(ckpts / "dcp_step_0000004").items()
+             if k.startswith("model.")}
+    assert saved == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert saved["blocks.2.ffn.sublayer.mlp.w1"][0] == 4  # all 4 experts, not a rank's 2
+    # from step 4 on one process: its steps 5 and 6 are the one-process run's
+    shutil.rmtree(ckpts / "dcp_step_0000006")
+    assert main(["train", "--resume", str(pe), "--set", "parallel.pp=1", "--set", "parallel.dp_shard=-1",
+                 "--set", "parallel.ep=1"]) == 0
+    assert (ckpts / "step_0000006.pt").is_file()
+    assert_same_curve(pe, one, steps={5, 6})
+
+
 def train_config(*overrides):
     return build_config(overrides=[*SETTINGS, *overrides])
 
@@ -196,6 +223,8 @@ def test_good_pipeline_settings_pass_and_stages_cover_the_model():
         assert all(stage_owner(s, 2, name) == r for r in range(2) for s in stage_ids(r, 2, name))
     assert stage_ids(0, 2, "ZBVZeroBubble") == [0, 3] and stage_ids(0, 2, "Interleaved1F1B") == [0, 2]
     assert pipeline_errors(SimpleNamespace(grad_accum=1, model=None, compile=False), ParallelConfig()) == []
+    cfg = train_config("parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2")  # PP x FSDP x EP
+    assert layout_problems(cfg) == []
 
 
 def test_bad_pipeline_settings_stop_every_rank_before_the_run_starts(tmp_path, small_text):

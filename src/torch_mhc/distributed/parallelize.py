@@ -146,19 +146,26 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, param_dtype: torch.dtype |
     Under expert parallel (``expert_dp_mesh``: the ranks that hold the same experts) each MoE layer's
     experts, already split over ``ep``, are their own unit sharded over ``expert_dp_mesh``; its router
     and shared experts are one unit over ``dp_mesh``, as the rest of the block."""
-    from torch_mhc.models.moe import MoE
-
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
         # the last block's parameters are needed again first in backward: keep them gathered
-        reshard = i < n - 1
-        for moe in (m for m in block.modules() if isinstance(m, MoE)) if expert_dp_mesh is not None else ():
-            fully_shard([moe.router] + ([moe.shared] if moe.shared is not None else []), mesh=dp_mesh,
-                        mp_policy=mp, reshard_after_forward=reshard)
-            fully_shard(moe, mesh=expert_dp_mesh, mp_policy=mp, reshard_after_forward=reshard)  # w1, w3, w2
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard_block(block, dp_mesh, mp, reshard_after_forward=i < n - 1, expert_dp_mesh=expert_dp_mesh)
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def fully_shard_block(block: nn.Module, dp_mesh: DeviceMesh, mp: MixedPrecisionPolicy, reshard_after_forward: bool,
+                      expert_dp_mesh: DeviceMesh | None = None) -> None:
+    """One block as one FSDP2 unit over ``dp_mesh``; under expert parallel (``expert_dp_mesh``) each MoE layer's
+    experts (``w1, w3, w2``, already split over ``ep``) are their own unit over ``expert_dp_mesh`` and its router
+    and shared experts another over ``dp_mesh``. Used unpipelined and by each pipeline stage."""
+    from torch_mhc.models.moe import MoE
+
+    for moe in (m for m in block.modules() if isinstance(m, MoE)) if expert_dp_mesh is not None else ():
+        fully_shard([moe.router] + ([moe.shared] if moe.shared is not None else []), mesh=dp_mesh,
+                    mp_policy=mp, reshard_after_forward=reshard_after_forward)
+        fully_shard(moe, mesh=expert_dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
 
 
 def apply_ddp(model: nn.Module, dp_mesh: DeviceMesh) -> None:

@@ -3,7 +3,8 @@ stage tensor is the stream state ``[b, S, n, C]`` (the first stage embeds and ex
 merges and applies the head), run by any schedule PyTorch ships (1F1B, interleaved 1F1B, zero bubble).
 
 :class:`Pipeline` is what ``mhc train`` runs with ``parallel.pp > 1``: the stages of one rank (FSDP2 over
-the data-parallel ranks of the same stage when ``dp_shard > 1``), the schedule ``parallel.pp_schedule``
+the data-parallel ranks of the same stage when ``dp_shard > 1``, and expert parallel over ``ep`` of those ranks
+when ``parallel.ep > 1``), the schedule ``parallel.pp_schedule``
 (:data:`SCHEDULES`), and what the trainer needs across stages: the global gradient norm, per-role norms,
 evaluation and diagnostics (a forward through the stages in order, no schedule), the MoE loads, and
 :class:`RankParts`, this rank's modules under the unpipelined model's parameter names (DCP checkpoints).
@@ -79,8 +80,6 @@ def pipeline_errors(train_cfg, parallel) -> list[str]:
     if parallel.dp_mode != "fsdp" or parallel.dp_replicate > 1:
         errors.append("parallel.pp > 1 composes with FSDP2 (parallel.dp_shard) only: set parallel.dp_mode=fsdp and "
                       "parallel.dp_replicate=1")
-    if getattr(parallel, "ep", 1) > 1:
-        errors.append("parallel.pp > 1 with parallel.ep > 1 is not supported yet")
     if cfg.tie_embeddings:
         errors.append("parallel.pp > 1 cannot tie the embedding (first stage) to the LM head (last stage): "
                       "set model.tie_embeddings=false")
@@ -274,7 +273,9 @@ class Pipeline:
 
     def sync_moe_load(self) -> None:
         """Sum each of this rank's MoE layers' expert loads over the data-parallel ranks of its stage (the
-        ranks that routed the other rows through the same layer), as ``sync_moe_load`` does unpipelined."""
+        ranks that routed the other rows through the same layer; under expert parallel its ``ep`` ranks are among
+        them, each counting its own tokens per global expert), never over other stages, as ``sync_moe_load`` does
+        unpipelined."""
         for moe in self.moe_layers():
             for group in self.dp_groups:
                 dist.all_reduce(moe.load, group=group)
@@ -361,12 +362,15 @@ def build_pipeline(train_cfg, dims, mesh, device: torch.device, param_dtype: tor
     the schedule ``parallel.pp_schedule`` over ``grad_accum`` micro-batches.
 
     The model is built on the meta device; this rank's stages are cut out of it, activation-checkpointed,
-    FSDP2-sharded over the data-parallel ranks of the same stage (``mesh["dp_shard"]``) and materialised;
+    FSDP2-sharded over the data-parallel ranks of the same stage (``mesh["dp_shard"]``; under expert parallel
+    each MoE layer's experts split over ``ep`` of those ranks and sharded over the rest, as ``parallelize`` does)
+    and materialised;
     rank 0 alone builds the whole model (seeded as the plain run is) and broadcasts it a tensor at a time,
     each rank keeping (its shard of) what its stages hold."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from torch_mhc.distributed.parallelize import apply_activation_checkpoint
+    from torch_mhc.distributed.expert_parallel import apply_expert_parallel
+    from torch_mhc.distributed.parallelize import apply_activation_checkpoint, fully_shard_block
     from torch_mhc.distributed.tensor_parallel import shard_like
     from torch_mhc.models.decoder import DecoderLM, rope_tables
 
@@ -379,6 +383,13 @@ def build_pipeline(train_cfg, dims, mesh, device: torch.device, param_dtype: tor
     n_stages = pp * SCHEDULES[name][1]
     bounds = stage_bounds(model_cfg.n_layers, n_stages)
     stages = {s: StreamStage(model, *bounds[s]) for s in ids}
+    # expert parallel inside each stage: mesh is (pp, dp_shard); the expert mesh splits its dp_shard into
+    # (dp_shard_mod_ep, ep), so an ep group is ep data-parallel ranks of one stage (never ranks of two stages)
+    expert_dp_mesh = None
+    if dims.ep > 1:
+        for stage in stages.values():  # this rank's MoE layers only (the others stay on the meta device, whole)
+            apply_expert_parallel(stage, dims.expert_mesh(mesh)["ep"])
+        expert_dp_mesh = dims.expert_dp_mesh(mesh)
     apply_activation_checkpoint(model, model_cfg.activation_checkpoint)  # after chain_reads: it cuts the chain too
     parts = RankParts(model, list(stages.values()))
     dp_mesh = dims.dp_mesh(mesh)
@@ -386,7 +397,7 @@ def build_pipeline(train_cfg, dims, mesh, device: torch.device, param_dtype: tor
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for stage in stages.values():  # each stage its own FSDP2 root, each block one unit kept gathered between
             for block in stage.blocks.values():  # the micro-batches' forwards and backwards (torchtitan's choice)
-                fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
+                fully_shard_block(block, dp_mesh, mp, reshard_after_forward=False, expert_dp_mesh=expert_dp_mesh)
             fully_shard(stage, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     parts.to_empty(device=device)
     mine = parts.state_dict()
