@@ -81,6 +81,49 @@ def bytes_model(n: int, C: int, elt: int) -> dict:
                                  "_gemm_fwd": n * C * M * 4 / 64, "_gemm_bwd": 0}}
 
 
+def batch_invariant_model(n: int, C: int, T: int, elt: int) -> dict:
+    """What ``batch_invariant=True`` changes at T tokens, default vs batch-invariant, from the host code's own block
+    and split choices (``ops.coefficients.gemm_fwd_split``, ``ops.streams._read_ahead_blocks``), bf16 tables: the
+    first sublayer's forward GEMM (launches, programs, DRAM bytes per token: the default's split-K writes S partial
+    rows [M] + a partial sum of squares per token and reduces them in torch (2 sums, 4 in-place ops on inv_rms); the
+    batch-invariant GEMM writes raw and inv_rms once, from fewer programs when T is small), and the read-ahead post's
+    and chained backward's token tile (phi re-read from L2 once per tile: more L2 bytes per token at large T)."""
+    from torch_mhc.ops.coefficients import GEMM_FWD_BLOCKS, gemm_fwd_split
+    from torch_mhc.ops.streams import _read_ahead_blocks
+
+    M, K = 2 * n + n * n, n * C
+    bt, bk, _ = GEMM_FWD_BLOCKS[n]
+    if K % 16:
+        bt = 32
+    n_t = -(-T // bt)
+    out = {}
+    for mode, invariant in (("default", False), ("batch_invariant", True)):
+        split, _ = gemm_fwd_split(n_t, K, bk, invariant)
+        gemm = K * elt + (M + 1) * 4  # x in; raw and inv_rms out
+        if split > 1:  # partials out, read back by the sums; inv_rms's 4 in-place ops read and write it
+            gemm += 2 * split * (M + 1) * 4 + 4 * 2 * 4
+        ra_bt = _read_ahead_blocks(n, C, T, invariant)[0]
+        out[mode] = {"gemm_fwd_split": split, "gemm_fwd_programs": n_t * split,
+                     "gemm_fwd_launches": 1 if split == 1 else 1 + 2 + 4, "gemm_fwd_dram_bytes_per_token": gemm,
+                     "read_ahead_tokens_per_program": ra_bt, "read_ahead_phi_l2_bytes_per_token": K * M * 4 / ra_bt}
+    return out
+
+
+def print_batch_invariant_model(n: int, C: int, elt: int, tokens=(1, 64, 2048, 16384)) -> dict:
+    rows = {}
+    print(f"batch_invariant=True vs default, n={n}, C={C} (model from the host code's choices; GPU times pending):")
+    for T in tokens:
+        rows[T] = m = batch_invariant_model(n, C, T, elt)
+        d, b = m["default"], m["batch_invariant"]
+        print(f"  T={T:>6}: forward GEMM split {d['gemm_fwd_split']:>3} -> 1, programs {d['gemm_fwd_programs']:>4} -> "
+              f"{b['gemm_fwd_programs']:>4}, launches {d['gemm_fwd_launches']} -> 1, DRAM "
+              f"{d['gemm_fwd_dram_bytes_per_token']:>6.0f} -> {b['gemm_fwd_dram_bytes_per_token']:>6.0f} B/token; "
+              f"read-ahead tile {d['read_ahead_tokens_per_program']:>2} -> {b['read_ahead_tokens_per_program']} "
+              f"tokens, phi from L2 {d['read_ahead_phi_l2_bytes_per_token']:>7.0f} -> "
+              f"{b['read_ahead_phi_l2_bytes_per_token']:>7.0f} B/token")
+    return rows
+
+
 def print_bytes_model(n: int, C: int, elt: int) -> dict:
     model = bytes_model(n, C, elt)
     fwd, bwd, chained = (sum(model[k].values()) for k in ("fwd", "bwd", "bwd_chained"))
@@ -206,6 +249,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5, help="timed repetitions on the CPU")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile arm")
     p.add_argument("--out", default="")
+    p.add_argument("--model-only", action="store_true", help="print the bytes models only (no timing, no file)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -223,6 +267,9 @@ def main(argv=None):
     rows, models = [], {}
     for C in args.dims:
         models[C] = print_bytes_model(args.n, C, elt)
+        models[C]["batch_invariant"] = print_batch_invariant_model(args.n, C, elt)
+        if args.model_only:
+            continue
         floor_f = (3 * args.n + 2) * C * args.tokens * elt
         floor_fb = (6 * args.n + 5) * C * args.tokens * elt
         cases = make_cases(args.n, C, args.tokens, dtype, device, have_liger, not args.no_compile)
@@ -242,6 +289,8 @@ def main(argv=None):
                   f"fwd+bwd {fb:8.3f} ms ({row['fwd_bwd_x_floor']:6.1f}x floor)")
         print(f"C={C:>5} {'bandwidth floor':>20}: fwd {floor_f / bw * 1e3:8.3f} ms                  "
               f"fwd+bwd {floor_fb / bw * 1e3:8.3f} ms")
+    if args.model_only:
+        return
     RESULTS.mkdir(exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"sublayer-{device.type}-{datetime.now():%Y%m%d-%H%M%S}.json"
     out.write_text(json.dumps({

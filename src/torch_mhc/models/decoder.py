@@ -61,6 +61,7 @@ class ModelConfig:
     learn: list[str] = field(default_factory=lambda: ["pre", "post", "res"])  # learned; others fixed: 1/n, 1, I
     variant: str = "paper"  # paper | deepseek-v4
     h_res: str = "sinkhorn"  # mHC's H_res map: sinkhorn | identity | permutation-mixture | circulant | kronecker
+    batch_invariant: bool = False  # mhc kernels: a token's outputs and dx are the same bits alone or in any batch
     recompute: bool = False  # selective recompute of the stream states (paper section 4.3)
     recompute_every: int = 0  # keep one state every L_r sublayers; 0: the paper's sqrt(n L / (n + 2))
     # activation checkpointing (applied by the trainer / parallelize, not by the model): none | block (every
@@ -251,7 +252,7 @@ def make_connection(cfg: ModelConfig, sublayer: nn.Module, layer_index: int) -> 
         cfg.dim, cfg.n_streams, sublayer, layer_index=layer_index, sinkhorn_iters=cfg.sinkhorn_iters,
         eps=cfg.mhc_eps, alpha_init=cfg.alpha_init, bias_init=cfg.bias_init, identity_gap=cfg.identity_gap,
         phi_std=cfg.phi_init_std or None, dynamic=cfg.dynamic, learn=tuple(cfg.learn), variant=cfg.variant,
-        h_res=cfg.h_res,
+        h_res=cfg.h_res, batch_invariant=cfg.batch_invariant,
     )
 
 

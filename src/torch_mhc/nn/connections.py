@@ -220,6 +220,7 @@ class ManifoldHyperConnection(StreamConnection):
         learn: tuple[str, ...] = MAPPINGS,
         variant: str = "paper",
         h_res: str | HResMap = "sinkhorn",
+        batch_invariant: bool = False,
     ):
         super().__init__(dim, n, sublayer)
         _check_positive("sinkhorn_iters", sinkhorn_iters)
@@ -232,6 +233,7 @@ class ManifoldHyperConnection(StreamConnection):
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         self.sinkhorn_iters, self.eps, self.variant = sinkhorn_iters, eps, variant
+        self.batch_invariant = batch_invariant  # fused kernels: a token's bits do not depend on the batch
         self.dynamic, self.learn = dynamic, _check_learn(learn)
         self.layer_index, self.alpha_init, self.bias_init = layer_index, alpha_init, bias_init
         self.identity_gap, self.phi_std = identity_gap, phi_std
@@ -311,7 +313,8 @@ class ManifoldHyperConnection(StreamConnection):
         ahead, self._read_ahead = self._read_ahead, None
         phi, bias, alpha = self.projection()
         return Fm.mhc_sublayer_pre(streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps,
-                                   variant=self.variant, read_ahead=ahead, h_res=self.h_res_map)
+                                   variant=self.variant, read_ahead=ahead, h_res=self.h_res_map,
+                                   batch_invariant=self.batch_invariant)
 
     def write(self, state, sublayer_output):
         """With the kernels and a next reader (:func:`chain_reads`), the post also computes the next
@@ -325,7 +328,8 @@ class ManifoldHyperConnection(StreamConnection):
             return super().write(state, sublayer_output)
         out, nxt._read_ahead = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output,
                                               link=state.link, read_ahead=(phi, nxt.eps),
-                                              chain_backward=getattr(_chained, "depth", 0) > 0)
+                                              chain_backward=getattr(_chained, "depth", 0) > 0,
+                                              batch_invariant=nxt.batch_invariant)
         return out
 
     def coefficients(self, streams):
@@ -334,7 +338,7 @@ class ManifoldHyperConnection(StreamConnection):
         phi, bias, alpha = self.projection()
         h_pre, h_post, h_res = Fm.mhc_coefficients(
             streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps, variant=self.variant,
-            dynamic=self.dynamic, h_res=self.h_res_map,
+            dynamic=self.dynamic, h_res=self.h_res_map, batch_invariant=self.batch_invariant,
         )
         return fix_unlearned(self.learn, streams, (h_pre, h_post, h_res))
 

@@ -51,6 +51,7 @@ def mhc_coefficients(
     variant: str = "paper",
     dynamic: bool = True,
     h_res: HResMap | None = None,
+    batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """mHC coefficients (spec Eq. 7-9, fused form Eq. 10-19).
 
@@ -60,13 +61,17 @@ def mhc_coefficients(
 
     ``variant="deepseek-v4"``: ``H_pre = sigmoid(.) + eps``; its default map reads the res block as V4's ``comb``
     logits, so ``H_res = comb^T`` with V4's softmax-start Sinkhorn.
+
+    ``batch_invariant``: the fused kernels reduce in an order that does not depend on the token count, so a
+    token's coefficients (and its gradient of x) are the same bits alone or in any batch (the reference path
+    is left to torch's matmul: see tests/test_batch_invariant.py for what it gives on CPU).
     """
     n = x.shape[-2]
     h_res = default_map(n, iters, eps, variant) if h_res is None else h_res
     if dynamic and ops.should_fuse(x):
         with no_autocast(x):
             return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
-                                              h_res=h_res)
+                                              h_res=h_res, batch_invariant=batch_invariant)
     cdt = compute_dtype(x.dtype)
     with no_autocast(x):
         if dynamic:
@@ -89,19 +94,21 @@ def mhc_coefficients(
 def mhc_sublayer_pre(
     x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int = 20,
     eps: float = 1e-6, variant: str = "paper", read_ahead=None, h_res: HResMap | None = None,
+    batch_invariant: bool = False,
 ):
     """The read half of a dynamic mHC sublayer: x ``[..., n, C]`` -> (sublayer input ``[..., C]``,
     fp32 (H_pre, H_post, H_res), link). ``link`` is None on the reference path; with the kernels it ties this
     read to :func:`stream_post` (pass it as ``link=``) so that the sublayer's three gradient terms of x are
     summed in one buffer instead of by autograd (see :mod:`torch_mhc.ops.sublayer`). ``read_ahead``: what the
     fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None. ``h_res``: as in
-    :func:`mhc_coefficients`."""
+    :func:`mhc_coefficients`, as is ``batch_invariant``."""
     h_res = default_map(x.shape[-2], iters, eps, variant) if h_res is None else h_res
     if ops.should_fuse(x):
         with no_autocast(x):
             return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
-                                          read_ahead=read_ahead, h_res=h_res)
-    coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res)
+                                          read_ahead=read_ahead, h_res=h_res, batch_invariant=batch_invariant)
+    coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res,
+                              batch_invariant=batch_invariant)
     return stream_pre(x, coeffs[0]), coeffs, None
 
 
@@ -151,7 +158,7 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
 
 def stream_post(
     x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, link=None, read_ahead=None,
-    chain_backward: bool = False,
+    chain_backward: bool = False, batch_invariant: bool = False,
 ):
     """New state ``H_res x + H_post^T F``: x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``,
     f_out ``[..., C]`` -> ``[..., n, C]`` in x's dtype (accumulated in fp32). ``link``: from
@@ -159,11 +166,12 @@ def stream_post(
     (phi, eps) of the next mHC sublayer, with a ``link``: returns (new state, its read-ahead for that sublayer's
     :func:`mhc_sublayer_pre`), the next GEMM computed in the same pass; without a link, (new state, None).
     ``chain_backward`` (with a read-ahead): that read's backward leaves the state's gradient terms to this post's
-    backward (see :func:`torch_mhc.nn.chained_backward`)."""
+    backward (see :func:`torch_mhc.nn.chained_backward`). ``batch_invariant``: the read-ahead's GEMM tiles do not
+    depend on the token count (as in :func:`mhc_coefficients`)."""
     if link is not None:
         with no_autocast(x):
             return ops.fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=read_ahead,
-                                           chain_backward=chain_backward)
+                                           chain_backward=chain_backward, batch_invariant=batch_invariant)
     if read_ahead is not None:
         return stream_post(x, h_post, h_res, f_out), None
     if ops.should_fuse(x):

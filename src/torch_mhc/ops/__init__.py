@@ -89,15 +89,17 @@ def kernel_spec(h_res, iters: int, variant: str) -> tuple:
 
 def fused_mhc_coefficients(
     x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int, eps: float,
-    variant: str, h_res=None,
+    variant: str, h_res=None, batch_invariant: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x ``[..., n, C]``, phi ``[n*C, 2n+k]``, bias ``[2n+k]``, alpha ``[3]`` -> fp32 (H_pre ``[..., n]``,
     H_post ``[..., n]``, H_res ``[..., n, n]``); ``h_res``: the map (None: the variant's Sinkhorn, k = n^2, with
-    ``iters``); see :mod:`torch_mhc.ops.coefficients`."""
+    ``iters``); ``batch_invariant``: each token's results are the same bits alone or in any batch (no
+    token-count-dependent split or tile); see :mod:`torch_mhc.ops.coefficients`."""
     _require_fused_streams(x.shape[-2], "fused_mhc_coefficients")
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
-    return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res)
+    return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res,
+                batch_invariant=batch_invariant)
 
 
 def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
@@ -118,25 +120,27 @@ def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
 
 
 def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, *, iters: int,
-                       eps: float, variant: str, read_ahead=None, h_res=None):
+                       eps: float, variant: str, read_ahead=None, h_res=None, batch_invariant: bool = False):
     """x ``[..., n, C]`` -> (y ``[..., C]``, fp32 (H_pre, H_post, H_res), link): coefficients and pre in one
     autograd Function whose backward takes post's dx through ``link`` and adds pre's and the coefficient
     GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`.
     ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi). ``h_res``: as
-    in :func:`fused_mhc_coefficients`."""
+    in :func:`fused_mhc_coefficients`, as is ``batch_invariant``."""
     _require_fused_streams(x.shape[-2], "fused_sublayer_pre")
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, read_ahead=read_ahead,
-                spec=kernel_spec(h_res, iters, variant), h_res=h_res)
+                spec=kernel_spec(h_res, iters, variant), h_res=h_res, batch_invariant=batch_invariant)
 
 
 def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None,
-                        chain_backward: bool = False):
+                        chain_backward: bool = False, batch_invariant: bool = False):
     """(link from :func:`fused_sublayer_pre`, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]``) ->
     new state ``[..., n, C]``; its backward hands dx to the pre half instead of to autograd. With
     ``read_ahead`` = (phi, eps) of the next sublayer: (new state, ReadAhead for its ``fused_sublayer_pre``).
-    ``chain_backward``: that read's backward leaves the state's gradient to this post's backward."""
+    ``chain_backward``: that read's backward leaves the state's gradient to this post's backward.
+    ``batch_invariant``: the read-ahead's tiles do not depend on the token count."""
     from torch_mhc.ops.sublayer import fused_sublayer_post as impl
 
-    return impl(link, h_post, h_res, f_out, read_ahead=read_ahead, chain_backward=chain_backward)
+    return impl(link, h_post, h_res, f_out, read_ahead=read_ahead, chain_backward=chain_backward,
+                batch_invariant=batch_invariant)

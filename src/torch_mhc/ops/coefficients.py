@@ -347,11 +347,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return FP32_DOT if dtype == torch.float32 else "tf32"
 
 
-def gemm_fwd_split(n_t: int, K: int, bk: int) -> tuple[int, int]:
+def gemm_fwd_split(n_t: int, K: int, bk: int, batch_invariant: bool = False) -> tuple[int, int]:
     """(K slices, columns per slice) of the forward coefficient GEMM: with fewer than half of FILL token blocks
     (e.g. 2048 tokens: 32 blocks for 132 SMs of an H100), K is split so that about FILL programs run, each over at
-    least 4 K steps; otherwise (1, K)."""
-    if 2 * n_t >= FILL:
+    least 4 K steps; otherwise (1, K). ``batch_invariant``: always (1, K), so a token's sum over K runs in one order
+    (BK columns a step, 0 to K) whatever the token count (small batches then run fewer programs)."""
+    if batch_invariant or 2 * n_t >= FILL:
         return 1, K
     split = min(triton.cdiv(FILL, n_t), K // (4 * bk))
     if split < 2:
@@ -410,11 +411,12 @@ def make_epilogue(n: int, spec: tuple, pre_eps: bool) -> Epilogue:
 
 
 @on_tensors_device
-def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_inv=None):
+def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_inv=None, batch_invariant: bool = False):
     """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], res, saved): fp32; res is H_res [T, n, n] (Sinkhorn on chip)
     or the res logits [T, k] (``epi``); ``saved`` is what :func:`coefficients_backward` needs besides x2d and phi
     (fp32 bias and alpha, raw GEMM output, inv_rms). ``raw_inv``: (x2d @ phi [T, M], inv_rms [T]) already computed
-    (by the previous sublayer's read-ahead post)."""
+    (by the previous sublayer's read-ahead post). ``batch_invariant``: no token-count-dependent split of K (see
+    :func:`gemm_fwd_split`): each token's results are the same bits alone or in any batch."""
     T, K = x2d.shape
     n, M = epi.n, epi.M
     dev = x2d.device
@@ -434,7 +436,7 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
         n_t = triton.cdiv(T, bt)
-        split, k_per = gemm_fwd_split(n_t, K, bk)
+        split, k_per = gemm_fwd_split(n_t, K, bk, batch_invariant)
         if split == 1:
             _gemm_fwd[(n_t, 1)](
                 x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps, K,
@@ -527,8 +529,8 @@ class FusedCoefficients(torch.autograd.Function):
     [T, n, n] (Sinkhorn on chip) or the res logits [T, k] (see :class:`Epilogue`)."""
 
     @staticmethod
-    def forward(ctx, x2d, phi, bias, alpha, epi: Epilogue, eps: float):
-        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps)
+    def forward(ctx, x2d, phi, bias, alpha, epi: Epilogue, eps: float, batch_invariant: bool = False):
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps, batch_invariant=batch_invariant)
         ctx.save_for_backward(x2d, phi, *saved)
         ctx.config = (epi, eps, alpha.dtype, bias.dtype)
         return pre, post, res
@@ -538,18 +540,20 @@ class FusedCoefficients(torch.autograd.Function):
         x2d, phi, *saved = ctx.saved_tensors
         epi, eps, alpha_dtype, bias_dtype = ctx.config
         dx, dphi, dbias, dalpha = coefficients_backward(x2d, phi, saved, epi, eps, dpre, dpost, dres)
-        return dx, dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype), None, None
+        return dx, dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype), None, None, None
 
 
-def fused_mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, h_res=None):
+def fused_mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, h_res=None,
+                           batch_invariant: bool = False):
     """x ``[..., n, C]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``). ``spec``: what the
-    epilogue computes (``ops.kernel_spec``); for ("logits", k) ``h_res`` (the map) runs on the logits here."""
+    epilogue computes (``ops.kernel_spec``); for ("logits", k) ``h_res`` (the map) runs on the logits here.
+    ``batch_invariant``: see :func:`coefficients_forward`."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x2d = x.reshape(-1, n * C)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     epi = make_epilogue(n, spec, variant == "deepseek-v4")
-    pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, epi, eps)
+    pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, epi, eps, batch_invariant)
     res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
     return pre.view(*lead, n), post.view(*lead, n), res

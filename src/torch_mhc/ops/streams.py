@@ -272,9 +272,11 @@ CHAIN_MAX_STREAMS = 4
 STORE_RELOAD_STAGES = 1
 
 
-def _read_ahead_blocks(n: int, C: int, T: int) -> tuple[int, int, int]:
+def _read_ahead_blocks(n: int, C: int, T: int, batch_invariant: bool = False) -> tuple[int, int, int]:
+    """(tokens, channels per chunk, warps); ``batch_invariant``: the token count's choice is left out (16 tokens,
+    the small-batch tile), so the GEMM's tiles, and with them each token's sums, do not change with T."""
     bt = 16
-    if C % 16 == 0:
+    if C % 16 == 0 and not batch_invariant:
         for cand in ((64, 32) if n <= 4 else (32,)):
             if triton.cdiv(T, cand) >= FILL:
                 bt = cand
@@ -314,10 +316,11 @@ def pre_backward(x: torch.Tensor, h_pre: torch.Tensor, dy: torch.Tensor, write_d
 
 
 @on_tensors_device
-def post_forward(x, h_post, h_res, f, read_ahead=None):
+def post_forward(x, h_post, h_res, f, read_ahead=None, batch_invariant: bool = False):
     """x [T, n, C], h_post [T, n], h_res [T, n, n] (fp32), f [T, C] -> H_res x + H_post^T f [T, n, C].
     ``read_ahead`` = (phi [n*C, M], eps) of the next sublayer: also return its GEMM on the new state,
-    (raw [T, M], inv_rms [T]) fp32, computed from the stored values in the same pass."""
+    (raw [T, M], inv_rms [T]) fp32, computed from the stored values in the same pass; ``batch_invariant``: with
+    tiles that do not depend on T (:func:`_read_ahead_blocks`)."""
     T, n, C = x.shape
     out = torch.empty_like(x)
     if T == 0:  # an empty batch: nothing to launch
@@ -333,7 +336,7 @@ def post_forward(x, h_post, h_res, f, read_ahead=None):
     M = phi.shape[1]
     raw = torch.empty(T, M, device=x.device, dtype=torch.float32)
     inv = torch.empty(T, device=x.device, dtype=torch.float32)
-    bt, bc, warps = _read_ahead_blocks(n, C, T)
+    bt, bc, warps = _read_ahead_blocks(n, C, T, batch_invariant)
     if x.dtype == torch.float32 and n == 4 and bt == 32:  # fp32 (tf32x3 dot) at n = 4: 32 tokens spill 16 bytes on
         bt = 16  # sm_90; 16 and 64 do not (compile gate)
     bm = max(16, triton.next_power_of_2(M))
@@ -365,10 +368,11 @@ def post_backward(x, h_post, h_res, f, dout):
 
 
 @on_tensors_device
-def post_backward_chain(x, h_post, h_res, f, g, nxt):
+def post_backward_chain(x, h_post, h_res, f, g, nxt, batch_invariant: bool = False):
     """Post backward with the next sublayer's terms of dout summed in (:func:`_post_bwd_chain`): x [T, n, C],
     h_post [T, n], h_res [T, n, n] (fp32), f [T, C], g [T, n, C] (the rest of dout), ``nxt`` = (dy [T, C],
-    H_pre [T, n], draw [T, M], coef [T], phi [n*C, M]) of the next sublayer -> as :func:`post_backward`."""
+    H_pre [T, n], draw [T, M], coef [T], phi [n*C, M]) of the next sublayer -> as :func:`post_backward`.
+    ``batch_invariant``: tiles that do not depend on T (:func:`_read_ahead_blocks`)."""
     T, n, C = x.shape
     dy, h_pre, draw, coef, phi = nxt
     M = draw.shape[1]
@@ -377,8 +381,9 @@ def post_backward_chain(x, h_post, h_res, f, g, nxt):
     dhr = torch.empty(T, n, n, device=x.device, dtype=torch.float32)
     if T == 0:
         return dx, dhp, dhr, df
-    bt, bc, warps = _read_ahead_blocks(n, C, T)  # tl.dot tiles again: compile gate, n = 4: 102-128 registers,
-    if x.dtype == torch.float32:  # except fp32 streams with 64 tokens: 153 on sm_90
+    # tl.dot tiles again: compile gate, n = 4: 102-128 registers, except fp32 streams with 64 tokens: 153 on sm_90
+    bt, bc, warps = _read_ahead_blocks(n, C, T, batch_invariant)
+    if x.dtype == torch.float32:
         bt = min(bt, 32)
     grid = triton.cdiv(T, bt)
     scratch = torch.empty(grid, n, bt, bc, device=x.device, dtype=torch.float32)

@@ -153,10 +153,10 @@ class FusedSublayerPre(torch.autograd.Function):
     H_res [T, n, n] (Sinkhorn on chip) or the res logits [T, k] of a map that runs outside (``epi``)."""
 
     @staticmethod
-    def forward(ctx, x, phi, bias, alpha, epi, eps: float, raw_inv=None, chain=None):
+    def forward(ctx, x, phi, bias, alpha, epi, eps: float, raw_inv=None, chain=None, batch_invariant: bool = False):
         T, n, C = x.shape
         x2d = x.view(T, n * C)
-        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps, raw_inv)
+        pre, post, res, saved = coefficients_forward(x2d, phi, bias, alpha, epi, eps, raw_inv, batch_invariant)
         y = pre_forward(x, pre)
         link = x.new_empty(1).expand(T, n, C)
         ctx.save_for_backward(x, phi, pre, *saved)
@@ -192,7 +192,7 @@ class FusedSublayerPre(torch.autograd.Function):
                 x2d, phi, saved, epi, eps, dpre, dpost, dres,
                 dx=None if dx is None else dx.view(T, n * C), pre_term=pre_term)
         return (dx.view(T, n, C), dphi.to(phi.dtype), dbias.to(bias_dtype), dalpha.to(alpha_dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class FusedSublayerPost(torch.autograd.Function):
@@ -201,11 +201,12 @@ class FusedSublayerPost(torch.autograd.Function):
     ``read_ahead`` = (phi, eps) of the next sublayer, also (raw [T, M], inv_rms [T]): no gradient."""
 
     @staticmethod
-    def forward(ctx, x, link, h_post, h_res, f, read_ahead=None, handoff=None):
+    def forward(ctx, x, link, h_post, h_res, f, read_ahead=None, handoff=None, batch_invariant: bool = False):
         ctx.save_for_backward(x, h_post, h_res, f)
         ctx.handoff = handoff
+        ctx.batch_invariant = batch_invariant
         ctx.set_materialize_grads(False)
-        result = post_forward(x, h_post, h_res, f, read_ahead)
+        result = post_forward(x, h_post, h_res, f, read_ahead, batch_invariant)
         if read_ahead is None:
             return result
         out, (raw, inv) = result
@@ -219,17 +220,17 @@ class FusedSublayerPost(torch.autograd.Function):
             terms, dout = ctx.handoff.take(dout)
         if terms is None:
             if dout is None:
-                return None, None, None, None, None, None, None
+                return None, None, None, None, None, None, None, None
             dx, dhp, dhr, df = FusedStreamPost.backward(ctx, dout)  # the plain post's backward, dx to the link
-            return None, dx, dhp, dhr, df, None, None
+            return None, dx, dhp, dhr, df, None, None, None
         x, h_post, h_res, f = ctx.saved_tensors  # chained: the next sublayer's terms of dout summed in here
         g, *nxt = terms
         if dout is not None:
             g = dout if g is None else g + dout
         if g is None:
             g = torch.zeros_like(x)
-        dx, dhp, dhr, df = post_backward_chain(x, h_post, h_res, f, g.contiguous(), nxt)
-        return None, dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df, None, None
+        dx, dhp, dhr, df = post_backward_chain(x, h_post, h_res, f, g.contiguous(), nxt, ctx.batch_invariant)
+        return None, dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df, None, None, None
 
 
 def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
@@ -245,13 +246,15 @@ def _writer_node(state: torch.Tensor):
     return node.next_functions[0][0] if node.next_functions and node.next_functions[0][0] is not None else node
 
 
-def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, read_ahead=None, h_res=None):
+def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, read_ahead=None, h_res=None,
+                       batch_invariant: bool = False):
     """x ``[..., n, C]`` -> (y ``[..., C]``, (H_pre, H_post, H_res) fp32 ``[..., n]``/``[..., n, n]``, link).
 
     ``link`` = (x as ``[T, n, C]`` contiguous, the link tensor): pass it to :func:`fused_sublayer_post`.
     ``read_ahead``: a :class:`ReadAhead` from the post that wrote x; used only if it matches x and phi.
     ``spec``: what the epilogue computes (``ops.kernel_spec``); for ("logits", k) the map ``h_res`` runs on the
-    logits between the kernels (autograd takes its gradient back into the pre half's backward)."""
+    logits between the kernels (autograd takes its gradient back into the pre half's backward).
+    ``batch_invariant``: no token-count-dependent split of the GEMM (``coefficients_forward``)."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     x3 = _flat(x, -1, n, C)
@@ -262,15 +265,17 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: t
         if h is not None and torch.is_grad_enabled() and h.claim(x):
             chain = (h, _writer_node(x))
     epi = make_epilogue(n, spec, variant == "deepseek-v4")
-    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, epi, eps, raw_inv, chain)
+    y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, epi, eps, raw_inv, chain, batch_invariant)
     res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res), (x3, link)
 
 
-def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backward: bool = False):
+def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backward: bool = False,
+                        batch_invariant: bool = False):
     """(link from :func:`fused_sublayer_pre`, H_post ``[..., n]``, H_res ``[..., n, n]``, f ``[..., C]``) ->
     new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead).
-    ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring)."""
+    ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring). ``batch_invariant``:
+    the read-ahead GEMM's tiles do not depend on the token count (``streams.post_forward``)."""
     x3, link_t = link
     _, n, C = x3.shape
     lead = f_out.shape[:-1]
@@ -279,7 +284,7 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
         return FusedSublayerPost.apply(*args).view(*lead, n, C)
     phi, eps = read_ahead
     handoff = Handoff() if chain_backward and n <= CHAIN_MAX_STREAMS and torch.is_grad_enabled() else None
-    out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff)
+    out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff, batch_invariant)
     state = out.view(*lead, n, C)
     if handoff is not None and state.grad_fn is None:  # nothing requires grad (e.g. a frozen trunk): no backward
         handoff = None
