@@ -167,3 +167,59 @@ def test_dense_tp_is_not_refused_and_bad_layouts_are(capsys):
     assert "ac (none, block or every:K)" in capsys.readouterr().err
     assert main(["memory", config, "dp_shard=8", "--set", "model.activation_checkpoint=block"]) in (0, None)
     assert "activation checkpointing block" in capsys.readouterr().out
+
+
+def _peak_stage_micro_batches(actions) -> int:
+    """The most (stage, micro-batch) activations alive at once in one rank's action list of a PyTorch schedule:
+    from its forward to its full backward, or to its weight backward when the backward is split."""
+    from torch.distributed.pipelining.schedules import _ComputationType as Action
+
+    live, peak = set(), 0
+    for action in (a for a in actions if a is not None):
+        for a in action.sub_actions if action.computation_type == Action.OVERLAP_F_B else (action,):
+            key = (a.stage_index, a.microbatch_index)
+            if a.computation_type == Action.FORWARD:
+                live.add(key)
+                peak = max(peak, len(live))
+            elif a.computation_type in (Action.FULL_BACKWARD, Action.BACKWARD_WEIGHT):
+                live.discard(key)
+    return peak
+
+
+@pytest.mark.parametrize("schedule", ["Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"])
+def test_micro_batches_in_flight_follow_the_schedules_own_order(schedule):
+    """micro_batches_in_flight against the action lists PyTorch's multi-stage schedules run (built without
+    stages or a process group: each rank's list is a function of pp, stages per rank and the micro-batches)."""
+    from torch_mhc.distributed.memory import micro_batches_in_flight
+    from torch_mhc.distributed.pipeline import SCHEDULES
+
+    cls, per, _ = SCHEDULES[schedule]
+    for pp in (2, 3, 4, 8):
+        for m in (pp, 2 * pp, 3 * pp, 4 * pp):
+            order = cls.__new__(cls)  # only the attributes _calculate_single_rank_operations reads
+            order.pp_group_size, order._n_microbatches, order.n_local_stages = pp, m, per
+            order._num_stages = order.num_stages = pp * per
+            order.number_of_rounds = max(1, m // pp)
+            order.microbatches_per_round = m // order.number_of_rounds
+            peak = max(_peak_stage_micro_batches(order._calculate_single_rank_operations(r)) for r in range(pp))
+            assert micro_batches_in_flight(schedule, pp, m) == peak / per, (pp, m, peak)
+
+
+def test_pipeline_activations_follow_the_schedule():
+    """1F1B and ZBV keep pp micro-batches of L/pp layers (one model's worth), interleaved 1F1B (3 pp - 1) / 2 of
+    them, DualPipeV pp + 1/2; without a pipeline one micro-batch of the whole model; unknown names refused."""
+    from torch_mhc.distributed.memory import micro_batches_in_flight
+
+    cfg = build_config(overrides=["model.dim=64", "model.n_layers=8", "model.n_heads=4", "grad_accum=16"])
+    one = memory_per_gpu(cfg, parse_layout("dp_shard=1,dp_mode=ddp"))["activations"]
+    pp = {s: memory_per_gpu(cfg, parse_layout(f"pp=4,dp_shard=1,pp_schedule={s}"))["activations"]
+          for s in ("1F1B", "Interleaved1F1B", "ZBVZeroBubble", "DualPipeV")}
+    assert pp["1F1B"] == pytest.approx(one) == pytest.approx(pp["ZBVZeroBubble"])
+    assert pp["Interleaved1F1B"] == pytest.approx(one * 11 / 8)
+    assert pp["DualPipeV"] == pytest.approx(one * 9 / 8)
+    assert micro_batches_in_flight("1F1B", 4, 2) == 2 and micro_batches_in_flight("1F1B", 1, 16) == 1
+    with pytest.raises(ValueError, match="unknown pipeline schedule 'GPipe'"):
+        micro_batches_in_flight("GPipe", 2, 4)
+    moe = build_config(overrides=["model.dim=64", "model.n_heads=4", "grad_accum=4", "model.moe=true",
+                                  "model.n_routed_experts=4"])
+    assert "refused" not in memory_table(moe, ["pp=2,dp_shard=2,ep=2"])[2]  # PP x FSDP x EP runs now

@@ -19,8 +19,9 @@ Activation checkpointing (``model.activation_checkpoint``, or ``ac=`` in a layou
 keeps only its input state (2 n C), and one block's activations live again during its recompute. Tensor
 parallel with sequence parallel divides the activations by tp except the all-gathered inputs of the
 column-parallel projections; the full logits are on every TP rank. The logits are bf16 plus the fp32 loss
-input and its gradient (10 bytes x vocab per token). Pipeline (1F1B) stages hold 1/pp of the layers but up
-to pp micro-batches in flight. Layouts that ``mhc train`` refuses are marked, not estimated.
+input and its gradient (10 bytes x vocab per token). Pipeline stages hold 1/pp of the layers (split into
+``pp x stages per rank`` stages) and several micro-batches in flight, as many as the schedule keeps
+(:func:`micro_batches_in_flight`). Layouts that ``mhc train`` refuses are marked, not estimated.
 
 MoE sublayers are not split by tensor parallel (they run on each TP rank's share of the tokens): their
 parameters count whole per TP rank. Expert parallel (``ep``) does not change the states (FSDP2 shards the
@@ -167,12 +168,42 @@ def gathered_block_params(model: DecoderLM, tp: int = 1, ep: int = 1) -> int:
     return max((b - s) / tp + (s - e) + e / ep for b, s, e in zip(block_params(model), sublayer, experts))
 
 
+def micro_batches_in_flight(schedule: str, pp: int, grad_accum: int) -> float:
+    """The most micro-batch activations one pipeline rank holds at once, in micro-batches of ``L / pp`` layers
+    (1 without a pipeline: the ``grad_accum`` micro-batches run one after the other).
+
+    Counted on PyTorch's own order of each schedule's actions (``pipeline_order``): a stage's activations of a
+    micro-batch live from its forward to its full backward (``B``), or to its weight backward (``W``) when the
+    schedule splits the backward (the weight gradients need the saved inputs), and a V or interleaved rank holds
+    ``2 pp`` stages of ``L / (2 pp)`` layers each. With ``m = grad_accum``, the busiest rank keeps:
+
+    - 1F1B: ``min(pp, m)`` micro-batches (stage 0's warm-up forwards; its steady phase runs a backward before
+      each further forward);
+    - Interleaved1F1B: ``min(3 pp - 1, 2 m)`` stage micro-batches on rank 0 (its warm-up is ``pp`` forwards of the
+      first stage plus ``2 (pp - 1)``, then one more before the first backward), i.e. about 1.5 x 1F1B's;
+    - ZBVZeroBubble: ``min(2 pp, 2 m)`` on every rank (``pp`` micro-batches' worth: as 1F1B);
+    - DualPipeV: ``min(2 pp + 1, 2 m)`` (an overlapped forward-backward pair holds one more while both run).
+
+    tests/test_distributed_memory.py checks the last three against the schedules' action lists."""
+    if pp <= 1:
+        return 1.0
+    from torch_mhc.distributed.pipeline import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r} (one of {', '.join(SCHEDULES)})")
+    m = grad_accum
+    stage_micro_batches = {"1F1B": min(pp, m), "Interleaved1F1B": min(3 * pp - 1, 2 * m),
+                           "ZBVZeroBubble": min(2 * pp, 2 * m), "DualPipeV": min(2 * pp + 1, 2 * m)}[schedule]
+    return stage_micro_batches / SCHEDULES[schedule][1]
+
+
 def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
                    checkpoint: str | None = None) -> dict[str, float]:
     """GiB per GPU: ``states`` (params + grads + AdamW), ``gathered`` (FSDP2's unsharded bf16 blocks),
-    ``grads`` (FSDP2's unsharded gradient buffers of one block), ``activations`` (one micro-batch, or pp of
-    them in flight; under activation checkpointing ``checkpoint``, default the config's), ``logits`` and
-    ``total``. An estimate for any layout, also one ``mhc train`` refuses (see :func:`refused`)."""
+    ``grads`` (FSDP2's unsharded gradient buffers of one block), ``activations`` (one micro-batch, or those the
+    pipeline schedule keeps in flight, :func:`micro_batches_in_flight`; under activation checkpointing
+    ``checkpoint``, default the config's), ``logits`` and ``total``. An estimate for any layout, also one
+    ``mhc train`` refuses (see :func:`refused`)."""
     cfg = train_cfg.model
     with torch.device("meta"):
         model = DecoderLM(cfg)
@@ -187,7 +218,7 @@ def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
         gathered = 2 * 2 * block  # this block and the prefetched next one, bf16
         grads = (2 + 4) * block  # one block's bf16 gradients and fp32 reduce-scatter input
     tokens = micro_batch * train_cfg.seq_len
-    in_flight = pp  # 1F1B: stage 0 holds pp micro-batches of its L/pp layers
+    in_flight = micro_batches_in_flight(parallel.pp_schedule, pp, train_cfg.grad_accum)
     activations = tokens * activation_bytes_per_token(cfg, tp, checkpoint) / pp * in_flight
     logits = tokens * cfg.vocab_size * 10
     out = {"params_b": n_params / 1e9, "states": states / GIB, "gathered": gathered / GIB, "grads": grads / GIB,
@@ -196,7 +227,7 @@ def memory_per_gpu(train_cfg, parallel: ParallelConfig, micro_batch: int = 1,
     return out
 
 
-LAYOUT_KEYS = ("dp_shard", "dp_replicate", "tp", "pp", "ep", "dp_mode", "ac")
+LAYOUT_KEYS = ("dp_shard", "dp_replicate", "tp", "pp", "pp_schedule", "ep", "dp_mode", "ac")
 
 
 def parse_row(text: str) -> tuple[ParallelConfig, str | None]:
@@ -207,7 +238,8 @@ def parse_row(text: str) -> tuple[ParallelConfig, str | None]:
         from torch_mhc.models.decoder import ModelConfig
 
         ModelConfig(activation_checkpoint=ac).checkpoint_every  # ValueError when not none | block | every:K
-    return replace(ParallelConfig(), **{k: (v if k == "dp_mode" else int(v)) for k, v in values.items()}), ac
+    strings = ("dp_mode", "pp_schedule")
+    return replace(ParallelConfig(), **{k: (v if k in strings else int(v)) for k, v in values.items()}), ac
 
 
 def parse_layout(text: str) -> ParallelConfig:
