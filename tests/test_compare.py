@@ -164,6 +164,28 @@ def test_matched_residual_controls_on_the_stress_config():
                     ("residual-flops", ["model.connection=residual", f"model.mlp_hidden={fwidth}"])]
 
 
+def test_matched_controls_follow_the_comparisons_mhc_arm():
+    """residual-params is sized for the mHC arm the comparison runs (here the circulant map, far fewer res
+    parameters than Sinkhorn's n^2 columns), not for the base config's Sinkhorn mHC; the gate control is not it."""
+    from torch_mhc.models.decoder import DecoderLM
+
+    base = build_config(overrides=["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=16",
+                                   "seq_len=16"])
+    arms = resolve_matched(parse_arms(["residual-params", "mhc-gate", "mhc-circulant"], []), base)
+    width = int(arms[0][1][1].split("=")[1])
+
+    def params(*sets):
+        return DecoderLM(build_config(base=base.to_dict(), overrides=list(sets)).model).num_params()
+
+    goal = params("model.connection=mhc", "model.h_res=circulant")
+    assert goal < params("model.connection=mhc")
+    got = [abs(params("model.connection=residual", f"model.mlp_hidden={h}") - goal)
+           for h in (width - 1, width, width + 1)]
+    assert got[1] == min(got)
+    assert connection_flops_per_token(build_config(base=base.to_dict(), overrides=["model.h_res=circulant"]).model) < \
+        connection_flops_per_token(base.model)  # no Sinkhorn rounds counted for a map without them
+
+
 def test_forward_flops_count_the_projection_once_and_the_streams_by_formula():
     """mHC minus residual (same FFN width): the x phi matmul, 2 nC (2n + n^2) per sublayer, counted by torch's FLOP
     counter, plus the stream arithmetic of the formula; nothing counted twice (the mixing is not a matmul here)."""

@@ -69,8 +69,9 @@ MODES = {
        for m in ("permutation-mixture", "circulant", "kronecker")},
 }
 # Residual controls computed from the base config (:func:`matched_width`): the residual network with its FFNs
-# widened to the hidden width that brings it closest to the mHC arm's parameter count (residual-params) or to
-# its forward FLOPs per token (residual-flops, as :func:`forward_flops_per_token` counts them).
+# widened to the hidden width that brings it closest to the comparison's first mHC arm's parameter count
+# (residual-params) or to its forward FLOPs per token (residual-flops, as :func:`forward_flops_per_token` counts
+# them); :func:`resolve_matched`.
 MATCHED_MODES = {"residual-params": "params", "residual-flops": "flops"}
 BASELINE = "residual"
 TEST_BATCHES_PER_EVAL_BATCH = 4  # the test loss reads up to 4 x eval_batches batches of evenly spaced windows
@@ -111,14 +112,16 @@ def connection_flops_per_token(cfg) -> int:
     """Forward FLOPs per token of the connections' own stream arithmetic, which a FLOP counter of matmuls does
     not see (``cfg``: a ModelConfig). Per mHC sublayer with n streams of width C and K Sinkhorn rounds: RMS norm
     of the nC input 3nC, read 2nC, H_res mixing 2n^2 C, write 2nC (multiply and add), Sinkhorn 4Kn^2 (each
-    round sums and divides every entry by its row, then by its column sum). The projection ``x phi`` is a
-    matmul and counted as one. Residual: the add, C per sublayer. Other connections: 0 (not counted)."""
+    round sums and divides every entry by its row, then by its column sum; only for ``h_res="sinkhorn"``: the
+    other maps' own arithmetic on their k logits is not counted). The projection ``x phi`` is a matmul and
+    counted as one. Residual: the add, C per sublayer. Other connections: 0 (not counted)."""
     n, c, sublayers = cfg.n_streams, cfg.dim, 2 * cfg.n_layers
     if cfg.connection == "residual":
         return sublayers * c
     if cfg.connection != "mhc":
         return 0
-    return sublayers * (3 * n * c + 2 * n * c + 2 * n * n * c + 2 * n * c + 4 * cfg.sinkhorn_iters * n * n)
+    sinkhorn = 4 * cfg.sinkhorn_iters * n * n if cfg.h_res == "sinkhorn" else 0
+    return sublayers * (3 * n * c + 2 * n * c + 2 * n * n * c + 2 * n * c + sinkhorn)
 
 
 def forward_flops_per_token(cfg, seq_len: int) -> float:
@@ -135,18 +138,19 @@ def forward_flops_per_token(cfg, seq_len: int) -> float:
     return counter.get_total_flops() / seq_len + connection_flops_per_token(cfg)
 
 
-def matched_width(base: TrainConfig, target: str) -> tuple[int, dict]:
+def matched_width(base: TrainConfig, target: str, mhc_sets: tuple[str, ...] = ("model.connection=mhc",)
+                  ) -> tuple[int, dict]:
     """The FFN hidden width (any integer) at which the residual network of config ``base`` comes closest to the
-    mHC network of the same config in ``target`` ("params": parameter count, or "flops": forward FLOPs per token,
-    :func:`forward_flops_per_token`); with ``{"target", "mhc", "residual", "relative_difference"}``. Both
-    figures are affine in the width, so two builds give the slope."""
+    mHC network ``base`` + ``mhc_sets`` in ``target`` ("params": parameter count, or "flops": forward FLOPs per
+    token, :func:`forward_flops_per_token`); with ``{"target", "mhc", "residual", "relative_difference"}``.
+    Both figures are affine in the width, so two builds give the slope."""
     def model_cfg(*sets):
         return build_config(base=base.to_dict(), overrides=list(sets)).model
 
     def measure(cfg):
         return DecoderLM(cfg).num_params() if target == "params" else forward_flops_per_token(cfg, base.seq_len)
 
-    goal = measure(model_cfg("model.connection=mhc"))
+    goal = measure(model_cfg(*mhc_sets))
     h0 = model_cfg("model.connection=residual").ffn_hidden
     at = {h: measure(model_cfg("model.connection=residual", f"model.mlp_hidden={h}")) for h in (h0, h0 + 1)}
     width = max(1, h0 + round((goal - at[h0]) / (at[h0 + 1] - at[h0])))
@@ -155,11 +159,15 @@ def matched_width(base: TrainConfig, target: str) -> tuple[int, dict]:
 
 
 def resolve_matched(arms: list[tuple[str, list[str]]], base: TrainConfig) -> list[tuple[str, list[str]]]:
-    """The arms with each matched mode (``MATCHED_MODES``) given its computed ``model.mlp_hidden``."""
+    """The arms with each matched mode (``MATCHED_MODES``) given its computed ``model.mlp_hidden``, matched to
+    the comparison's first mHC arm (in ``arms`` order; e.g. ``mhc-circulant``), or to the base config's mHC
+    network where no arm is mHC."""
+    mhc = next((sets for _, sets in arms if "model.connection=mhc" in sets and "model.n_streams=1" not in sets),
+               ["model.connection=mhc"])  # not the one-stream gate control
     out = []
     for name, sets in arms:
         if name in MATCHED_MODES and sets == ["model.connection=residual"]:
-            width, _ = matched_width(base, MATCHED_MODES[name])
+            width, _ = matched_width(base, MATCHED_MODES[name], tuple(mhc))
             sets = [*sets, f"model.mlp_hidden={width}"]
         out.append((name, sets))
     return out
