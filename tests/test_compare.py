@@ -18,6 +18,8 @@ from torch_mhc.reports import stats
 from torch_mhc.reports.compare import (
     BASELINE,
     DIAGNOSTICS_SUMMARY,
+    MATCHED_MODES,
+    MODES,
     Plan,
     build_protocol,
     compare,
@@ -594,3 +596,12 @@ def test_compare_jobs_under_signals_and_resume(tmp_path, shakespeare, capsys):
     (out / "plan.json").write_text('{"base": {')
     assert main(["compare", "--resume", str(out)]) == 2
     assert "plan.json is not a readable comparison plan" in capsys.readouterr().err
+
+
+def test_compare_help_names_every_mode(capsys):
+    from torch_mhc.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # argparse may wrap a name at its hyphens
+    assert [m for m in [*MODES, *MATCHED_MODES] if m not in text] == []

@@ -85,7 +85,7 @@ def _cmd_compare(args) -> None:
 
 
 def _cmd_memory(args) -> None:
-    from torch_mhc.distributed.memory import memory_table, parse_row
+    from torch_mhc.distributed.memory import LAYOUT_KEYS, memory_table, parse_row
     from torch_mhc.train.config import build_config
 
     cfg = build_config(config_file=args.config, overrides=args.set)
@@ -93,8 +93,8 @@ def _cmd_memory(args) -> None:
         try:
             parse_row(text)
         except (TypeError, ValueError) as e:
-            raise UserError(f"layout {text!r} is not KEY=VALUE[,KEY=VALUE] over dp_shard, dp_replicate, tp, pp, "
-                            f"dp_mode, ac (none, block or every:K) ({e}).") from None
+            raise UserError(f"layout {text!r} is not KEY=VALUE[,KEY=VALUE] over {', '.join(LAYOUT_KEYS)} "
+                            f"(ac: none, block or every:K) ({e}).") from None
     print(args.config + ": " + "\n".join(memory_table(cfg, args.layouts)))
 
 
@@ -251,8 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "final figures on a held-out test split; write summary.json, report.md and plots")
     c.add_argument("--config", help="TOML or JSON config file shared by all arms")
     c.add_argument("--modes", default="",
-                   help="comma-separated arms: residual, hc, mhc, mhc-gate (n=1: the write gate alone), "
-                        "mhc-identity (H_res fixed to I); default residual,hc,mhc")
+                   help="comma-separated arms: residual, hc, mhc, the controls mhc-gate (n=1: the write gate "
+                        "alone), mhc-identity and hc-identity (H_res fixed to I), residual-params and residual-flops "
+                        "(FFN widened to the first mHC arm's parameters / forward FLOPs), and mhc with another "
+                        "H_res map: mhc-permutation-mixture, mhc-circulant, mhc-kronecker; default residual,hc,mhc")
     c.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="an extra arm: a name and its overrides, e.g. 'iters5:model.sinkhorn_iters=5' (repeatable)")
     c.add_argument("--lrs", default="", help="comma-separated lr grid, e.g. 1e-3,3e-3,1e-2 (default: the config's lr)")

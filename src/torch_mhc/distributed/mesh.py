@@ -28,7 +28,7 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP2 shard degree; -1: the world size / (dp_replicate * tp * pp)
     dp_replicate: int = 1  # replicas of the sharded model (HSDP when dp_shard > 1 too; DDP with dp_mode=ddp)
     tp: int = 1  # tensor (and sequence) parallel degree; must divide model.n_heads
-    pp: int = 1  # pipeline stages
+    pp: int = 1  # pipeline ranks (1F1B: one stage each; Interleaved1F1B and the V schedules: two)
     pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B | ZBVZeroBubble | DualPipeV (distributed.pipeline)
     dp_mode: str = "fsdp"  # fsdp (FSDP2 / HSDP) | ddp
     ep: int = 1  # expert parallel degree, a part of dp_shard: each MoE layer's experts split over ep ranks
