@@ -147,8 +147,9 @@ def test_permutation_table_asked_first_under_inference_mode():
 
 
 def test_logit_counts_and_factors():
-    assert [make_h_res(name, 4).logit_count() for name in H_RES_MAPS] == [16, 0, 24, 4, 24]
+    assert [make_h_res(name, 4).logit_count() for name in H_RES_MAPS] == [16, 0, 24, 4, 4]
     assert default_factors(16) == (4, 4) and default_factors(8) == (4, 2) and default_factors(6) == (3, 2)
+    assert default_factors(4) == (2, 2) and KroneckerMap(4).logit_count() == 4  # not the 4! permutation mixture
     assert default_factors(7) == (7,) and default_factors(1) == (1,)
     assert KroneckerMap(16).logit_count() == 48 and KroneckerMap(8, factor="sinkhorn").logit_count() == 20
 

@@ -210,7 +210,8 @@ class CirculantMap(HResMap):
 
 def default_factors(n: int) -> tuple[int, ...]:
     """n as a product of factors of at most 4 where it can be (largest first: 16 -> (4, 4), 8 -> (4, 2),
-    6 -> (3, 2)); a prime factor above 4 stays whole (5 -> (5,))."""
+    6 -> (3, 2), 4 -> (2, 2): one factor of 4 would make the map the permutation mixture itself); a prime n stays
+    whole (5 -> (5,): that is the permutation mixture), and so does a prime factor above 4."""
     out, rest = [], n
     for f in (4, 3, 2):
         while rest % f == 0 and rest > 1:
@@ -218,6 +219,8 @@ def default_factors(n: int) -> tuple[int, ...]:
             rest //= f
     if rest > 1:
         out.append(rest)
+    if out == [4]:
+        out = [2, 2]
     return tuple(sorted(out, reverse=True)) or (1,)
 
 
