@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from torch_mhc.reports import stats
-from torch_mhc.reports.plots import plain_ticks, plt, value_scale
+from torch_mhc.reports.plots import legend_if_labelled, plain_ticks, plt, value_scale
 from torch_mhc.train.config import UserError
 
 
@@ -78,8 +78,7 @@ def plot_depth(points: dict[str, list[dict]], out: str | Path, title: str = "") 
         ax.minorticks_off()
         ax.set_xlabel("sublayers")
         ax.grid(alpha=0.3, which="both")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        legend_if_labelled(ax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -76,6 +76,12 @@ def plain_ticks(ax) -> None:
             axis.set_major_formatter(formatter)
 
 
+def legend_if_labelled(ax, fontsize: int = 8) -> None:
+    """A legend when something on ``ax`` has a label (matplotlib warns on an empty one)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+
+
 def value_scale(ax, values, axis: str = "y", decades: float = 1.0) -> None:
     """Log scale for positive ``values`` that span at least ``decades`` decades, else linear (a log axis over a
     narrow range has no decade inside and labels its ticks like "1.0015x10^0"); then :func:`plain_ticks`."""
@@ -107,8 +113,7 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, baseline: str | None, bp
     for ax, title in zip(axes, ("training", "validation")):
         ax.set_xlabel("step"), ax.set_ylabel(unit), ax.set_title(f"{title} {'bits per byte' if bpb else 'loss'}")
         ax.grid(alpha=0.3), plain_ticks(ax)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        legend_if_labelled(ax)
     if note:
         fig.suptitle(note, fontsize=9, color="darkred")
     paths.append(_save(fig, out / "loss.png"))
@@ -124,8 +129,7 @@ def plot_losses(runs: dict[str, list[dict]], out: Path, baseline: str | None, bp
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("step"), ax.set_ylabel(f"training {unit} gap"), ax.set_title(f"training gap to {baseline}")
         ax.grid(alpha=0.3), plain_ticks(ax)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        legend_if_labelled(ax)
         if note:
             fig.suptitle(note, fontsize=8, color="darkred")
         paths.append(_save(fig, out / "loss_gap.png"))
@@ -150,8 +154,7 @@ def plot_grad_norm(runs: dict[str, list[dict]], out: Path) -> Path:
     ax.set_xlabel("step"), ax.set_ylabel("gradient norm (before clipping)")
     ax.set_title("gradient norm at every step"), ax.grid(alpha=0.3)
     value_scale(ax, values)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    legend_if_labelled(ax)
     return _save(fig, out / "grad_norm.png")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from torch_mhc.reports.plots import (
     grad_norm_records,
     last_diagnostics,
+    legend_if_labelled,
     plain_ticks,
     plot_gains,
     plot_heatmaps,
@@ -55,8 +56,7 @@ def plot_lr_sweep(protocol: dict, out: Path) -> Path:
         ax.xaxis.set_major_formatter(ticker.FixedFormatter([f"{lr:g}" for lr in lrs]))
         if len(lrs) == 1:
             ax.set_xlim(lrs[0] / 2, lrs[0] * 2)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    legend_if_labelled(ax)
     return _save(fig, out / "lr_sweep.png")
 
 
@@ -99,8 +99,7 @@ def plot_loss_bands(protocol: dict, rows: list[dict], runs_dir: Path, out: Path)
     for ax, title in zip(axes, ("validation loss (each arm at its selected lr)",
                                 "validation loss gap to residual, paired by seed")):
         ax.set_xlabel("training tokens"), ax.set_title(title), ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        legend_if_labelled(ax)
     axes[0].set_ylabel("loss (nats/token)"), axes[1].set_ylabel("gap (nats/token)")
     for ax in axes:
         plain_ticks(ax)
@@ -145,8 +144,7 @@ def plot_connection_health(protocol: dict, rows: list[dict], runs_dir: Path, out
     for ax, (title, ylabel) in zip(axes.flat, titles):
         ax.set_xlabel("step"), ax.set_ylabel(ylabel), ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
         plain_ticks(ax)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        legend_if_labelled(ax, 7)
     return _save(fig, out / "connection_health.png")
 
 
@@ -176,8 +174,7 @@ def plot_grad_norm_steps(protocol: dict, rows: list[dict], runs_dir: Path, out: 
     ax.set_xlabel("step"), ax.set_ylabel("gradient norm (before clipping)")
     ax.set_title("gradient norm per step (spike: max / median after warmup)"), ax.grid(alpha=0.3)
     value_scale(ax, values)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    legend_if_labelled(ax)
     return _save(fig, out / "grad_norm.png")
 
 
