@@ -42,12 +42,15 @@ def shakespeare() -> Path:
     return path
 
 
-@pytest.fixture
-def small_text(tmp_path) -> Path:
-    """A few KB of varied real text: this repository's own Python source."""
-    path = tmp_path / "small.txt"
+def write_small_text(path: Path) -> Path:
+    """Write a few KB of varied real text to ``path``: this repository's own Python source."""
     path.write_text("".join(p.read_text() for p in sorted((REPO / "src" / "torch_mhc").rglob("*.py"))))
     return path
+
+
+@pytest.fixture
+def small_text(tmp_path) -> Path:
+    return write_small_text(tmp_path / "small.txt")
 
 
 TINY = [

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -62,3 +65,29 @@ def batches(steps: int, batch: int, seq: int, vocab: int = 64, seed: int = 1) ->
         t = torch.randint(0, vocab, (batch, seq + 1), generator=g)
         out.append((t[:, :-1], t[:, 1:]))
     return out
+
+
+def torchrun(*args, nproc: int = 2, script=None, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone`` of ``mhc`` (or of ``script``) with ``args`` on ``nproc`` CPU ranks, one thread each."""
+    target = [str(script)] if script else ["-m", "torch_mhc"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def records(run_dir, name: str = "metrics.jsonl") -> dict[int, dict]:
+    """A run's JSONL records by step, in order (a resumed step's record replaces the earlier one)."""
+    out = {}
+    for line in (run_dir / name).read_text().splitlines():
+        r = json.loads(line)
+        out[r["step"]] = r
+    return dict(sorted(out.items()))
+
+
+def numbers(tree, prefix: str = "") -> dict[str, float]:
+    """Every number of a nested diagnostics record, by path."""
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{prefix}/{key}").items()}
+    if isinstance(tree, list):
+        return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{prefix}/{i}").items()}
+    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}

@@ -16,7 +16,8 @@ import textwrap
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, write_small_text
+from distributed_helpers import numbers, records, torchrun
 from torch_mhc.cli import main
 from torch_mhc.train.evaluate import load_run
 
@@ -51,32 +52,8 @@ def sets(root, data, *extra):
     return [a for s in [*TINY, *MODEL, f"data={data}", f"out_dir={root / 'runs'}", *extra] for a in ("--set", s)]
 
 
-def torchrun(*args, script=None, env=None):
-    target = [str(script)] if script else ["-m", "torch_mhc"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def records(run_dir, name="metrics.jsonl"):
-    out = {}
-    for line in (run_dir / name).read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r
-    return dict(sorted(out.items()))
-
-
 def column(run_dir, key):
     return torch.tensor([r[key] for r in records(run_dir).values() if key in r], dtype=torch.float64)
-
-
-def numbers(tree, prefix=""):
-    """Every number of a nested diagnostics record, by path."""
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{prefix}/{key}").items()}
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{prefix}/{i}").items()}
-    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
 
 
 def assert_same_diagnostics(got: dict, ref: dict, rel_tol: float):
@@ -97,10 +74,7 @@ ACROSS_RUNS = 1e-3
 def one_process_run(tmp_path_factory):
     """The reference: the 2-layer MoE model trained by one process (step_*.pt checkpoints at 3 and 6)."""
     root = tmp_path_factory.mktemp("one")
-    data = root / "small.txt"
-    src = os.path.join(os.path.dirname(__file__), "..", "src", "torch_mhc")
-    data.write_text("".join(open(os.path.join(d, f)).read() for d, _, fs in sorted(os.walk(src))
-                            for f in sorted(fs) if f.endswith(".py")))
+    data = write_small_text(root / "small.txt")
     assert main(["train", *sets(root, data, "run_name=one")]) == 0
     return root / "runs" / "one", data
 

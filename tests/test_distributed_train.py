@@ -5,15 +5,13 @@ stop every rank with a message and overwrite nothing."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import TINY
+from distributed_helpers import torchrun
 from torch_mhc.cli import main
 from torch_mhc.train.config import UserError, build_config
 
@@ -22,13 +20,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def sets(tmp_path, data, *extra):
     return [a for s in [*TINY, f"data={data}", f"out_dir={tmp_path / 'runs'}", *extra] for a in ("--set", s)]
-
-
-def torchrun(*args, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "torch_mhc", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
 
 def losses(run_dir, key="loss"):

@@ -38,8 +38,12 @@ def tiny_config(**overrides):
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(tiny_config(**overrides)).double()
-    with torch.no_grad():  # fresh random values everywhere (V4 initialises base at 0 and scale at 1)
+    return randomize_hc(transformers.DeepseekV4ForCausalLM(tiny_config(**overrides)).double())
+
+
+def randomize_hc(model):
+    """Fresh random hyper-connection parameters (V4 initialises base at 0 and scale at 1)."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("hc.fn", "hc_fn")):
                 p.normal_(0, 0.3)

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers", minversion="5.10",
 
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4  # noqa: E402
 
+from test_hf_deepseek_v4 import randomize_hc  # noqa: E402
 from torch_mhc.integrations.convert import convert_to_mhc, mhc_connections  # noqa: E402
 from torch_mhc.integrations.deepseek_v4 import DeepseekV4Connection, apply_mhc_kernels  # noqa: E402
 
@@ -40,19 +41,6 @@ def v4_config(**overrides):
     )
     kwargs.update(overrides)
     return transformers.DeepseekV4Config(**kwargs)
-
-
-def randomize_hc(model):
-    """Fresh random hyper-connection parameters (V4 starts with base 0 and scale 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("hc.fn", "hc_fn")):
-                p.normal_(0, 0.3)
-            elif name.endswith(("hc.base", "hc_base")):
-                p.normal_(0, 1.0)
-            elif name.endswith(("hc.scale", "hc_scale")):
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def patched_v4(seed=0, **overrides):
@@ -261,6 +249,11 @@ def test_v4_save_and_load_round_trip(tmp_path):
                                                                experts_implementation="eager")  # not saved
     assert type(loaded) is transformers.DeepseekV4ForCausalLM  # the directory is a plain V4: patch it again
     apply_mhc_kernels(loaded.eval())
+    assert_same_model(loaded, model)
+
+
+def assert_same_model(loaded, model):
+    """Every tensor of the state dict and the logits on fresh ids bit-identical."""
     state = loaded.state_dict()
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -277,12 +270,7 @@ def test_converted_save_and_load_round_trip(tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True).eval()
     assert type(loaded).__name__ == "MhcLlamaForCausalLM" and isinstance(loaded, transformers.LlamaForCausalLM)
     assert loaded.config.model_type == "mhc_llama" and type(loaded.model.layers[0]).__name__ == "MhcLlamaDecoderLayer"
-    state = loaded.state_dict()
-    assert state.keys() == model.state_dict().keys()
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    x = ids()
-    with torch.no_grad():
-        assert torch.equal(loaded(x).logits, model(x).logits)
+    assert_same_model(loaded, model)
     half = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", local_files_only=True,
                                                              dtype=torch.bfloat16)
     assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

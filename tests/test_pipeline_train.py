@@ -7,15 +7,14 @@ resumed on one process; bad settings refused."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import write_small_text
+from distributed_helpers import numbers, records, torchrun
 from torch_mhc.cli import main
 from torch_mhc.distributed.checkpoint import tensor_shapes
 from torch_mhc.distributed.mesh import ParallelConfig
@@ -51,20 +50,6 @@ def sets(root, data, *extra):
     return [a for s in [*SETTINGS, f"data={data}", f"out_dir={root / 'runs'}", *extra] for a in ("--set", s)]
 
 
-def torchrun(*args, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "torch_mhc", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def records(run_dir, name="metrics.jsonl"):
-    out = {}
-    for line in (run_dir / name).read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r  # a resumed step's record replaces the earlier one
-    return dict(sorted(out.items()))
-
-
 def column(run_dir, key, steps=None):
     return torch.tensor([r[key] for s, r in records(run_dir).items() if key in r and (steps is None or s in steps)],
                         dtype=torch.float64)
@@ -76,14 +61,6 @@ def assert_same_curve(run, ref, steps=None):
     for key in ("loss", "grad_norm", "val_loss", "grad_norm_connection", "grad_norm_ffn", "grad_norm_embed"):
         torch.testing.assert_close(column(run, key, steps), column(ref, key, steps), rtol=1e-5, atol=0,
                                    msg=lambda m, key=key: f"{key}: {m}")
-
-
-def numbers(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in numbers(sub, f"{prefix}/{key}").items()}
-    if isinstance(tree, list):
-        return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{prefix}/{i}").items()}
-    return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
 
 
 def assert_same_diagnostics(run, ref):
@@ -102,10 +79,7 @@ def assert_same_diagnostics(run, ref):
 def reference(tmp_path_factory):
     """The one-process run of the config (checkpoints step_*.pt at 2, 4, 6)."""
     root = tmp_path_factory.mktemp("one")
-    data = root / "small.txt"
-    src = os.path.join(os.path.dirname(__file__), "..", "src", "torch_mhc")
-    data.write_text("".join(open(os.path.join(d, f)).read() for d, _, fs in sorted(os.walk(src))
-                            for f in sorted(fs) if f.endswith(".py")))
+    data = write_small_text(root / "small.txt")
     assert main(["train", *sets(root, data, "run_name=one")]) == 0
     return root / "runs" / "one", data
 
