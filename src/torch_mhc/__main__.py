@@ -1,5 +1,3 @@
-import sys
+from torch_mhc.cli import run
 
-from torch_mhc.cli import main
-
-sys.exit(main())
+run()

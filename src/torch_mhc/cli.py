@@ -363,8 +363,26 @@ def main(argv: list[str] | None = None) -> int:
                 if finished:  # every rank got here: tear gloo down together (a rank that destroyed its group
                     dist.barrier()  # while rank 0 still logged was seen to abort, SIGABRT, in a clean-clone CI run)
                 dist.destroy_process_group()
+                global _ran_distributed
+                _ran_distributed = True
     return 0
 
 
+_ran_distributed = False  # main() tore down a process group (a torchrun rank)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``mhc`` command: :func:`main`, then exit with its code. A torchrun rank leaves through ``os._exit``
+    once its group is destroyed and its output flushed (its files are closed by then): gloo's worker threads
+    can still hold work whose destruction during interpreter shutdown aborts the process (SIGABRT,
+    "terminate called without an active exception"), which failed finished 2-rank runs in CI now and then."""
+    code = main(argv)
+    if _ran_distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
