@@ -37,6 +37,7 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # a finished rank skips interpreter shutdown, where gloo's leftover work can abort it (cli.run)
 
 
 def spawn(fn, world: int, tmp_path, *args) -> list:
