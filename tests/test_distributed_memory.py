@@ -164,7 +164,8 @@ def test_dense_tp_is_not_refused_and_bad_layouts_are(capsys):
     assert "batch_size (16, the global batch) must be divisible" in lines[4]
     config = str(REPO / "configs" / "paper-3b.toml")
     assert main(["memory", config, "dp_shard=8,ac=blocks"]) == 2
-    assert "ac (none, block or every:K)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "ac (none, block or every:K)" in err and "pp, pp_schedule, ep," in err  # every layout key named
     assert main(["memory", config, "dp_shard=8", "--set", "model.activation_checkpoint=block"]) in (0, None)
     assert "activation checkpointing block" in capsys.readouterr().out
 

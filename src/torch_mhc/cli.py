@@ -94,7 +94,7 @@ def _cmd_memory(args) -> None:
             parse_row(text)
         except (TypeError, ValueError) as e:
             raise UserError(f"layout {text!r} is not KEY=VALUE[,KEY=VALUE] over {', '.join(LAYOUT_KEYS)} "
-                            f"(ac: none, block or every:K) ({e}).") from None
+                            f"(none, block or every:K) ({e}).") from None  # ac is the last key
     print(args.config + ": " + "\n".join(memory_table(cfg, args.layouts)))
 
 
