@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from torch_mhc.cli import main
 from torch_mhc.reports import stats
@@ -368,6 +369,11 @@ def test_h_res_travel_starts_from_the_model_training_built(tmp_path, shakespeare
     assert rows["v4"]["h_res_start_from_uniform"] == t["from_uniform"][0] < 0.1  # v4: H_res starts near J/n
     assert rows["residual"]["h_res_end_from_identity"] is None
     assert "## Where H_res went" in (out / "report.md").read_text()
+    # the stack's composite distance from J/n: the second singular value of H_res[1] @ H_res[0] at the end
+    end = torch.tensor(t["h_res_end"], dtype=torch.float64)
+    second = torch.linalg.svdvals(end[1] @ end[0])[1].item()
+    assert rows["v4"]["stack_from_uniform"] == pytest.approx(second, rel=1e-4, abs=1e-6)
+    assert 0 < rows["v4"]["stack_from_uniform"] < 1 and rows["residual"]["stack_from_uniform"] is None
 
 
 def test_summarize_a_comparison_cut_short(tmp_path, shakespeare):

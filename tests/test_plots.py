@@ -10,6 +10,7 @@ import os
 import random
 
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 
@@ -63,15 +64,35 @@ def test_gain_ticks_are_plain_numbers(figures, tmp_path):
     axis labelled 1, 2, 5, 10: never '1.0015x10^0' or an offset."""
     plots.plot_gains({"mhc": gains_record(0.0015)}, tmp_path)
     fig = figures["gains"]
-    for ax in fig.axes:
+    for ax in fig.axes[:2]:
         assert ax.get_yscale() == "linear"
         assert_plain(ax)
         assert max(float(t.get_text()) for t in ax.get_yticklabels() if t.get_text()) < 1.01
     plots.plot_gains({"mhc": gains_record(0.0015), "hc": gains_record(11.0)}, tmp_path)
-    for ax in figures["gains"].axes:
+    for ax in figures["gains"].axes[:2]:
         assert ax.get_yscale() == "log"
         assert_plain(ax)
         assert {"1", "10"} <= {t.get_text() for t in ax.get_yticklabels()}
+
+
+def test_gains_plot_draws_the_composite_distance_from_uniform(figures, tmp_path):
+    """The third panel: ||prod H_res - J/n||_2 from sublayer l to the last, computed from the record's token-mean
+    H_res when the record predates the metric. With every H = (1 - a) I + a J/n the composite from l is
+    (1 - a)^(L - l) I + (1 - (1 - a)^(L - l)) J/n, whose distance from J/n is (1 - a)^(L - l)."""
+    n, depth, a = 4, 7, 0.3
+    h = (1 - a) * torch.eye(n, dtype=torch.float64) + a / n
+    record = {"step": 5, "h_res_mean": h.expand(depth, n, n).tolist(),
+              "gains": {k: [1.0] * depth for k in ("single_fwd", "single_bwd", "composite_fwd", "composite_bwd")}}
+    plots.plot_gains({"mhc": record}, tmp_path)
+    ax = figures["gains"].axes[2]
+    (line,) = ax.lines
+    want = [(1 - a) ** (depth - layer) for layer in range(depth)]
+    assert list(line.get_xdata()) == list(range(depth))
+    assert torch.allclose(torch.tensor(line.get_ydata(), dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                          atol=1e-12)
+    one_stream = {"step": 5, "h_res_mean": [[[1.0]]] * depth, "gains": record["gains"]}
+    plots.plot_gains({"residual": one_stream}, tmp_path)
+    assert not figures["gains"].axes[2].lines  # J/n is 1 for one stream: nothing to draw
 
 
 def test_grad_norm_ticks_plain_and_every_step(figures, tmp_path):

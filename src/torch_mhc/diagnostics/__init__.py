@@ -1,7 +1,14 @@
 """Stability diagnostics used during training: Amax gain magnitude, coefficient statistics."""
 
 from torch_mhc.diagnostics.collect import collect_diagnostics, grad_norms_by_group, record_coefficients
-from torch_mhc.diagnostics.gains import amax_gains, backward_gain, coefficient_stats, composites, forward_gain
+from torch_mhc.diagnostics.gains import (
+    amax_gains,
+    backward_gain,
+    coefficient_stats,
+    composites,
+    distance_from_uniform,
+    forward_gain,
+)
 
 __all__ = [
     "amax_gains",
@@ -9,6 +16,7 @@ __all__ = [
     "coefficient_stats",
     "collect_diagnostics",
     "composites",
+    "distance_from_uniform",
     "forward_gain",
     "grad_norms_by_group",
     "record_coefficients",

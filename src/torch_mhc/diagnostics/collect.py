@@ -135,6 +135,7 @@ def diagnostics_record(step: int, layers: list[dict], mean_res: torch.Tensor) ->
     summary = {
         "max_single_fwd_gain": max(gains["single_fwd"]), "max_single_bwd_gain": max(gains["single_bwd"]),
         "max_composite_fwd_gain": max(gains["composite_fwd"]), "max_composite_bwd_gain": max(gains["composite_bwd"]),
+        "stack_from_uniform": gains["composite_from_uniform"][0],
         "max_abs_alpha": max(alphas) if alphas else None,
         "mean_stream_copy_dist": mean_stream_copy_dist(layers),
         "max_read_share": max(s["max_read_share"] for s in layers),

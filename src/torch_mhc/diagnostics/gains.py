@@ -2,7 +2,8 @@
 
 For matrices ``H [L, n, n]`` (one per sublayer, averaged over tokens), the composite from layer l
 to the end is ``P_l = H_{L-1} @ ... @ H_{l+1} @ H_l`` (the map from x_l to x_L along the residual
-path). Forward gain: max absolute row sum; backward gain: max absolute column sum.
+path). Forward gain: max absolute row sum; backward gain: max absolute column sum; distance from uniform:
+the spectral norm of ``P_l - J/n`` (how much of the streams' differences survives the product).
 """
 
 from __future__ import annotations
@@ -32,14 +33,23 @@ def composites(h_res: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def distance_from_uniform(m: torch.Tensor) -> torch.Tensor:
+    """Spectral norm of ``m - J/n`` for ``[..., n, n]`` -> ``[...]`` (float64). For a doubly stochastic m it is
+    m's second singular value (the largest, 1, belongs to the all-ones vector): 1 for a permutation, which mixes
+    nothing, 0 for the uniform average J/n, where the n streams have collapsed into one."""
+    return torch.linalg.matrix_norm(m.double() - 1.0 / m.shape[-1], ord=2)
+
+
 def amax_gains(h_res: torch.Tensor) -> dict[str, list[float]]:
-    """Single-layer and composite forward/backward gains for ``[L, n, n]`` matrices."""
+    """Single-layer and composite forward/backward gains for ``[L, n, n]`` matrices, and each composite's
+    :func:`distance_from_uniform` (``composite_from_uniform``: does the product collapse towards J/n with depth?)."""
     comp = composites(h_res)
     return {
         "single_fwd": forward_gain(h_res.double()).tolist(),
         "single_bwd": backward_gain(h_res.double()).tolist(),
         "composite_fwd": forward_gain(comp).tolist(),
         "composite_bwd": backward_gain(comp).tolist(),
+        "composite_from_uniform": distance_from_uniform(comp).tolist(),
     }
 
 

@@ -47,6 +47,7 @@ from torch_mhc.diagnostics.collect import (
     h_res_distances,
     mean_stream_copy_dist,
 )
+from torch_mhc.diagnostics.gains import composites, distance_from_uniform
 from torch_mhc.models.decoder import DecoderLM
 from torch_mhc.reports import stats
 from torch_mhc.reports.plots import read_jsonl
@@ -453,11 +454,18 @@ DIAG_MAXIMA = ("max_composite_fwd_gain", "max_composite_bwd_gain", "max_abs_alph
                "max_post_saturated", "max_read_share", "max_write_share", "max_res_zero_frac")
 
 
-def _final_stream_copy_dist(run_dir: Path) -> float | None:
-    """The streams' mean distance from copies (layers after the first) at the last diagnostic step."""
+def _final_stream_health(run_dir: Path) -> dict:
+    """At the last diagnostic step: the streams' mean distance from copies (layers after the first) and the whole
+    stack's composite ``prod H_res`` distance from the uniform J/n (spectral norm, from the token-mean H_res;
+    None for one stream, where J/n is 1)."""
     path = run_dir / "diagnostics.jsonl"
     records = read_jsonl(path) if path.is_file() else []
-    return mean_stream_copy_dist(records[-1]["layers"]) if records else None
+    if not records:
+        return {"stream_copy_dist": None, "stack_from_uniform": None}
+    last = records[-1]
+    h_res = torch.as_tensor(last["h_res_mean"], dtype=torch.float64)
+    stack = distance_from_uniform(composites(h_res)[0]).item() if h_res.shape[-1] > 1 else None
+    return {"stream_copy_dist": mean_stream_copy_dist(last["layers"]), "stack_from_uniform": stack}
 
 
 def initial_diagnostics(cfg: TrainConfig, run_dir: Path) -> dict | None:
@@ -527,7 +535,7 @@ def run_row(arm: str, lr: float, seed: int, cfg: TrainConfig, run_dir: Path, res
            "n": cfg.model.streams, "train_loss": _last(metrics, "loss"), "val_loss": _last(metrics, "val_loss"),
            "val_bpb": _last(metrics, "val_bpb"), "test_loss": result.get("test_loss"),
            "test_bpb": result.get("test_bpb"), "grad_spike": stats.grad_spike(norms), "grad_spike_over": over,
-           "max_grad_norm": max(norms, default=None), "stream_copy_dist": _final_stream_copy_dist(run_dir),
+           "max_grad_norm": max(norms, default=None), **_final_stream_health(run_dir),
            "tokens_per_s": _last(metrics, "tokens_per_s"), "wall_s": result.get("wall_s")}
     row.update({k: _max(metrics, k) for k in DIAG_MAXIMA})
     if cfg.model.connection != "mhc" or "res" not in cfg.model.learn:
@@ -760,7 +768,8 @@ def device_name() -> str:
 STABILITY_COLUMNS = (("grad_spike", ".1f", max), ("max_composite_fwd_gain", ".3g", max),
                      ("max_composite_bwd_gain", ".3g", max), ("max_abs_alpha", ".3f", max),
                      ("max_pre_saturated", ".3f", max), ("max_post_saturated", ".3f", max),
-                     ("stream_copy_dist", ".3f", min), ("max_read_share", ".3f", max),
+                     ("stream_copy_dist", ".3f", min), ("stack_from_uniform", ".3g", min),
+                     ("max_read_share", ".3f", max),
                      ("max_write_share", ".3f", max), ("max_res_zero_frac", ".3g", max))
 
 
@@ -852,9 +861,9 @@ def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict],
     lines += ["", "## Stability at each arm's selected lr (worst seed)", "",
               "| arm | grad-norm spike (max/median after warmup) | over | max composite fwd gain | "
               "max composite bwd gain | max abs alpha | max H_pre saturated | max H_post saturated | "
-              "final stream copy distance (min over seeds) | max read share | max write share | "
-              "max H_res zero fraction |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "final stream copy distance (min over seeds) | final stack prod H_res from J/n (min over seeds) | "
+              "max read share | max write share | max H_res zero fraction |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in arms.items():
         sel = [r for r in rows if r["arm"] == name and r["lr"] == a["selected_lr"]]
         if not sel:
@@ -881,8 +890,11 @@ def write_report(report_dir: Path, plan: Plan, protocol: dict, rows: list[dict],
                      f"{_fmt(r['wall_s'], '.0f')} |")
     lines += ["", "Gains are maxima over the diagnostic steps of the composite `prod H_res` from any layer to the last "
               "(H_res averaged over the tokens of a fixed validation batch). Saturation, alpha and stream figures "
-              "come from the same diagnostic steps. Plots show each arm at its selected lr (bands: mean +- sd over "
-              "seeds; per-step and per-layer plots: the first seed).", ""]
+              "come from the same diagnostic steps; the stack's distance from J/n is the spectral norm of "
+              "`prod H_res - J/n` over all sublayers at the last diagnostic step (for a doubly stochastic product its "
+              "second singular value: 1 for a permutation, 0 when the streams are averaged into one). Plots show "
+              "each arm at its selected lr (bands: mean +- sd over seeds; per-step and per-layer plots: the first "
+              "seed).", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     (report_dir / "report.md").write_text("\n".join(lines) + "\n")
     return report_dir / "report.md"

@@ -13,8 +13,10 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
+from torch_mhc.diagnostics.gains import amax_gains  # noqa: E402
 from torch_mhc.train.config import UserError  # noqa: E402
 
 
@@ -165,23 +167,33 @@ def sublayer_name(layer: int) -> str:
 
 def plot_gains(diags: dict[str, dict], out: Path) -> Path:
     """Single-layer and composite forward/backward gains over depth (paper Fig. 3/7); log scale where the
-    gains span a decade or more, else linear (mHC's stay within a fraction of a percent of 1)."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), layout="constrained")
-    values = {0: [], 1: []}
+    gains span a decade or more, else linear (mHC's stay within a fraction of a percent of 1). A third panel
+    for runs with several streams: the composite's distance from the uniform J/n (spectral norm of
+    ``prod H_res - J/n``), which falls towards 0 if the product collapses into averaging the streams."""
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
+    values = {0: [], 1: [], 2: []}
     for r, (label, d) in enumerate(diags.items()):
         g, color = d["gains"], plt.get_cmap("tab10")(r % 10)
+        if "composite_from_uniform" not in g and "h_res_mean" in d:  # written before the metric: recomputed
+            g = amax_gains(torch.as_tensor(d["h_res_mean"], dtype=torch.float64))
         layers = range(len(g["single_fwd"]))
         step = f" (step {d['step']})" if d.get("step") is not None else ""
         for i, kind in enumerate(("single", "composite")):
             axes[i].plot(layers, g[f"{kind}_fwd"], marker=".", color=color, label=f"{label}{step} forward")
             axes[i].plot(layers, g[f"{kind}_bwd"], "--", marker=".", color=color, label=f"{label}{step} backward")
             values[i] += [*g[f"{kind}_fwd"], *g[f"{kind}_bwd"]]
-    titles = ("single layer: gain of H_res", "composite: gain of prod H_res, sublayer l to the last")
+        if "composite_from_uniform" in g and len(g["composite_from_uniform"]) and len(d["h_res_mean"][0]) > 1:
+            axes[2].plot(layers, g["composite_from_uniform"], ":", marker=".", color=color)
+            values[2] += g["composite_from_uniform"]
+    titles = ("single layer: gain of H_res", "composite: gain of prod H_res, sublayer l to the last",
+              "composite: ||prod H_res - J/n||_2, sublayer l to the last")
+    ylabels = ("Amax gain magnitude", "Amax gain magnitude", "spectral norm (0: streams averaged into one)")
     for i, (ax, title) in enumerate(zip(axes, titles)):
-        ax.set_xlabel("sublayer l (even: attention, odd: FFN)"), ax.set_ylabel("Amax gain magnitude")
-        ax.set_title(title), ax.grid(alpha=0.3)
+        ax.set_xlabel("sublayer l (even: attention, odd: FFN)"), ax.set_ylabel(ylabels[i])
+        ax.set_title(title, fontsize=10), ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-        value_scale(ax, values[i])
+        if values[i]:
+            value_scale(ax, values[i])
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncol=min(4, len(names)), fontsize=8)
     return _save(fig, out / "gains.png")
