@@ -28,10 +28,11 @@ def diagnose_run(run_dir: str, out: str | None = None) -> str:
     g = diag["gains"]
     lines = [f"{label} at step {state['step']}: {cfg.model.connection}, n={cfg.model.streams}",
              f"{'layer':>5} {'single fwd':>10} {'single bwd':>10} {'comp fwd':>10} {'comp bwd':>10} {'H_pre mean':>10} "
-             f"{'H_post mean':>11} {'row err':>9} {'col err':>9} {'|H-I|':>7}"]
+             f"{'H_post mean':>11} {'row err':>9} {'col err':>9} {'|H-I|':>7} {'comp-J/n':>8}"]
     for i, s in enumerate(diag["layers"]):
         lines.append(f"{i:>5} {g['single_fwd'][i]:>10.4f} {g['single_bwd'][i]:>10.4f} {g['composite_fwd'][i]:>10.4f} "
                      f"{g['composite_bwd'][i]:>10.4f} {s['pre_mean']:>10.4f} {s['post_mean']:>11.4f} "
-                     f"{s['res_row_err']:>9.2e} {s['res_col_err']:>9.2e} {s['res_dist_identity']:>7.3f}")
+                     f"{s['res_row_err']:>9.2e} {s['res_col_err']:>9.2e} {s['res_dist_identity']:>7.3f} "
+                     f"{g['composite_from_uniform'][i]:>8.4f}")
     lines.append(f"plots and diagnostics.json in {out_dir}")
     return "\n".join(lines)
