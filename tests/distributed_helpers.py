@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -92,3 +93,12 @@ def numbers(tree, prefix: str = "") -> dict[str, float]:
     if isinstance(tree, list):
         return {k: v for i, sub in enumerate(tree) for k, v in numbers(sub, f"{prefix}/{i}").items()}
     return {prefix: float(tree)} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+def assert_same_numbers(got: dict, ref: dict, rel_tol: float, abs_tol: float = 1e-6) -> None:
+    """Two diagnostics records hold the same numbers (more than 100 of them) by path, each within ``rel_tol``;
+    ``abs_tol`` for those that are float32 noise themselves (``res_row_err`` ~1e-6 after Sinkhorn)."""
+    a, b = numbers(got), numbers(ref)
+    assert a.keys() == b.keys() and len(a) > 100
+    for k in a:
+        assert math.isclose(a[k], b[k], rel_tol=rel_tol, abs_tol=abs_tol), (k, a[k], b[k])

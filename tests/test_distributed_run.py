@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import TINY, write_small_text
-from distributed_helpers import numbers, records, torchrun
+from distributed_helpers import assert_same_numbers, records, torchrun
 from torch_mhc.cli import main
 from torch_mhc.train.evaluate import load_run
 
@@ -56,15 +56,6 @@ def column(run_dir, key):
     return torch.tensor([r[key] for r in records(run_dir).values() if key in r], dtype=torch.float64)
 
 
-def assert_same_diagnostics(got: dict, ref: dict, rel_tol: float):
-    """Every number equal to ``rel_tol``; ``abs_tol`` 1e-6 for those that are float32 noise themselves
-    (``res_row_err`` ~1e-6 after Sinkhorn)."""
-    a, b = numbers(got), numbers(ref)
-    assert a.keys() == b.keys() and len(a) > 100
-    for k in a:
-        assert math.isclose(a[k], b[k], rel_tol=rel_tol, abs_tol=1e-6), (k, a[k], b[k])
-
-
 # Two runs' weights differ by float32 rounding after a few AdamW steps, which its normalised update makes
 # relative differences of up to ~3e-4 in small trained parameters (alpha ~0.01): seen 1.3e-4 at step 6.
 ACROSS_RUNS = 1e-3
@@ -92,7 +83,7 @@ def test_fsdp_run_diagnoses_evaluates_its_share_and_is_usable_afterwards(tmp_pat
     diag_one, diag_two = records(one, "diagnostics.jsonl"), records(two, "diagnostics.jsonl")
     assert diag_two.keys() == diag_one.keys() == {3, 6}
     for step in (3, 6):
-        assert_same_diagnostics(diag_two[step], diag_one[step], ACROSS_RUNS)
+        assert_same_numbers(diag_two[step], diag_one[step], ACROSS_RUNS)
 
     # evaluation: each rank its 2 rows of the global batch of 4 (2 eval batches at steps 3 and 6), the loss
     # reduced over the ranks is the one-process loss
@@ -115,7 +106,7 @@ def test_fsdp_run_diagnoses_evaluates_its_share_and_is_usable_afterwards(tmp_pat
     assert results["two"]["sample"] == results["one"]["sample"]
     assert main(["diagnose", str(two), "--out", str(tmp_path / "diag")]) == 0
     # the same weights (the checkpoint of step 6) diagnosed by one process: the 2 ranks' diagnostics
-    assert_same_diagnostics(json.loads((tmp_path / "diag" / "diagnostics.json").read_text()), diag_two[6], 1e-6)
+    assert_same_numbers(json.loads((tmp_path / "diag" / "diagnostics.json").read_text()), diag_two[6], 1e-6)
     pytest.importorskip("transformers")
     from safetensors.torch import load_file
 
@@ -143,7 +134,7 @@ def test_one_process_run_continues_on_two_ranks(tmp_path, one_process_run):
     # steps 4-6 on 2 ranks from the one-process state (model, AdamW moments, schedule): the one-process curve
     torch.testing.assert_close(column(run, "loss"), column(one, "loss"), rtol=1e-5, atol=0)
     torch.testing.assert_close(column(run, "val_loss"), column(one, "val_loss"), rtol=1e-5, atol=0)
-    assert_same_diagnostics(records(run, "diagnostics.jsonl")[6], records(one, "diagnostics.jsonl")[6], ACROSS_RUNS)
+    assert_same_numbers(records(run, "diagnostics.jsonl")[6], records(one, "diagnostics.jsonl")[6], ACROSS_RUNS)
     # its next checkpoints are distributed ones
     assert sorted(q.name for q in (run / "checkpoints").iterdir() if not q.name.endswith(".sha256")) == [
         "dcp_step_0000006", "step_0000003.pt"]
@@ -165,7 +156,7 @@ def test_hc_diagnostics_under_fsdp_and_tensor_parallel_resume_of_a_one_process_r
     assert p.returncode == 0, p.stderr[-3000:]
     fsdp = tmp_path / "runs" / "fsdp"
     for step in (3, 6):
-        assert_same_diagnostics(records(fsdp, "diagnostics.jsonl")[step], records(one, "diagnostics.jsonl")[step],
+        assert_same_numbers(records(fsdp, "diagnostics.jsonl")[step], records(one, "diagnostics.jsonl")[step],
                                 ACROSS_RUNS)
     torch.testing.assert_close(column(fsdp, "loss"), column(one, "loss"), rtol=1e-5, atol=0)
 
@@ -177,7 +168,7 @@ def test_hc_diagnostics_under_fsdp_and_tensor_parallel_resume_of_a_one_process_r
     assert p.returncode == 0, p.stderr[-3000:]
     torch.testing.assert_close(column(run, "loss"), column(one, "loss"), rtol=1e-5, atol=0)
     torch.testing.assert_close(column(run, "val_loss"), column(one, "val_loss"), rtol=1e-5, atol=0)
-    assert_same_diagnostics(records(run, "diagnostics.jsonl")[6], records(one, "diagnostics.jsonl")[6], ACROSS_RUNS)
+    assert_same_numbers(records(run, "diagnostics.jsonl")[6], records(one, "diagnostics.jsonl")[6], ACROSS_RUNS)
     assert (run / "checkpoints" / "dcp_step_0000006").is_dir()
 
 

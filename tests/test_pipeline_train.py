@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import write_small_text
-from distributed_helpers import numbers, records, torchrun
+from distributed_helpers import assert_same_numbers, records, torchrun
 from torch_mhc.cli import main
 from torch_mhc.distributed.checkpoint import tensor_shapes
 from torch_mhc.distributed.mesh import ParallelConfig
@@ -69,10 +69,7 @@ def assert_same_diagnostics(run, ref):
     assert got.keys() == want.keys() == {3, 6}
     for step in got:
         assert len(got[step]["layers"]) == 2 * 4  # attention and FFN connection of each of the 4 layers
-        a, b = numbers(got[step]), numbers(want[step])
-        assert a.keys() == b.keys() and len(a) > 100
-        for k in a:
-            assert abs(a[k] - b[k]) <= ACROSS_RUNS * abs(b[k]) + 1e-6, (step, k, a[k], b[k])
+        assert_same_numbers(got[step], want[step], ACROSS_RUNS)
 
 
 @pytest.fixture(scope="module")
