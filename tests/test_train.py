@@ -96,6 +96,25 @@ def test_cli_end_to_end(tmp_path, small_text, capsys):
                 "--top-k", "5"]) == 0
 
 
+def test_settings_a_connection_does_not_read_are_noted(tmp_path, small_text, capsys):
+    """A residual or HC run given mHC settings (a comparison's base config sets them for its mHC arms) names
+    them as having no effect; defaults and the settings the connection reads are not named."""
+    from torch_mhc.models.decoder import ModelConfig
+    from torch_mhc.train.config import ignored_model_settings
+
+    cfg = dict(h_res="circulant", alpha_init=1.0, n_streams=2, learn=["pre", "post"], dim=32)
+    assert ignored_model_settings(ModelConfig(connection="mhc", **cfg)) == []
+    assert ignored_model_settings(ModelConfig(connection="hc", **cfg)) == ["model.alpha_init=1.0",
+                                                                             "model.h_res='circulant'"]
+    assert ignored_model_settings(ModelConfig(connection="residual", **cfg)) == [
+        "model.n_streams=2", "model.learn=['pre', 'post']", "model.alpha_init=1.0", "model.h_res='circulant'"]
+    assert ignored_model_settings(ModelConfig(connection="residual")) == []
+    assert run(["train", *tiny(tmp_path, small_text, "run_name=r", "model.connection=residual",
+                               "model.bias_init=v4", "steps=2")]) == 0
+    assert "note: connection=residual does not read model.bias_init='v4': no effect on this run" in \
+        capsys.readouterr().out
+
+
 def test_resume_equals_uninterrupted(tmp_path, small_text, monkeypatch):
     extra = ["steps=8", "ckpt_every=3", "log_every=1", "eval_every=4", "keep_ckpts=5"]
     assert run(["train", *tiny(tmp_path, small_text, "run_name=full", *extra)]) == 0

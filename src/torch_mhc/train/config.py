@@ -437,6 +437,21 @@ def resume_changes(old: TrainConfig, new: TrainConfig) -> dict[str, list]:
     return changes
 
 
+# Model settings that only some connections read: set on another, they do nothing (a comparison's base config
+# sets them for its mHC arms and its residual arm inherits them, so they are noted, not refused).
+STREAM_SETTINGS = ("n_streams", "dynamic", "learn", "merge", "recompute", "recompute_every")  # n > 1: hc and mhc
+MHC_SETTINGS = ("sinkhorn_iters", "mhc_eps", "alpha_init", "bias_init", "identity_gap", "phi_init_std", "variant",
+                "h_res", "batch_invariant")
+
+
+def ignored_model_settings(model: ModelConfig) -> list[str]:
+    """``model.KEY=value`` for each setting that differs from its default and that ``model.connection`` does not
+    read (the residual network reads neither group above, HC not the mHC group)."""
+    names = {"residual": STREAM_SETTINGS + MHC_SETTINGS, "hc": MHC_SETTINGS}.get(model.connection, ())
+    default = ModelConfig()
+    return [f"model.{k}={getattr(model, k)!r}" for k in names if getattr(model, k) != getattr(default, k)]
+
+
 GIB = 2**30
 
 

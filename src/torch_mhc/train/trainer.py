@@ -39,6 +39,7 @@ from torch_mhc.train.config import (
     build_config,
     check_memory,
     config_from_dict,
+    ignored_model_settings,
     resume_changes,
 )
 from torch_mhc.train.data import (
@@ -410,6 +411,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume_state: dict | None = None, log
     n_params = model.num_params()
     log(f"model: {cfg.model.connection} (n={cfg.model.streams}), {n_params / 1e6:.2f}M parameters, device {device}"
         f"{', bf16 autocast' if t.autocast_dtype else ''}; {cfg.steps} steps of {tokens_per_step} tokens")
+    ignored = ignored_model_settings(cfg.model)
+    if ignored:
+        log(f"note: connection={cfg.model.connection} does not read {', '.join(ignored)}: no effect on this run")
 
     bar = None
     if sys.stderr.isatty() and main:
