@@ -20,8 +20,9 @@ def depth_points(compare_dirs: list[str | Path]) -> dict[str, list[dict]]:
     """Arm -> one point per depth, by sublayers (2 x ``model.n_layers`` of the comparison's base config):
     ``sublayers``, ``gap`` (the gap to residual at the arm's selected lr, its statistics recomputed from
     ``per_seed`` with :func:`stats.paired_gap`; None for the residual arm), ``max_composite_fwd_gain`` (the
-    largest over the arm's finished runs at its selected lr) and ``source`` (the directory). Where two
-    directories hold the same arm at the same depth, the first listed is kept."""
+    largest over the arm's finished runs at its selected lr), ``stack_from_uniform`` (those runs' whole-stack
+    ``prod H_res`` distances from J/n at the end; None where the summary has none) and ``source`` (the
+    directory). Where two directories hold the same arm at the same depth, the first listed is kept."""
     points: dict[str, dict[int, dict]] = {}
     for d in map(Path, compare_dirs):
         try:
@@ -37,18 +38,22 @@ def depth_points(compare_dirs: list[str | Path]) -> dict[str, list[dict]]:
             if gap is not None:  # summaries written before the t statistics hold mean, sd and per_seed only
                 gap = {**stats.paired_t(list(gap["per_seed"].values())), "per_seed": gap["per_seed"],
                        "seeds": len(gap["per_seed"])}
-            gains = [r.get("max_composite_fwd_gain") for r in summary["runs"]
-                     if r["arm"] == arm and r["lr"] == a["selected_lr"] and r["status"] == "finished"]
-            gains = [g for g in gains if g is not None]
+            runs = [r for r in summary["runs"]
+                    if r["arm"] == arm and r["lr"] == a["selected_lr"] and r["status"] == "finished"]
+            gains = [r["max_composite_fwd_gain"] for r in runs if r.get("max_composite_fwd_gain") is not None]
+            stack = [r["stack_from_uniform"] for r in runs if r.get("stack_from_uniform") is not None]
             points.setdefault(arm, {})[sublayers] = {"sublayers": sublayers, "gap": gap, "source": str(d),
-                                                      "max_composite_fwd_gain": max(gains) if gains else None}
+                                                      "max_composite_fwd_gain": max(gains) if gains else None,
+                                                      "stack_from_uniform": stack or None}
     return {arm: [p[k] for k in sorted(p)] for arm, p in points.items()}
 
 
 def plot_depth(points: dict[str, list[dict]], out: str | Path, title: str = "") -> Path:
     """Two panels against sublayers (log scale): each arm's gap to residual (mean, 95% interval as error bars;
-    seeds per point in the legend) and its largest composite forward gain (log scale over a decade or more)."""
-    fig, (ax_gap, ax_gain) = plt.subplots(1, 2, figsize=(12, 4.8))
+    seeds per point in the legend), its largest composite forward gain (log scale over a decade or more) and,
+    where the summaries have it, the whole stack's composite distance from J/n (mean and range over seeds):
+    does ``prod H_res`` collapse towards averaging the streams as depth grows?"""
+    fig, (ax_gap, ax_gain, ax_stack) = plt.subplots(1, 3, figsize=(17, 4.8))
     for i, (arm, pts) in enumerate(points.items()):
         color = plt.get_cmap("tab10")(i % 10)
         with_gap = [p for p in pts if p["gap"] and p["gap"]["mean"] is not None]
@@ -64,6 +69,13 @@ def plot_depth(points: dict[str, list[dict]], out: str | Path, title: str = "") 
         if with_gain:
             ax_gain.plot([p["sublayers"] for p in with_gain], [p["max_composite_fwd_gain"] for p in with_gain],
                          marker="o", color=color, label=arm)
+        with_stack = [p for p in pts if p.get("stack_from_uniform")]
+        if with_stack:
+            xs = [p["sublayers"] for p in with_stack]
+            means = [sum(p["stack_from_uniform"]) / len(p["stack_from_uniform"]) for p in with_stack]
+            err = [[m - min(p["stack_from_uniform"]) for m, p in zip(means, with_stack)],
+                   [max(p["stack_from_uniform"]) - m for m, p in zip(means, with_stack)]]
+            ax_stack.errorbar(xs, means, yerr=err, marker="o", capsize=4, color=color, label=arm)
     ax_gap.axhline(0.0, color="black", lw=0.8)
     ax_gap.set_title("test-loss gap to residual (mean, paired t 95% interval)")
     ax_gap.set_ylabel("gap (nats/token; < 0: better than residual)")
@@ -71,7 +83,10 @@ def plot_depth(points: dict[str, list[dict]], out: str | Path, title: str = "") 
     depths = sorted({p["sublayers"] for pts in points.values() for p in pts})
     value_scale(ax_gain, gains)  # log only over a decade or more: a narrow log axis labels ticks "1 x 10^0"
     ax_gain.set_title("largest composite forward gain (worst seed)")
-    for ax in (ax_gap, ax_gain):
+    ax_stack.set_title("||prod H_res - J/n||_2 over the whole stack (mean, range)", fontsize=10)
+    ax_stack.set_ylabel("1: no mixing; 0: streams averaged into one")
+    value_scale(ax_stack, [v for pts in points.values() for p in pts for v in p.get("stack_from_uniform") or []])
+    for ax in (ax_gap, ax_gain, ax_stack):
         ax.set_xscale("log", base=2)
         plain_ticks(ax)
         ax.set_xticks(depths, [str(d) for d in depths])  # the depths run, not powers of two
