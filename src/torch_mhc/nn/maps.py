@@ -136,6 +136,9 @@ class IdentityMap(HResMap):
         eye = torch.eye(self.n, dtype=logits.dtype, device=logits.device)
         return eye.expand(*logits.shape[:-1], self.n, self.n)
 
+    def kernel_spec(self):
+        return ("identity",) if self._owns_h_res(IdentityMap) else None
+
 
 def _one_hot_logits(k: int, hot: int, gap: float) -> torch.Tensor:
     """``[k]``: +g/2 at ``hot``, -g/2 elsewhere (the identity-like start of a softmax over k choices)."""
@@ -184,6 +187,9 @@ class PermutationMixtureMap(HResMap):
         w = torch.softmax(logits, dim=-1)
         return (w @ _permutation_table(self.n, logits.device, logits.dtype)).unflatten(-1, (self.n, self.n))
 
+    def kernel_spec(self):  # on chip: the softmax and the n! permutations in the epilogue kernels
+        return ("mixture", (("permutation", self.n),)) if self._owns_h_res(PermutationMixtureMap) else None
+
     def init_logits(self, bias_init, gap):
         if bias_init != "identity":
             return super().init_logits(bias_init, gap)
@@ -203,6 +209,9 @@ class CirculantMap(HResMap):
         w = torch.softmax(logits, dim=-1)
         i = torch.arange(self.n, device=logits.device)
         return w[..., (i[None, :] - i[:, None]) % self.n]
+
+    def kernel_spec(self):               # on chip: a softmax over the n cyclic shifts (None: run h_res on the logits)
+        return ("mixture", (("shift", self.n),)) if self._owns_h_res(CirculantMap) else None
 
     def init_logits(self, bias_init, gap):  # the res bias at init [k]; default zeros (uniform start)
         return _one_hot_logits(self.n, 0, gap) if bias_init == "identity" else super().init_logits(bias_init, gap)
@@ -268,6 +277,14 @@ class KroneckerMap(HResMap):
 
     def init_logits(self, bias_init, gap):
         return torch.cat([m.init_logits(bias_init, gap) for m in self.maps])
+
+    def kernel_spec(self):
+        """Permutation-mixture factors: on chip (each factor's softmax and permutations, their product in the
+        Kronecker layout). Sinkhorn factors run through the logits path: the kernels' Sinkhorn normalises whole
+        n x n blocks, not a factor's sub-blocks."""
+        if self.factor != "permutation-mixture" or not self._owns_h_res(KroneckerMap):
+            return None
+        return ("mixture", tuple(("permutation", f) for f in self.factors))
 
     def __repr__(self):
         return f"KroneckerMap(n={self.n}, factors={self.factors}, factor={self.factor!r})"

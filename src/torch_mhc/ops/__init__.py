@@ -76,9 +76,11 @@ def _require_fused_streams(n: int, what: str) -> None:
 
 
 def kernel_spec(h_res, iters: int, variant: str) -> tuple:
-    """What the epilogue kernels compute for the res part: ("sinkhorn", iters, softmax start, transposed) on chip,
-    or ("logits", k): the k res logits handed out, the map's own ``h_res`` run on them in PyTorch between the
-    two kernels (any map the kernels do not know, a user's map included). ``h_res``: an
+    """What the epilogue kernels compute for the res part: on chip ("sinkhorn", iters, softmax start, transposed),
+    ("identity",) or ("mixture", ((kind, size), ...)) (circulant, permutation mixture, Kronecker of permutation
+    mixtures: see ``ops.coefficients.Epilogue``), or ("logits", k): the k res logits handed out, the map's own
+    ``h_res`` run on them in PyTorch between the two kernels (any map the kernels do not know, a user's map or a
+    built-in whose ``h_res`` a subclass overrides included). ``h_res``: an
     :class:`torch_mhc.nn.maps.HResMap` (duck-typed: ``kernel_spec()``, ``logit_count()``, called on the logits),
     or None for the Sinkhorn that ``iters`` and ``variant`` name."""
     if h_res is None:

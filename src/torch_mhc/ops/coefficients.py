@@ -5,15 +5,18 @@ kernels:
   1. ``_gemm_fwd``: one pass over x computes ``raw = x @ phi`` (fp32 products for fp32
      streams, tf32 tensor cores for bf16/fp16, fp32 accumulation; see :func:`dot_precision`)
      and the sum of squares, giving ``inv_rms``;
-  2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and Sinkhorn-Knopp
-     on each token's n x n block in registers; for any other map (:class:`Epilogue`, ``RES = 1``) the k res logits,
-     on which the map's own PyTorch forward runs (its gradient comes back into ``_epilogue_bwd``).
+  2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and H_res on chip: Sinkhorn-Knopp
+     on each token's n x n block in registers, I (identity map), or the closed form of a softmax-weighted mixture
+     of fixed patterns (circulant, permutation mixture, Kronecker products of permutation mixtures: ``MIX``); for a
+     map the kernels do not know (:class:`Epilogue`, ``RES_LOGITS``) the k res logits, on which the map's own
+     PyTorch forward runs (its gradient comes back into ``_epilogue_bwd``).
 Backward, two kernels:
   1. ``_epilogue_bwd``: sigmoid derivatives and the Sinkhorn backward in O(iters): the forward is
      recomputed once, keeping each step's n-vector of column/row sums in registers (the only thing a step
      needs to be undone: its input is its output times those sums), then swept back; it also applies the
      alpha/inv_rms chain rule (``draw``, the per-token RMS coefficient) and writes per-program partial
-     sums for the bias and alpha gradients (reduced in a fixed order: deterministic, no atomics);
+     sums for the bias and alpha gradients (reduced in a fixed order: deterministic, no atomics); a mixture's
+     backward is its patterns' inner products with dH_res and the softmax VJP;
   2. ``_gemm_bwd``: one pass over x gives both ``dx = draw @ phi^T + c * x`` and partial ``dphi = x^T draw``.
 No host syncs: every size is a Python int known from the shapes.
 Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it.
@@ -21,6 +24,9 @@ Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -135,14 +141,127 @@ def _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N: tl.
     return raw_res, L, j, jm
 
 
+# What the epilogue computes for the res part (constexpr RES): Sinkhorn on chip; the k res logits handed out (a map
+# the kernels do not know runs on them in PyTorch); H_res = I; a softmax-weighted mixture of fixed 0/1 patterns in
+# closed form (circulant, permutation mixture, Kronecker products of permutation mixtures; MIX below).
+RES_SINKHORN = tl.constexpr(0)
+RES_LOGITS = tl.constexpr(1)
+RES_IDENTITY = tl.constexpr(2)
+RES_MIXTURE = tl.constexpr(3)
+# Pattern kinds of a mixture factor of size f: "shift" (the f cyclic shifts, pattern s: row r -> column (r + s) mod f;
+# the circulant) and "permutation" (the f! permutations in lexicographic order, identity first: the permutation
+# mixture). A mixture is the Kronecker product of its factors (H = H_1 (x) H_2 (x) ...), each factor the softmax
+# of its own slice of the logits weighting its patterns: H_f = sum_p softmax(L_f)_p P_p.
+MIX_KINDS = ("shift", "permutation")
+
+
+@functools.cache
+def _permutations(f: int) -> tuple[tuple[int, ...], ...]:
+    return tuple(itertools.permutations(range(f)))
+
+
+def pattern_count(kind: str, f: int) -> int:
+    """How many patterns (logits) a mixture factor of ``kind`` and size f has: f shifts or f! permutations."""
+    return f if kind == "shift" else math.factorial(f)
+
+
+@triton.constexpr_function
+def _pattern_column(kind, f, p, r):
+    """The column (0..f-1) that row r of pattern p of a factor sends to."""
+    return (r + p) % f if kind == "shift" else _permutations(f)[p][r]
+
+
+@triton.jit
+def _pattern(i, KIND: tl.constexpr, F: tl.constexpr, STRIDE: tl.constexpr, P: tl.constexpr):
+    """[N, N] bool: where pattern P of a factor of size F is 1 in the full n x n layout (rows and columns i = 0..n-1;
+    the factor's own index of i is (i // STRIDE) mod F: the Kronecker layout)."""
+    a = (i // STRIDE) % F
+    target = tl.zeros_like(a)
+    for r in tl.static_range(F):
+        target = tl.where(a == r, _pattern_column(KIND, F, P, r), target)
+    return target[:, None] == ((i // STRIDE) % F)[None, :]
+
+
+@triton.jit
+def _logit_column(t, j, c: tl.constexpr):
+    """Column c of a [BT, BKR] tile as [BT] (exact: a sum of zeros and that entry)."""
+    return tl.sum(tl.where(j[None, :] == c, t, 0.0), axis=1)
+
+
+@triton.jit
+def _factor_softmax(L, j, OFF: tl.constexpr, COUNT: tl.constexpr):
+    """[BT, BKR]: softmax over the logit columns [OFF, OFF + COUNT) of L (one factor's), 0 elsewhere."""
+    inside = (j >= OFF) & (j < OFF + COUNT)
+    Lf = tl.where(inside[None, :], L, -float("inf"))
+    e = tl.exp(Lf - tl.max(Lf, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _factor_matrix(w, j, i, FACTOR: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
+    """One factor's H_f [BT, N, N] in the full layout: sum_p w_p P_p over its patterns (w: its softmax weights, in
+    columns FACTOR[4] + p of the [BT, BKR] tile). FACTOR = (kind, size, patterns, stride, first logit column)."""
+    h = tl.zeros((BT, N, N), dtype=tl.float32)
+    for p in tl.static_range(FACTOR[2]):
+        h += tl.where(_pattern(i, FACTOR[0], FACTOR[1], FACTOR[3], p)[None, :, :],
+                      _logit_column(w, j, FACTOR[4] + p)[:, None, None], 0.0)
+    return h
+
+
+@triton.jit
+def _mixture_factors(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
+    """Each factor's softmax weights [BT, BKR] and matrix H_f [BT, N, N] (two tuples, one entry per factor)."""
+    i = tl.arange(0, N)
+    ws = ()
+    hs = ()
+    for f in tl.static_range(len(MIX)):
+        w = _factor_softmax(L, j, MIX[f][4], MIX[f][2])
+        ws = ws + (w,)
+        hs = hs + (_factor_matrix(w, j, i, MIX[f], BT, N),)
+    return ws, hs
+
+
+@triton.jit
+def _mixture_fwd(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
+    """H_res [BT, N, N] of a mixture from its logits L [BT, BKR]: the product of its factors in the full layout."""
+    _, hs = _mixture_factors(L, j, MIX, BT, N)
+    h = hs[0]
+    for f in tl.static_range(1, len(MIX)):
+        h = h * hs[f]
+    return h
+
+
+@triton.jit
+def _mixture_bwd(L, j, dh, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
+    """dL [BT, BKR] from dH_res [BT, N, N]: for each factor, G = dH * (the other factors), c_p = <G, P_p> (dH_f
+    summed over the other factors' indices, read through pattern p), and softmax's VJP w * (c - <w, c>)."""
+    i = tl.arange(0, N)
+    ws, hs = _mixture_factors(L, j, MIX, BT, N)
+    dL = tl.zeros_like(L)
+    for f in tl.static_range(len(MIX)):
+        g = dh
+        for q in tl.static_range(len(MIX)):
+            if q != f:
+                g = g * hs[q]
+        c = tl.zeros_like(L)
+        for p in tl.static_range(MIX[f][2]):
+            on = _pattern(i, MIX[f][0], MIX[f][1], MIX[f][3], p)[None, :, :]
+            cp = tl.sum(tl.sum(tl.where(on, g, 0.0), axis=2), axis=1)
+            c += tl.where(j[None, :] == MIX[f][4] + p, cp[:, None], 0.0)
+        w = ws[f]
+        dL += w * (c - tl.sum(w * c, axis=1)[:, None])
+    return dL
+
+
 @triton.jit(do_not_specialize=["T", "PAIRS"])
 def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, T, M, PAIRS, eps,
                   N: tl.constexpr, PRE_EPS: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr,
                   TRANSPOSE: tl.constexpr, KR: tl.constexpr, BKR: tl.constexpr, BT: tl.constexpr,
-                  SAFE_MAX: tl.constexpr):
-    """Gates (sigmoid, 2 sigmoid; PRE_EPS: + eps on H_pre, V4) and the res part. RES = 0: Sinkhorn on chip, H_res
-    [T, N, N] (SOFTMAX: V4's start, then one row normalisation; then PAIRS x (columns, rows)); RES = 1: the KR res
-    logits [T, KR] for a map that runs outside the kernels."""
+                  SAFE_MAX: tl.constexpr, MIX: tl.constexpr):
+    """Gates (sigmoid, 2 sigmoid; PRE_EPS: + eps on H_pre, V4) and the res part. RES_SINKHORN: Sinkhorn on chip,
+    H_res [T, N, N] (SOFTMAX: V4's start, then one row normalisation; then PAIRS x (columns, rows)); RES_LOGITS: the
+    KR res logits [T, KR] for a map that runs outside the kernels (nothing for KR = 0); RES_IDENTITY: H_res = I;
+    RES_MIXTURE: H_res [T, N, N] of the mixture MIX (see :func:`_mixture_fwd`) from the KR logits."""
     rows64, rmask = token_block(T, BT)
     i = tl.arange(0, N)
     _, _, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
@@ -151,7 +270,7 @@ def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_
         pre += eps
     tl.store(pre_ptr + rows64[:, None] * N + i[None, :], pre, mask=rmask[:, None])
     tl.store(post_ptr + rows64[:, None] * N + i[None, :], 2.0 * tl.sigmoid(h_post), mask=rmask[:, None])
-    if RES == 0:
+    if RES == RES_SINKHORN:
         _, L, _ = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
         m = _sk_start(L, eps, SOFTMAX, SAFE_MAX)
         if SOFTMAX:
@@ -160,9 +279,16 @@ def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_
             m = m / _col_sums(m, eps)[:, None, :]
             m = m / _row_sums(m, eps)[:, :, None]
         tl.store(res_ptr + mat_offsets(rows64, N), m, mask=rmask[:, None, None])
+    elif RES == RES_IDENTITY:
+        eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
+        tl.store(res_ptr + mat_offsets(rows64, N), tl.broadcast_to(eye[None, :, :], (BT, N, N)),
+                 mask=rmask[:, None, None])
     elif KR > 0:
         _, L, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
-        tl.store(res_ptr + rows64[:, None] * KR + j[None, :], L, mask=rmask[:, None] & jm[None, :])
+        if RES == RES_MIXTURE:
+            tl.store(res_ptr + mat_offsets(rows64, N), _mixture_fwd(L, j, MIX, BT, N), mask=rmask[:, None, None])
+        else:
+            tl.store(res_ptr + rows64[:, None] * KR + j[None, :], L, mask=rmask[:, None] & jm[None, :])
 
 
 @triton.jit
@@ -226,10 +352,12 @@ def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.co
 def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dres_ptr, draw_ptr, coef_ptr,
                   dbias_ptr, dalpha_ptr, T, M, K, eps, PAIRS: tl.constexpr,
                   N: tl.constexpr, RES: tl.constexpr, SOFTMAX: tl.constexpr, TRANSPOSE: tl.constexpr,
-                  KR: tl.constexpr, BKR: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr):
-    """From the gradients of (H_pre, H_post, and H_res (RES = 0, Sinkhorn on chip) or the res logits [T, KR]
-    (RES = 1)): draw [T, M] = dL/draw, coef [T] (the RMS term of dx, per element of x), and this program's
-    partial sums of dbias [M] and dalpha [3]. Sinkhorn backward in O(steps), on chip (:func:`_sinkhorn_bwd`)."""
+                  KR: tl.constexpr, BKR: tl.constexpr, BT: tl.constexpr, SAFE_MAX: tl.constexpr,
+                  MIX: tl.constexpr):
+    """From the gradients of (H_pre, H_post, and H_res [T, N, N] (on chip: RES_SINKHORN, RES_IDENTITY, RES_MIXTURE)
+    or the res logits [T, KR] (RES_LOGITS)): draw [T, M] = dL/draw, coef [T] (the RMS term of dx, per element of
+    x), and this program's partial sums of dbias [M] and dalpha [3]. Sinkhorn backward in O(steps), on chip
+    (:func:`_sinkhorn_bwd`); a mixture's in closed form (:func:`_mixture_bwd`); H_res = I has no logits."""
     rows64, rmask = token_block(T, BT)
     i = tl.arange(0, N)
     raw_pre, raw_post, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
@@ -246,7 +374,7 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
     d_pre = tl.sum(dh_pre * raw_pre, axis=1)  # [BT]: sum over the group's columns of dh * raw
     d_post = tl.sum(dh_post * raw_post, axis=1)
     pid = tl.program_id(0).to(tl.int64)
-    if RES == 0:
+    if RES == RES_SINKHORN:
         raw_res, L, col = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
         dL = _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS, N, SOFTMAX, SAFE_MAX)
         tl.store(draw_ptr + rows64[:, None, None] * M + col, dL * a_res * inv[:, None, None],
@@ -257,14 +385,18 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
         else:
             col2 = 2 * N + i[:, None] * N + i[None, :]
         tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0))
-    elif KR > 0:
-        raw_res, _, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
-        dL = tl.load(dres_ptr + rows64[:, None] * KR + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0)
+    elif KR > 0:  # the logits path or a mixture: dL [BT, BKR], then as for any logits
+        raw_res, L, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
+        if RES == RES_MIXTURE:
+            dL = _mixture_bwd(L, j, tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0),
+                              MIX, BT, N)
+        else:
+            dL = tl.load(dres_ptr + rows64[:, None] * KR + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0)
         tl.store(draw_ptr + rows64[:, None] * M + 2 * N + j[None, :], dL * a_res * inv[:, None],
                  mask=rmask[:, None] & jm[None, :])
         d_res = tl.sum(dL * raw_res, axis=1)
         tl.store(dbias_ptr + pid * M + 2 * N + j, tl.sum(dL, axis=0), mask=jm)
-    else:  # no res logits (H_res = I)
+    else:  # no res logits (H_res = I, on chip or from the map)
         d_res = tl.zeros((BT,), dtype=tl.float32)
     coef = -(a_pre * d_pre + a_post * d_post + a_res * d_res) * inv * inv * inv / K
     tl.store(coef_ptr + rows64, coef, mask=rmask)
@@ -379,41 +511,70 @@ def _sinkhorn_pairs(iters: int, v4: bool) -> int:
 @dataclass(frozen=True)
 class Epilogue:
     """What the epilogue kernels compute for n streams besides the GEMM: the gates (``pre_eps``: H_pre + eps, V4)
-    and the res part: Sinkhorn on chip (``sinkhorn``: ``pairs`` (col, row) pairs after V4's ``softmax`` start and
-    its row step; ``transpose``: the logits are V4's comb) or, for any other map, the k res logits handed out (the
-    map runs in PyTorch between the two kernels). ``M = 2n + k`` columns of phi."""
+    and the res part (``res``): ``"sinkhorn"`` on chip (``pairs`` (col, row) pairs after V4's ``softmax`` start and
+    its row step; ``transpose``: the logits are V4's comb), ``"identity"`` (H_res = I, k = 0), ``"mixture"`` (the
+    closed form of ``mix``, ((kind, size), ...) factors: see ``MIX_KINDS``), or ``"logits"``: the k res logits
+    handed out (a map the kernels do not know runs in PyTorch between the two kernels). ``M = 2n + k`` columns of
+    phi."""
 
     n: int
     k: int
     pre_eps: bool = False
-    sinkhorn: bool = False
+    res: str = "logits"
     pairs: int = 0
     softmax: bool = False
     transpose: bool = False
+    mix: tuple = ()
 
     @property
     def M(self) -> int:
         return 2 * self.n + self.k
 
+    @property
+    def on_chip(self) -> bool:
+        """Whether the kernels hand out H_res [T, n, n] (else the res logits [T, k])."""
+        return self.res != "logits"
+
     def constexprs(self) -> dict:
-        return dict(N=self.n, RES=0 if self.sinkhorn else 1, SOFTMAX=self.softmax, TRANSPOSE=self.transpose,
-                    KR=self.k, BKR=triton.next_power_of_2(max(1, self.k)), SAFE_MAX=EXP_SAFE_MAX)
+        res = {"sinkhorn": RES_SINKHORN, "logits": RES_LOGITS, "identity": RES_IDENTITY, "mixture": RES_MIXTURE}
+        return dict(N=self.n, RES=res[self.res].value, SOFTMAX=self.softmax, TRANSPOSE=self.transpose, KR=self.k,
+                    BKR=triton.next_power_of_2(max(1, self.k)), SAFE_MAX=EXP_SAFE_MAX, MIX=self._mix_layout())
+
+    def _mix_layout(self) -> tuple:
+        """The kernels' MIX: (kind, size, patterns, stride, first logit column) per factor; the stride is the
+        product of the later factors' sizes (Kronecker layout: the first factor varies slowest)."""
+        out, stride, offset = [], self.n, 0
+        for kind, f in self.mix:
+            stride //= f
+            out.append((kind, f, pattern_count(kind, f), stride, offset))
+            offset += pattern_count(kind, f)
+        return tuple(out)
 
 
 def make_epilogue(n: int, spec: tuple, pre_eps: bool) -> Epilogue:
-    """``spec``: ("sinkhorn", iters, softmax start, transposed) or ("logits", k) (see ``ops.kernel_spec``)."""
+    """``spec`` (see ``ops.kernel_spec``): ("sinkhorn", iters, softmax start, transposed), ("identity",),
+    ("mixture", ((kind, size), ...)) (the factors' sizes multiply to n) or ("logits", k)."""
     if spec[0] == "sinkhorn":
         _, iters, softmax, transpose = spec
-        return Epilogue(n, n * n, pre_eps, True, _sinkhorn_pairs(iters, softmax), softmax, transpose)
+        return Epilogue(n, n * n, pre_eps, "sinkhorn", _sinkhorn_pairs(iters, softmax), softmax, transpose)
     if spec[0] == "logits":
         return Epilogue(n, spec[1], pre_eps)
+    if spec == ("identity",):
+        return Epilogue(n, 0, pre_eps, "identity")
+    if spec[0] == "mixture" and len(spec) == 2:
+        factors = tuple(tuple(f) for f in spec[1])
+        if (not factors or any(len(f) != 2 or f[0] not in MIX_KINDS or not isinstance(f[1], int) or f[1] < 1
+                               for f in factors) or math.prod(f[1] for f in factors) != n):
+            raise ValueError(f"epilogue spec {spec!r}: a mixture takes ((kind, size), ...) factors with kind in "
+                             f"{MIX_KINDS} and sizes >= 1 whose product is n = {n}")
+        return Epilogue(n, sum(pattern_count(*f) for f in factors), pre_eps, "mixture", mix=factors)
     raise ValueError(f"unknown epilogue spec {spec!r}")
 
 
 @on_tensors_device
 def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_inv=None, batch_invariant: bool = False):
-    """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], res, saved): fp32; res is H_res [T, n, n] (Sinkhorn on chip)
-    or the res logits [T, k] (``epi``); ``saved`` is what :func:`coefficients_backward` needs besides x2d and phi
+    """x2d [T, n*C] -> (H_pre [T, n], H_post [T, n], res, saved): fp32; res is H_res [T, n, n] (on chip) or the
+    res logits [T, k] (``epi.on_chip``); ``saved`` is what :func:`coefficients_backward` needs besides x2d and phi
     (fp32 bias and alpha, raw GEMM output, inv_rms). ``raw_inv``: (x2d @ phi [T, M], inv_rms [T]) already computed
     (by the previous sublayer's read-ahead post). ``batch_invariant``: no token-count-dependent split of K (see
     :func:`gemm_fwd_split`): each token's results are the same bits alone or in any batch."""
@@ -421,7 +582,7 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
     n, M = epi.n, epi.M
     dev = x2d.device
     bias32, alpha32 = bias.float().contiguous(), alpha.float().contiguous()
-    res_shape = (n, n) if epi.sinkhorn else (epi.k,)
+    res_shape = (n, n) if epi.on_chip else (epi.k,)
     if T == 0:  # an empty batch: nothing to launch (the grids below would be empty, the split choice divides by 0)
         raw, inv = raw_inv if raw_inv is not None else (x2d.new_empty(0, M, dtype=torch.float32),
                                                           x2d.new_empty(0, dtype=torch.float32))
@@ -470,7 +631,7 @@ def epilogue_backward(saved, epi: Epilogue, eps: float, K: int, dpre, dpost, dre
     dev = raw.device
     dpre = torch.zeros(T, n, device=dev) if dpre is None else dpre.float().contiguous()
     dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
-    res_shape = (n, n) if epi.sinkhorn else (epi.k,)
+    res_shape = (n, n) if epi.on_chip else (epi.k,)
     dres = torch.zeros(T, *res_shape, device=dev) if dres is None else dres.float().contiguous()
     bt_epi = EPI_BLOCK[n]
     n_epi = triton.cdiv(T, bt_epi)
@@ -526,7 +687,7 @@ def coefficients_backward(x2d, phi, saved, epi: Epilogue, eps: float, dpre, dpos
 
 class FusedCoefficients(torch.autograd.Function):
     """x2d [T, n*C], phi [n*C, M], bias [M], alpha [3] -> (H_pre [T, n], H_post [T, n], res): res is H_res
-    [T, n, n] (Sinkhorn on chip) or the res logits [T, k] (see :class:`Epilogue`)."""
+    [T, n, n] (on chip) or the res logits [T, k] (see :class:`Epilogue`)."""
 
     @staticmethod
     def forward(ctx, x2d, phi, bias, alpha, epi: Epilogue, eps: float, batch_invariant: bool = False):
@@ -555,5 +716,5 @@ def fused_mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spe
         x2d = x2d.contiguous()
     epi = make_epilogue(n, spec, variant == "deepseek-v4")
     pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, epi, eps, batch_invariant)
-    res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
+    res = res.view(*lead, n, n) if epi.on_chip else h_res(res.view(*lead, epi.k))
     return pre.view(*lead, n), post.view(*lead, n), res

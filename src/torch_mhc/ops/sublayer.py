@@ -150,7 +150,7 @@ class ReadAhead:
 
 class FusedSublayerPre(torch.autograd.Function):
     """x [T, n, C], phi, bias, alpha -> (y [T, C], H_pre [T, n], H_post [T, n], res, link [T, n, C]); res is
-    H_res [T, n, n] (Sinkhorn on chip) or the res logits [T, k] of a map that runs outside (``epi``)."""
+    H_res [T, n, n] (on chip) or the res logits [T, k] of a map that runs outside (``epi.on_chip``)."""
 
     @staticmethod
     def forward(ctx, x, phi, bias, alpha, epi, eps: float, raw_inv=None, chain=None, batch_invariant: bool = False):
@@ -266,7 +266,7 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: t
             chain = (h, _writer_node(x))
     epi = make_epilogue(n, spec, variant == "deepseek-v4")
     y, pre, post, res, link = FusedSublayerPre.apply(x3, phi, bias, alpha, epi, eps, raw_inv, chain, batch_invariant)
-    res = res.view(*lead, n, n) if epi.sinkhorn else h_res(res.view(*lead, epi.k))
+    res = res.view(*lead, n, n) if epi.on_chip else h_res(res.view(*lead, epi.k))
     return y.view(*lead, C), (pre.view(*lead, n), post.view(*lead, n), res), (x3, link)
 
 
