@@ -89,20 +89,26 @@ for fused in (True, False):
         assert fwd["other_ops"] == []
 
 
-def test_gate_traces_every_maps_logit_count():
-    """Every built-in H_res map that runs through the kernels' logits path has its k traced by the gate for every
-    fused n (a map added to nn/maps.py with a new k must be added to aot.MAP_LOGITS)."""
-    from torch_mhc.nn.maps import make_h_res
+def test_gate_traces_every_map():
+    """Every built-in H_res map has its kernels traced by the gate for every fused n: the on-chip spec of each map
+    computed on chip (aot.MAP_SPECS), the k of each one on the logits path (aot.MAP_LOGITS: Sinkhorn-factor
+    Kronecker); a map added to nn/maps.py must be added there."""
+    from torch_mhc.nn.maps import KroneckerMap, make_h_res
     from torch_mhc.numerics import H_RES_MAPS
-    from torch_mhc.ops import FUSED_STREAMS, aot
+    from torch_mhc.ops import FUSED_STREAMS, aot, kernel_spec
 
-    traced = {(c["n"], c.get("res_logits")) for c in aot.GATE_CASES}
+    traced = {(c["n"], c.get("res_logits"), c.get("res_spec")) for c in aot.GATE_CASES}
     for n in FUSED_STREAMS:
-        assert (n, None) in traced  # Sinkhorn on chip
-        for name in H_RES_MAPS:
+        assert (n, None, None) in traced  # Sinkhorn on chip
+        maps = [KroneckerMap(n, factor="sinkhorn")]
+        for name in (name for name in H_RES_MAPS if name != "sinkhorn"):  # Sinkhorn: checked above
             try:
-                m = make_h_res(name, n)
+                maps.append(make_h_res(name, n))
             except ValueError:  # permutation-mixture at n = 8
                 continue
-            if m.kernel_spec() is None:
-                assert m.logit_count() in aot.MAP_LOGITS[n] and (n, m.logit_count()) in traced, (name, n)
+        for m in maps:
+            spec = kernel_spec(m, 20, "paper")
+            if spec[0] == "logits":
+                assert m.logit_count() in aot.MAP_LOGITS[n] and (n, m.logit_count(), None) in traced, (m, n)
+            else:
+                assert spec in aot.MAP_SPECS[n] and (n, None, spec) in traced, (m, n)

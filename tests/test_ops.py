@@ -39,9 +39,10 @@ def tolerance(base: float, emulated: float) -> float:
     return base + 2 * emulated if CUDA else base
 
 
-def make_coeff_inputs(T, n, C, dtype, seed):
+def make_coeff_inputs(T, n, C, dtype, seed, k=None):
+    """x [T, n, C], phi [n*C, 2n+k], bias, alpha (k res logits; None: Sinkhorn's n^2)."""
     g = torch.Generator().manual_seed(seed)
-    M = 2 * n + n * n
+    M = 2 * n + (n * n if k is None else k)
     x = torch.randn(T, n, C, generator=g).to(dtype)
     phi = torch.randn(n * C, M, generator=g) / (n * C) ** 0.5 * 3
     bias = torch.randn(M, generator=g)
@@ -49,9 +50,9 @@ def make_coeff_inputs(T, n, C, dtype, seed):
     return [t.to(DEVICE).requires_grad_() for t in (x, phi, bias, alpha)]
 
 
-def coefficients_reference(inputs, iters, variant, grad_seed):
+def coefficients_reference(inputs, iters, variant, grad_seed, h_res=None):
     """-> (a function computing the float64 reference's outputs and input gradients (random output gradients) as a
-    list, the output gradients)."""
+    list, the output gradients). ``h_res``: the H_res map (None: the variant's Sinkhorn)."""
     x, phi, bias, alpha = inputs
     gen = torch.Generator().manual_seed(grad_seed)
     n = x.shape[-2]
@@ -60,20 +61,21 @@ def coefficients_reference(inputs, iters, variant, grad_seed):
 
     def reference():
         ref = Fm.mhc_coefficients(x.double(), phi.double(), bias.double(), alpha.double(), iters=iters, eps=1e-6,
-                                  variant=variant)
-        return [*ref, *torch.autograd.grad(ref, (x, phi, bias, alpha), grads)]
+                                  variant=variant, h_res=h_res)
+        outs, out_grads = zip(*[(r, g) for r, g in zip(ref, grads) if r.requires_grad])  # H_res = I: no graph
+        return [*ref, *torch.autograd.grad(outs, (x, phi, bias, alpha), out_grads)]
 
     return reference, grads
 
 
-def check_coefficients(inputs, iters, variant, grad_seed):
+def check_coefficients(inputs, iters, variant, grad_seed, h_res=None):
     """Fused coefficients and their gradients (random output gradients) against the float64 reference, with
-    tolerances from the emulated dot precision on CUDA (see :func:`tolerance`)."""
+    tolerances from the emulated dot precision on CUDA (see :func:`tolerance`). ``h_res``: the H_res map."""
     x, phi, bias, alpha = inputs
-    reference, grads = coefficients_reference(inputs, iters, variant, grad_seed)
+    reference, grads = coefficients_reference(inputs, iters, variant, grad_seed, h_res)
     ref = reference()
     emulated = emulated_errors(reference, dot_precision(x.dtype))
-    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant)
+    got = ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=1e-6, variant=variant, h_res=h_res)
     for a, b, e in zip(got, ref[:3], emulated):
         assert a.dtype == torch.float32
         assert rel_err(a, b) < tolerance(COEFF_TOL, e)

@@ -120,15 +120,16 @@ class LaunchRecorder:
 
 
 class GateMap:
-    """A stand-in H_res map with k res logits that the kernels do not compute on chip (``kernel_spec`` None): the
-    epilogue hands out the logits and this runs on them (a circulant of their softmax, k >= 1; I for k = 0). The
-    kernels see only k (ops/ may not import nn/maps.py): the gate traces each k a built-in map takes."""
+    """A stand-in H_res map with k res logits. ``spec`` None: the kernels do not compute it on chip, the epilogue
+    hands out the logits and this runs on them (a circulant of their softmax, k >= 1; I for k = 0); otherwise the
+    on-chip spec of a built-in map (:data:`MAP_SPECS`), computed by the epilogue. The kernels see only k and the
+    spec (ops/ may not import nn/maps.py): the gate traces each k and each spec a built-in map takes."""
 
-    def __init__(self, n: int, k: int):
-        self.n, self.k = n, k
+    def __init__(self, n: int, k: int, spec: tuple | None = None):
+        self.n, self.k, self.spec = n, k, spec
 
     def kernel_spec(self):
-        return None
+        return self.spec
 
     def logit_count(self) -> int:
         return self.k
@@ -142,9 +143,20 @@ class GateMap:
         return w[..., (i[None, :] - i[:, None]) % n]
 
 
-# k of every built-in map the kernels run through the logits path, per n: identity (0), circulant (n),
-# permutation-mixture (n!, n <= 4 fused), kronecker (n = 8: permutation mixtures of 4 and 2, 24 + 2).
-MAP_LOGITS = {1: (0, 1), 2: (0, 2), 4: (0, 4, 24), 8: (0, 8, 26)}
+# k traced through the logits path (a user's map; Kronecker of Sinkhorn factors: 2^2 + 2^2 = 8 at n = 4, 4^2 + 2^2 = 20
+# at n = 8), per n: 0, n, 24 and 26 as the on-chip maps' widths, and the Sinkhorn-factor Kronecker's.
+MAP_LOGITS = {1: (0, 1), 2: (0, 2, 4), 4: (0, 4, 8, 24), 8: (0, 8, 20, 26)}
+# The on-chip spec of every built-in map other than Sinkhorn (ops.kernel_spec), per n: identity, circulant,
+# permutation-mixture (n <= 4 fused; at n = 1, 2 also the default Kronecker), the default Kronecker (n = 4: 2 x 2,
+# n = 8: 4 x 2) and n = 8 as 2 x 2 x 2 (three factors).
+MAP_SPECS = {
+    n: (("identity",), ("mixture", (("shift", n),)))
+    + ((("mixture", (("permutation", n),)),) if n <= 4 else ())
+    + {4: (("mixture", (("permutation", 2), ("permutation", 2))),),
+       8: (("mixture", (("permutation", 4), ("permutation", 2))),
+           ("mixture", (("permutation", 2),) * 3))}.get(n, ())
+    for n in (1, 2, 4, 8)
+}
 
 
 def sublayer_inputs(n: int, C: int, T: int, dtype: torch.dtype, k: int | None = None) -> list[torch.Tensor]:
@@ -195,13 +207,16 @@ def chain(x, layers: list, variant: str, iters: int, chain_backward: bool = True
 
 
 def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters: int, fused: bool = True,
-                 f_dtype=None, res_logits: int | None = None) -> None:
+                 f_dtype=None, res_logits: int | None = None, res_spec: tuple | None = None) -> None:
     """Forward and backward of :func:`sublayer_forward` on fresh inputs; fused: also two chained sublayers (the
     first runs the coefficient GEMM; the second's read takes the first post's read-ahead and leaves its state
     gradient to the first post's chained backward). ``res_logits``: k of a map run outside the kernels
-    (:class:`GateMap`); None: Sinkhorn on chip."""
-    k = res_logits
-    h_res = None if k is None else GateMap(n, k)
+    (:class:`GateMap`); ``res_spec``: a built-in map's on-chip spec (:data:`MAP_SPECS`); neither: Sinkhorn on
+    chip."""
+    from torch_mhc.ops.coefficients import make_epilogue
+
+    k = make_epilogue(n, res_spec, False).k if res_spec is not None else res_logits
+    h_res = None if k is None else GateMap(n, k, res_spec)
     x, phi, bias, alpha = sublayer_inputs(n, C, T, dtype, k)
     out = sublayer_forward(x, phi, bias, alpha, variant, iters, fused, f_dtype, h_res)
     out.backward(torch.ones_like(out))
@@ -273,6 +288,18 @@ def _count_ops(forward, n: int, C: int, T: int, dtype, k: int) -> dict:
     return result
 
 
+# The built-in maps computed on chip (MAP_SPECS): each spec for its n, fp32 and bf16 streams, fused and separate, with
+# both gate layouts (V4: H_pre + eps) at C = 24 and the read-ahead's large token count for the paper's.
+MAP_SPEC_CASES = [
+    dict(n=n, C=C, T=T, dtype=dtype, variant=variant, iters=20, fused=fused, res_spec=spec)
+    for n, specs in MAP_SPECS.items()
+    for spec in specs
+    for variant, C, T in (("paper", 24, 48), ("deepseek-v4", 24, 48), ("paper", 1024, 48), ("paper", 16, 8448))
+    for dtype in (torch.float32, torch.bfloat16)
+    for fused in (True, False)
+    if fused or T == 48
+]
+
 # What the gate covers: every n, C small/large and 16-aligned or not (C and n*C specialise the
 # loads), every stream dtype, both variants, Sinkhorn with one and with many iterations, and token
 # counts of 1 (specialised by the JIT as a constant) and more.
@@ -296,7 +323,7 @@ GATE_CASES = [
     for C, T in ((24, 48), (1024, 48), (16, 8448))
     for fused in (True, False)
     if fused or T == 48
-] + [  # the other H_res maps (the epilogue hands out their k res logits; GEMM widths 2n + k)
+] + [  # maps on the logits path (the epilogue hands out their k res logits; GEMM widths 2n + k)
     dict(n=n, C=C, T=T, dtype=dtype, variant="paper", iters=20, fused=fused, res_logits=k)
     for n, ks in MAP_LOGITS.items()
     for k in ks
@@ -304,7 +331,7 @@ GATE_CASES = [
     for dtype in (torch.float32, torch.bfloat16)
     for fused in (True, False)
     if fused or T == 48
-]
+] + MAP_SPEC_CASES
 
 
 def trace(cases=GATE_CASES) -> list[Launch]:
@@ -385,9 +412,11 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if any configuration fails the gate")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    p.add_argument("--maps", action="store_true", help="only the cases of the maps computed on chip (MAP_SPEC_CASES)")
     args = p.parse_args(argv)
+    cases = MAP_SPEC_CASES if args.maps else GATE_CASES
     t0 = time.time()
-    launches = trace()
+    launches = trace(cases)
     t1 = time.time()
     results = compile_all(launches, tuple(args.targets), args.workers)
     t2 = time.time()
@@ -400,7 +429,7 @@ def main(argv=None) -> int:
             failures += bool(bad)
             cells.append(f"{t}: " + ("; ".join(bad) if bad else f"{u['regs']} regs"))
         print(f"{launch.describe():<90} {' | '.join(cells)}")
-    print(f"{len(launches)} configurations from {len(GATE_CASES)} traced cases ({t1 - t0:.1f} s), "
+    print(f"{len(launches)} configurations from {len(cases)} traced cases ({t1 - t0:.1f} s), "
           f"{len(results)} compiles ({t2 - t1:.1f} s), {failures} failing")
     return 1 if args.check and failures else 0
 

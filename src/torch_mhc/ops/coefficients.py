@@ -24,7 +24,6 @@ Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -155,11 +154,6 @@ RES_MIXTURE = tl.constexpr(3)
 MIX_KINDS = ("shift", "permutation")
 
 
-@functools.cache
-def _permutations(f: int) -> tuple[tuple[int, ...], ...]:
-    return tuple(itertools.permutations(range(f)))
-
-
 def pattern_count(kind: str, f: int) -> int:
     """How many patterns (logits) a mixture factor of ``kind`` and size f has: f shifts or f! permutations."""
     return f if kind == "shift" else math.factorial(f)
@@ -167,8 +161,9 @@ def pattern_count(kind: str, f: int) -> int:
 
 @triton.constexpr_function
 def _pattern_column(kind, f, p, r):
-    """The column (0..f-1) that row r of pattern p of a factor sends to."""
-    return (r + p) % f if kind == "shift" else _permutations(f)[p][r]
+    """The column (0..f-1) that row r of pattern p of a factor sends to (at compile time; the JIT's dependency
+    hashing takes no cached helper here)."""
+    return (r + p) % f if kind == "shift" else list(itertools.permutations(range(f)))[p][r]
 
 
 @triton.jit
