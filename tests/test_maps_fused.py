@@ -64,8 +64,9 @@ def test_bad_epilogue_specs_are_refused():
             make_epilogue(4, spec, False)
 
 
-@pytest.mark.parametrize("n, which", [(n, i) for n in FUSED_STREAMS for i in range(len(on_chip_maps(n)))])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n, which", [pytest.param(n, i, id=repr(m)) for n in FUSED_STREAMS
+                                      for i, m in enumerate(on_chip_maps(n))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_on_chip_coefficients_equal_float64_reference(n, which, dtype):
     """H_pre, H_post, H_res and the gradients of x, phi, bias and alpha (random output gradients) against the
     float64 reference path on fresh inputs (37 tokens: not a multiple of the epilogue's token block); the paper's
