@@ -376,7 +376,7 @@ def test_chained_backward_sums_the_state_gradient_in_the_post(monkeypatch, n, us
 
 @pytest.mark.parametrize("h_res", ["identity", "circulant", "permutation-mixture", "kronecker"])
 def test_other_maps_share_the_read_ahead_and_the_chained_backward(monkeypatch, h_res):
-    """A map other than Sinkhorn runs between the two fused kernels on the res logits, and the sublayer keeps the
+    """With a map other than Sinkhorn (computed on chip; its own GEMM width 2n + k) the sublayer keeps the
     read-ahead (one forward GEMM for three chained sublayers) and the chained backward (two chained posts, their
     readers' GEMM backward without dx); gradients equal the float64 reference path's."""
     from torch_mhc.ops import coefficients, streams

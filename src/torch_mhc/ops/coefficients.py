@@ -174,7 +174,7 @@ def _pattern(i, KIND: tl.constexpr, F: tl.constexpr, STRIDE: tl.constexpr, P: tl
     target = tl.zeros_like(a)
     for r in tl.static_range(F):
         target = tl.where(a == r, _pattern_column(KIND, F, P, r), target)
-    return target[:, None] == ((i // STRIDE) % F)[None, :]
+    return target[:, None] == a[None, :]
 
 
 @triton.jit
