@@ -72,23 +72,35 @@ def mhc_coefficients(
         with no_autocast(x):
             return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
                                               h_res=h_res, batch_invariant=batch_invariant)
-    cdt = compute_dtype(x.dtype)
     with no_autocast(x):
         if dynamic:
-            xf = x.flatten(-2).to(cdt)
-            inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
-            k = phi.shape[-1] - 2 * n
-            scale = alpha.to(cdt).index_select(0, alpha_columns(n, alpha.device, None if k == n * n else k))
-            h = (xf @ phi.to(cdt)) * inv_rms * scale + bias.to(cdt)
+            h = mhc_logits(x, phi, bias, alpha, eps)[0]
         else:
-            h = bias.to(cdt).expand(*x.shape[:-2], bias.shape[-1])
+            h = bias.to(compute_dtype(x.dtype)).expand(*x.shape[:-2], bias.shape[-1])
         check_finite(h, "the mHC coefficients (check the streams and parameters)")
-        h_pre = torch.sigmoid(h[..., :n])
-        h_post = 2.0 * torch.sigmoid(h[..., n : 2 * n])
-        if variant == "deepseek-v4":  # V4: eps on H_pre
-            h_pre = h_pre + eps
-        out = h_res(h[..., 2 * n :])
-    return h_pre, h_post, out
+        return mhc_gates(h, n, eps, variant, h_res)
+
+
+def mhc_logits(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor, eps: float):
+    """The dynamic coefficient logits: x ``[..., n, C]`` -> (h ``[..., 2n + k]``, raw = x phi ``[..., 2n + k]``,
+    inv_rms ``[..., 1]``) in the compute dtype, ``h = raw * inv_rms * alpha + bias`` (alpha per column group)."""
+    n, cdt = x.shape[-2], compute_dtype(x.dtype)
+    xf = x.flatten(-2).to(cdt)
+    inv_rms = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+    k = phi.shape[-1] - 2 * n
+    scale = alpha.to(cdt).index_select(0, alpha_columns(n, alpha.device, None if k == n * n else k))
+    raw = xf @ phi.to(cdt)
+    return raw * inv_rms * scale + bias.to(cdt), raw, inv_rms
+
+
+def mhc_gates(h: torch.Tensor, n: int, eps: float, variant: str, h_res) -> tuple:
+    """Logits h ``[..., 2n + k]`` -> (H_pre ``[..., n]``, H_post ``[..., n]``, ``h_res`` of the k res logits):
+    sigmoid (V4: + eps), 2 sigmoid, the map."""
+    h_pre = torch.sigmoid(h[..., :n])
+    h_post = 2.0 * torch.sigmoid(h[..., n : 2 * n])
+    if variant == "deepseek-v4":  # V4: eps on H_pre
+        h_pre = h_pre + eps
+    return h_pre, h_post, h_res(h[..., 2 * n :])
 
 
 def mhc_sublayer_pre(
@@ -151,6 +163,11 @@ def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """Sublayer input ``sum_i H_pre[i] x_i``: x ``[..., n, C]``, h_pre ``[..., n]`` -> ``[..., C]`` in x's dtype."""
     if ops.should_fuse(x):
         return ops.fused_stream_pre(x, h_pre)
+    return stream_pre_reference(x, h_pre)
+
+
+def stream_pre_reference(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """:func:`stream_pre` in PyTorch (fp32 arithmetic, fp64 for fp64 streams)."""
     cdt = compute_dtype(x.dtype)
     with no_autocast(x):  # elementwise + sum: a batched matmul of [1, n] x [n, C] per token is slow on CPUs
         return (h_pre.to(cdt).unsqueeze(-1) * x.to(cdt)).sum(dim=-2).to(x.dtype)
@@ -176,6 +193,11 @@ def stream_post(
         return stream_post(x, h_post, h_res, f_out), None
     if ops.should_fuse(x):
         return ops.fused_stream_post(x, h_post, h_res, f_out)
+    return stream_post_reference(x, h_post, h_res, f_out)
+
+
+def stream_post_reference(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor):
+    """:func:`stream_post` in PyTorch (no link or read-ahead): ``[..., n, C]`` in x's dtype."""
     cdt = compute_dtype(x.dtype)
     with no_autocast(x):
         xc, h_res = x.to(cdt), h_res.to(cdt)
