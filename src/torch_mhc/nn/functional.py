@@ -13,6 +13,7 @@ import functools
 import torch
 
 from torch_mhc import ops
+from torch_mhc.nn import custom_ops
 from torch_mhc.nn.maps import HResMap, SinkhornMap
 from torch_mhc.numerics import compute_dtype, no_autocast, sinkhorn_start
 
@@ -23,6 +24,12 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         return
     if not torch.isfinite(t).all():
         raise ValueError(f"non-finite values (NaN or Inf) in {what}")
+
+
+def fused():
+    """Where the fused path goes: the kernels' autograd Functions (:mod:`torch_mhc.ops`), or under
+    ``torch.compile`` the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`, same functions)."""
+    return custom_ops if torch.compiler.is_compiling() else ops
 
 
 @functools.cache
@@ -70,8 +77,8 @@ def mhc_coefficients(
     h_res = default_map(n, iters, eps, variant) if h_res is None else h_res
     if dynamic and ops.should_fuse(x):
         with no_autocast(x):
-            return ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
-                                              h_res=h_res, batch_invariant=batch_invariant)
+            return fused().fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
+                                                  h_res=h_res, batch_invariant=batch_invariant)
     with no_autocast(x):
         if dynamic:
             h = mhc_logits(x, phi, bias, alpha, eps)[0]
@@ -117,8 +124,8 @@ def mhc_sublayer_pre(
     h_res = default_map(x.shape[-2], iters, eps, variant) if h_res is None else h_res
     if ops.should_fuse(x):
         with no_autocast(x):
-            return ops.fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
-                                          read_ahead=read_ahead, h_res=h_res, batch_invariant=batch_invariant)
+            return fused().fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
+                                              read_ahead=read_ahead, h_res=h_res, batch_invariant=batch_invariant)
     coeffs = mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res,
                               batch_invariant=batch_invariant)
     return stream_pre(x, coeffs[0]), coeffs, None
@@ -162,7 +169,7 @@ def hc_coefficients(
 def stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """Sublayer input ``sum_i H_pre[i] x_i``: x ``[..., n, C]``, h_pre ``[..., n]`` -> ``[..., C]`` in x's dtype."""
     if ops.should_fuse(x):
-        return ops.fused_stream_pre(x, h_pre)
+        return fused().fused_stream_pre(x, h_pre)
     return stream_pre_reference(x, h_pre)
 
 
@@ -192,7 +199,7 @@ def stream_post(
     if read_ahead is not None:
         return stream_post(x, h_post, h_res, f_out), None
     if ops.should_fuse(x):
-        return ops.fused_stream_post(x, h_post, h_res, f_out)
+        return fused().fused_stream_post(x, h_post, h_res, f_out)
     return stream_post_reference(x, h_post, h_res, f_out)
 
 

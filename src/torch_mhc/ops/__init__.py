@@ -56,9 +56,9 @@ def should_fuse(x: torch.Tensor) -> bool:
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
     the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1, 2, 4, 8). Everything else (fp64, n = 3, 5,
     6, 16, ...) takes the PyTorch reference path, forward and backward, with the same results.
-    Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused entry points below are taken for every such
-    x: they call the ``torch_mhc::`` custom ops (:mod:`torch_mhc.ops.library`), which run the kernels or the
-    reference at run time by :func:`kernels_run`; ``reference`` compiles the plain PyTorch path."""
+    Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
+    then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
+    reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""
     if _backend != "reference" and torch.compiler.is_compiling() and fusable(x):
         return True
     return kernels_run(x)
@@ -78,12 +78,6 @@ def kernels_run(x: torch.Tensor) -> bool:
     if _backend == "triton":
         return True
     return x.is_cuda and triton_available()
-
-
-def compiling() -> bool:
-    """Whether the fused entry points below take the custom ops (:mod:`torch_mhc.ops.library`): under
-    ``torch.compile``, where dynamo would otherwise trace into the autograd Functions and the kernel launches."""
-    return torch.compiler.is_compiling()
 
 
 def _require_fused_streams(n: int, what: str) -> None:
@@ -121,10 +115,7 @@ def fused_mhc_coefficients(
     ``iters``); ``batch_invariant``: each token's results are the same bits alone or in any batch (no
     token-count-dependent split or tile); see :mod:`torch_mhc.ops.coefficients`."""
     _require_fused_streams(x.shape[-2], "fused_mhc_coefficients")
-    if compiling():  # the custom op (torch_mhc.ops.library)
-        impl = library.mhc_coefficients
-    else:
-        from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
+    from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res,
                 batch_invariant=batch_invariant)
@@ -133,10 +124,7 @@ def fused_mhc_coefficients(
 def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``sum_i H_pre[i] x_i`` ``[..., C]`` in x's dtype."""
     _require_fused_streams(x.shape[-2], "fused_stream_pre")
-    if compiling():  # the custom op (torch_mhc.ops.library)
-        impl = library.stream_pre
-    else:
-        from torch_mhc.ops.streams import fused_stream_pre as impl
+    from torch_mhc.ops.streams import fused_stream_pre as impl
 
     return impl(x, h_pre)
 
@@ -145,10 +133,7 @@ def fused_stream_post(x: torch.Tensor, h_post: torch.Tensor, h_res: torch.Tensor
     """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f_out ``[..., C]`` -> ``H_res x + H_post^T f``
     ``[..., n, C]`` in x's dtype."""
     _require_fused_streams(x.shape[-2], "fused_stream_post")
-    if compiling():  # the custom op (torch_mhc.ops.library)
-        impl = library.stream_post
-    else:
-        from torch_mhc.ops.streams import fused_stream_post as impl
+    from torch_mhc.ops.streams import fused_stream_post as impl
 
     return impl(x, h_post, h_res, f_out)
 
@@ -161,10 +146,6 @@ def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, a
     ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi). ``h_res``: as
     in :func:`fused_mhc_coefficients`, as is ``batch_invariant``."""
     _require_fused_streams(x.shape[-2], "fused_sublayer_pre")
-    if compiling():  # the coefficient and pre ops; link None: post is the stream post op (no link, no read-ahead)
-        coeffs = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res,
-                                        batch_invariant=batch_invariant)
-        return fused_stream_pre(x, coeffs[0]), coeffs, None
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, read_ahead=read_ahead,
@@ -182,6 +163,3 @@ def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: 
 
     return impl(link, h_post, h_res, f_out, read_ahead=read_ahead, chain_backward=chain_backward,
                 batch_invariant=batch_invariant)
-
-
-from torch_mhc.ops import library  # noqa: E402 - registers the torch_mhc:: custom ops (imports this module)

@@ -1,8 +1,9 @@
 """The fused mHC ops as ``torch.library`` custom ops (namespace ``torch_mhc``), for ``torch.compile``.
 
 Eager code runs the autograd Functions of :mod:`torch_mhc.ops.coefficients`, ``streams`` and ``sublayer``; under
-``torch.compile`` the entry points of :mod:`torch_mhc.ops` call these ops instead, which dynamo records as single
-nodes (fake implementations give the shapes) instead of tracing into Python objects and kernel launches:
+``torch.compile`` :mod:`torch_mhc.nn.functional` calls these ops instead (functions of the same names and
+arguments as the :mod:`torch_mhc.ops` entry points, below), which dynamo records as single nodes (fake
+implementations give the shapes) instead of tracing into Python objects and kernel launches:
 
 - ``torch_mhc::mhc_coefficients(x [T, n, C], phi [n*C, M], bias [M], alpha [3], eps, variant, sinkhorn_iters,
   softmax_start, transpose, batch_invariant) -> (H_pre [T, n], H_post [T, n], res, raw [T, M], inv_rms [T])``:
@@ -17,7 +18,8 @@ in the compute dtype (fp32; fp64 for fp64 streams). One implementation per op se
 kernels where :func:`torch_mhc.ops.kernels_run` says so (CUDA under ``auto``, any device under ``triton``: the
 interpreter on CPU), else the PyTorch reference of :mod:`torch_mhc.nn.functional` (forward) and its
 ``torch.func.vjp`` (backward). The sublayer pair's link, hand-off and read-ahead are not carried: under compile a
-sublayer is these three ops (see docs/design.md, "Custom ops").
+sublayer is these three ops (see docs/design.md, "Custom ops"). The ops live in ``nn`` (not ``ops``) because their
+reference implementation is nn's math and the kernels' floor imports nothing above it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from torch_mhc import ops
+from torch_mhc.nn.sinkhorn import sinkhorn_reference
 from torch_mhc.numerics import VARIANTS, compute_dtype
 
 
@@ -50,8 +53,7 @@ def _reference_coefficients(x, phi, bias, alpha, eps: float, variant: str, sinkh
                             softmax_start: bool, transpose: bool) -> tuple:
     """The op's forward in PyTorch: (H_pre, H_post, res, raw, inv_rms), contiguous. Sinkhorn through the plain
     differentiable :func:`~torch_mhc.nn.sinkhorn.sinkhorn_reference` (``torch.func.vjp`` takes its gradient)."""
-    from torch_mhc.nn import functional as Fm
-    from torch_mhc.nn.sinkhorn import sinkhorn_reference
+    from torch_mhc.nn import functional as Fm  # imports this module: at call time
 
     n = x.shape[-2]
 
@@ -241,13 +243,14 @@ def _flat(t: Tensor, *shape) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spec: tuple, h_res=None,
-                     batch_invariant: bool = False):
+def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, h_res=None,
+                           batch_invariant: bool = False):
     """x ``[..., n, C]`` -> (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``) through
-    ``torch_mhc::mhc_coefficients``; as :func:`torch_mhc.ops.coefficients.fused_mhc_coefficients` (``spec``:
-    ``ops.kernel_spec``; for ("logits", k) the map ``h_res`` runs on the op's res logits, outside the op)."""
+    ``torch_mhc::mhc_coefficients``; as :func:`torch_mhc.ops.fused_mhc_coefficients` (a map the kernels do not
+    know, ``kernel_spec`` ("logits", k), runs on the op's res logits, outside the op)."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
+    spec = ops.kernel_spec(h_res, iters, variant)
     iters, softmax, transpose = spec[1:] if spec[0] == "sinkhorn" else (0, False, False)
     pre, post, res, _, _ = _coefficients_op(_flat(x, -1, n, C), phi, bias, alpha, float(eps), variant, int(iters),
                                             bool(softmax), bool(transpose), bool(batch_invariant))
@@ -255,16 +258,26 @@ def mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spec: tup
     return pre.view(*lead, n), post.view(*lead, n), res
 
 
-def stream_pre(x: Tensor, h_pre: Tensor) -> Tensor:
+def fused_stream_pre(x: Tensor, h_pre: Tensor) -> Tensor:
     """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``[..., C]`` in x's dtype, through ``torch_mhc::stream_pre``."""
     n, C = x.shape[-2:]
     return _stream_pre_op(_flat(x, -1, n, C), _flat(h_pre.float(), -1, n)).view(*x.shape[:-2], C)
 
 
-def stream_post(x: Tensor, h_post: Tensor, h_res: Tensor, f_out: Tensor) -> Tensor:
+def fused_stream_post(x: Tensor, h_post: Tensor, h_res: Tensor, f_out: Tensor) -> Tensor:
     """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]`` -> ``[..., n, C]`` in x's
     dtype, through ``torch_mhc::stream_post``."""
     n, C = x.shape[-2:]
     out = _stream_post_op(_flat(x, -1, n, C), _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n),
                           _flat(f_out, -1, C))
     return out.view(*x.shape[:-2], n, C)
+
+
+def fused_sublayer_pre(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, read_ahead=None, h_res=None,
+                       batch_invariant: bool = False):
+    """x ``[..., n, C]`` -> (y ``[..., C]``, (H_pre, H_post, H_res), None): the coefficient and pre ops. No link
+    (post is then ``torch_mhc::stream_post`` and autograd sums x's gradient terms); ``read_ahead`` is ignored
+    (under compile no post computes one)."""
+    coeffs = fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant, h_res=h_res,
+                                    batch_invariant=batch_invariant)
+    return fused_stream_pre(x, coeffs[0]), coeffs, None
