@@ -16,10 +16,11 @@ implementations give the shapes) instead of tracing into Python objects and kern
 each with its backward as a custom op too (``..._backward``), tied by ``register_autograd``. Coefficients come
 in the compute dtype (fp32; fp64 for fp64 streams). One implementation per op serves every device: the Triton
 kernels where :func:`torch_mhc.ops.kernels_run` says so (CUDA under ``auto``, any device under ``triton``: the
-interpreter on CPU), else the PyTorch reference of :mod:`torch_mhc.nn.functional` (forward) and its
-``torch.func.vjp`` (backward). The sublayer pair's link, hand-off and read-ahead are not carried: under compile a
-sublayer is these three ops (see docs/design.md, "Custom ops"). The ops live in ``nn`` (not ``ops``) because their
-reference implementation is nn's math and the kernels' floor imports nothing above it.
+interpreter on CPU), else the PyTorch reference: :mod:`torch_mhc.nn.functional`'s math forward, its derivative
+written out backward (Sinkhorn's from :func:`torch_mhc.nn.sinkhorn.sinkhorn_backward`). The sublayer pair's link,
+hand-off and read-ahead are not carried: under compile a sublayer is these three ops (see docs/design.md, "Custom
+ops"). The ops live in ``nn`` (not ``ops``) because their reference implementation is nn's math and the kernels'
+floor imports nothing above it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor
 from torch.library import custom_op
 
 from torch_mhc import ops
-from torch_mhc.nn.sinkhorn import sinkhorn_reference
+from torch_mhc.nn.sinkhorn import sinkhorn_backward, sinkhorn_reference
 from torch_mhc.numerics import VARIANTS, compute_dtype
 
 
@@ -49,25 +50,66 @@ def _epilogue(n: int, k: int, variant: str, sinkhorn_iters: int, softmax_start: 
     return make_epilogue(n, spec, variant == "deepseek-v4")
 
 
+def _res_map(n: int, eps: float, sinkhorn_iters: int, softmax_start: bool, transpose: bool):
+    """res logits ``[T, k]`` -> what the op returns as res: Sinkhorn's H_res ``[T, n, n]`` or the logits
+    themselves (``sinkhorn_iters = 0``); with its backward ``(logits, grad) -> dlogits``."""
+    start = "softmax" if softmax_start else "exp"
+
+    def orient(t):  # [T, n*n] <-> the [T, n, n] Sinkhorn sees (transpose: V4's comb)
+        t = t.unflatten(-1, (n, n))
+        return t.transpose(-1, -2) if transpose else t
+
+    def forward(logits):
+        return sinkhorn_reference(orient(logits), sinkhorn_iters, eps, start) if sinkhorn_iters else logits
+
+    def backward(logits, grad):
+        if not sinkhorn_iters:
+            return grad
+        d = sinkhorn_backward(orient(logits), grad, sinkhorn_iters, eps, start)
+        return (d.transpose(-1, -2) if transpose else d).flatten(-2)
+
+    return forward, backward
+
+
 def _reference_coefficients(x, phi, bias, alpha, eps: float, variant: str, sinkhorn_iters: int,
                             softmax_start: bool, transpose: bool) -> tuple:
-    """The op's forward in PyTorch: (H_pre, H_post, res, raw, inv_rms), contiguous. Sinkhorn through the plain
-    differentiable :func:`~torch_mhc.nn.sinkhorn.sinkhorn_reference` (``torch.func.vjp`` takes its gradient)."""
+    """The op's forward in PyTorch (:func:`torch_mhc.nn.functional.mhc_logits`, ``mhc_gates``): (H_pre, H_post,
+    res, raw, inv_rms), contiguous."""
     from torch_mhc.nn import functional as Fm  # imports this module: at call time
 
     n = x.shape[-2]
-
-    def res_map(logits):
-        if not sinkhorn_iters:
-            return logits
-        L = logits.unflatten(-1, (n, n))
-        return sinkhorn_reference(L.transpose(-1, -2) if transpose else L, sinkhorn_iters, eps,
-                                  "softmax" if softmax_start else "exp")
-
+    res_map, _ = _res_map(n, eps, sinkhorn_iters, softmax_start, transpose)
     with torch.autocast(device_type=x.device.type, enabled=False):
         h, raw, inv = Fm.mhc_logits(x, phi, bias, alpha, eps)
         pre, post, res = Fm.mhc_gates(h, n, eps, variant, res_map)
     return pre.contiguous(), post.contiguous(), res.contiguous(), raw.contiguous(), inv.squeeze(-1).contiguous()
+
+
+def _reference_coefficients_backward(x, phi, bias, alpha, dpre, dpost, dres, eps: float, sinkhorn_iters: int,
+                                     softmax_start: bool, transpose: bool) -> tuple:
+    """The op's backward in PyTorch, from the recomputed logits h = raw * inv_rms * alpha + bias: the gates'
+    derivatives, Sinkhorn's (:func:`~torch_mhc.nn.sinkhorn.sinkhorn_backward`), then the chain rule through
+    alpha, bias, raw = x phi and inv_rms. -> (dx, dphi, dbias, dalpha) in the inputs' dtypes. (Autograd is off
+    inside an op's implementation, and ``torch.func.vjp`` fails under dispatch modes such as opcheck's.)"""
+    from torch_mhc.nn import functional as Fm
+
+    T, n, C = x.shape
+    cdt = compute_dtype(x.dtype)
+    _, res_backward = _res_map(n, eps, sinkhorn_iters, softmax_start, transpose)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        h, raw, inv = Fm.mhc_logits(x, phi, bias, alpha, eps)
+        s_pre, s_post = torch.sigmoid(h[:, :n]), torch.sigmoid(h[:, n : 2 * n])
+        dh = torch.cat([dpre.to(cdt) * s_pre * (1 - s_pre), 2.0 * dpost.to(cdt) * s_post * (1 - s_post),
+                        res_backward(h[:, 2 * n :], dres.to(cdt)).reshape(T, -1)], dim=-1)
+        columns = Fm.alpha_columns(n, alpha.device, h.shape[-1] - 2 * n)
+        scale = alpha.to(cdt).index_select(0, columns)
+        draw = dh * inv * scale
+        dalpha = torch.zeros(3, dtype=cdt, device=alpha.device).index_add_(0, columns, (dh * raw * inv).sum(0))
+        xf = x.reshape(T, n * C).to(cdt)
+        coef = -(dh * raw * scale).sum(-1, keepdim=True) * inv ** 3 / (n * C)  # through inv_rms
+        dx = draw @ phi.to(cdt).t() + coef * xf
+        return (dx.view(T, n, C).to(x.dtype), (xf.t() @ draw).to(phi.dtype), dh.sum(0).to(bias.dtype),
+                dalpha.to(alpha.dtype))
 
 
 @custom_op("torch_mhc::mhc_coefficients", mutates_args=())
@@ -112,22 +154,13 @@ def _coefficients_backward_op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tenso
                                                         dpre, dpost, dres)
         return dx.view(T, n, C), dphi.to(phi.dtype), dbias.to(bias.dtype), dalpha.to(alpha.dtype)
 
-    def forward(*tensors):
-        return _reference_coefficients(*tensors, eps, variant, sinkhorn_iters, softmax_start, transpose)[:3]
-
-    return _reference_vjp(forward, (x, phi, bias, alpha), (dpre, dpost, dres))
+    return _reference_coefficients_backward(x, phi, bias, alpha, dpre, dpost, dres, eps, sinkhorn_iters,
+                                            softmax_start, transpose)
 
 
 @_coefficients_backward_op.register_fake
 def _(x, phi, bias, alpha, raw, inv, dpre, dpost, dres, eps, variant, sinkhorn_iters, softmax_start, transpose):
     return x.new_empty(x.shape), phi.new_empty(phi.shape), bias.new_empty(bias.shape), alpha.new_empty(alpha.shape)
-
-
-def _reference_vjp(forward, inputs: tuple, grads) -> tuple:
-    """The reference backward of every op: ``torch.func.vjp`` of its PyTorch forward (autograd itself is off
-    inside a custom op's implementation); contiguous gradients."""
-    _, vjp = torch.func.vjp(forward, *inputs)
-    return tuple(g.contiguous() for g in vjp(grads))
 
 
 def _setup_coefficients(ctx, inputs, output):
@@ -174,9 +207,9 @@ def _stream_pre_backward_op(x: Tensor, h_pre: Tensor, dy: Tensor) -> tuple[Tenso
 
         dx, dh = pre_backward(x.contiguous(), h_pre.contiguous(), dy.contiguous())
         return dx, dh.to(h_pre.dtype)
-    from torch_mhc.nn import functional as Fm
-
-    return _reference_vjp(Fm.stream_pre_reference, (x, h_pre), dy)
+    cdt = compute_dtype(x.dtype)  # y = sum_i H_pre[i] x_i
+    dyc = dy.to(cdt).unsqueeze(-2)
+    return (h_pre.to(cdt).unsqueeze(-1) * dyc).to(x.dtype), (x.to(cdt) * dyc).sum(-1).to(h_pre.dtype)
 
 
 @_stream_pre_backward_op.register_fake
@@ -221,9 +254,10 @@ def _stream_post_backward_op(x: Tensor, h_post: Tensor, h_res: Tensor, f: Tensor
         dx, dhp, dhr, df = post_backward(x.contiguous(), h_post.contiguous(), h_res.contiguous(), f.contiguous(),
                                          dout.contiguous())
         return dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df
-    from torch_mhc.nn import functional as Fm
-
-    return _reference_vjp(Fm.stream_post_reference, (x, h_post, h_res, f), dout)
+    cdt = compute_dtype(x.dtype)  # out_i = H_post[i] f + sum_j H_res[i, j] x_j
+    g, hp, hr = dout.to(cdt), h_post.to(cdt), h_res.to(cdt)
+    return ((hr.transpose(-1, -2) @ g).to(x.dtype), (g * f.to(cdt).unsqueeze(-2)).sum(-1).to(h_post.dtype),
+            (g @ x.to(cdt).transpose(-1, -2)).to(h_res.dtype), (hp.unsqueeze(-1) * g).sum(-2).to(f.dtype))
 
 
 @_stream_post_backward_op.register_fake
