@@ -57,13 +57,15 @@ def test_opcheck_coefficients(backend, variant, iters, softmax, transpose):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-def test_opcheck_streams(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_streams(backend, dtype):
+    """bf16 streams (fp32 coefficients) too: the fake implementations must give each output's dtype."""
     g = torch.Generator().manual_seed(3)
     T, n, C = 5, 4, 12
-    x, f, dy = torch.randn(T, n, C, generator=g), torch.randn(T, C, generator=g), torch.randn(T, C, generator=g)
+    x, f, dy = (torch.randn(shape, generator=g).to(dtype) for shape in ((T, n, C), (T, C), (T, C)))
     h_pre, h_post = torch.rand(T, n, generator=g), torch.rand(T, n, generator=g)
     h_res = torch.rand(T, n, n, generator=g)
-    dout = torch.randn(T, n, C, generator=g)
+    dout = torch.randn(T, n, C, generator=g).to(dtype)
     torch.library.opcheck(OPS.stream_pre.default, [x.clone().requires_grad_(), h_pre.clone().requires_grad_()])
     torch.library.opcheck(OPS.stream_post.default, [t.clone().requires_grad_() for t in (x, h_post, h_res, f)])
     torch.library.opcheck(OPS.stream_pre_backward.default, [x, h_pre, dy])
@@ -206,6 +208,27 @@ def test_decoder_compiles_fullgraph(backend, variant, moe):
     assert close(l_c, l_ref, 1e-5)
     for a, b in zip(g_c, g_ref):
         assert close(a, b, 1e-4)
+
+
+def test_dynamic_token_count_does_not_recompile():
+    """A decode step's token count changes: with dynamic=True one graph serves T = 5 and T = 9 (T = 1 would be
+    dynamo's own 0/1 specialisation)."""
+    import torch._dynamo.testing
+
+    conn = ManifoldHyperConnection(16, 4, torch.nn.Linear(16, 16), sinkhorn_iters=4)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: conn(x).sum(), fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for T in (5, 9):
+        x = torch.randn(2, T, 4, 16, requires_grad=True)
+        step(x).backward()
+        with ops.use_backend("reference"):
+            x_ref = x.detach().requires_grad_()
+            conn(x_ref).sum().backward()
+        assert close(x.grad, x_ref.grad, 1e-5)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] >= 1
 
 
 def test_reference_backend_compiles_plain_pytorch():
