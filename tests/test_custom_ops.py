@@ -186,6 +186,34 @@ def test_connection_compiles_fullgraph(backend, variant):
         assert close(a, b, 1e-4)
 
 
+@pytest.mark.parametrize("kind", ["hc", "circulant", "learn pre and res"])
+def test_other_connections_compile_fullgraph(kind):
+    """HC (stream ops only), a map outside the kernels (the op hands out its res logits; the map traces in
+    PyTorch) and a connection with a fixed mapping (coefficients apart from the sublayer read)."""
+    from torch_mhc import HyperConnection
+
+    torch.manual_seed(2)
+    f = torch.nn.Linear(16, 16)
+    conn = (HyperConnection(16, 4, f) if kind == "hc" else
+            ManifoldHyperConnection(16, 4, f, h_res="circulant") if kind == "circulant" else
+            ManifoldHyperConnection(16, 4, f, learn=("pre", "res")))
+    with torch.no_grad():
+        for p in conn.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(2, 5, 4, 16, requires_grad=True)
+
+    def loss_fn(x):
+        return (conn(x) ** 2).mean()
+
+    nodes = torch_mhc_nodes(loss_fn, x)
+    assert nodes.count("torch_mhc.mhc_coefficients.default") == (kind != "hc")
+    assert nodes.count("torch_mhc.stream_pre.default") == nodes.count("torch_mhc.stream_post.default") == 1
+    (l_ref, g_ref), (l_c, g_c) = compiled_against_eager(conn, loss_fn, x)
+    assert close(l_c, l_ref, 1e-5)
+    for a, b in zip(g_c, g_ref):
+        assert close(a, b, 1e-4)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("variant,moe", [("paper", False), ("deepseek-v4", False), ("paper", True)])
 def test_decoder_compiles_fullgraph(backend, variant, moe):
