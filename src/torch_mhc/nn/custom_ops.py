@@ -8,8 +8,9 @@ implementations give the shapes) instead of tracing into Python objects and kern
 - ``torch_mhc::mhc_coefficients(x [T, n, C], phi [n*C, M], bias [M], alpha [3], eps, variant, sinkhorn_iters,
   softmax_start, transpose, batch_invariant) -> (H_pre [T, n], H_post [T, n], res, raw [T, M], inv_rms [T])``:
   res is H_res ``[T, n, n]`` (Sinkhorn on chip, ``sinkhorn_iters`` >= 1) or, with ``sinkhorn_iters = 0``, the
-  ``k = M - 2n`` res logits ``[T, k]`` of a map that runs outside the op in PyTorch (any other built-in map, a
-  user's own); raw = x phi and inv_rms are kept for the backward (no gradient);
+  ``k = M - 2n`` res logits ``[T, k]`` of a map that runs outside the op in PyTorch (every other map: a user's own,
+  and the identity and mixture maps the eager kernels compute on chip, whose specs the op does not take yet);
+  raw = x phi and inv_rms are kept for the backward (no gradient);
 - ``torch_mhc::stream_pre(x [T, n, C], h_pre [T, n]) -> y [T, C]``;
 - ``torch_mhc::stream_post(x [T, n, C], h_post [T, n], h_res [T, n, n], f [T, C]) -> [T, n, C]``;
 
@@ -280,8 +281,8 @@ def _flat(t: Tensor, *shape) -> Tensor:
 def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, h_res=None,
                            batch_invariant: bool = False):
     """x ``[..., n, C]`` -> (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``) through
-    ``torch_mhc::mhc_coefficients``; as :func:`torch_mhc.ops.fused_mhc_coefficients` (a map the kernels do not
-    know, ``kernel_spec`` ("logits", k), runs on the op's res logits, outside the op)."""
+    ``torch_mhc::mhc_coefficients``; as :func:`torch_mhc.ops.fused_mhc_coefficients`, except that every map but
+    Sinkhorn (``kernel_spec`` other than ("sinkhorn", ...)) runs on the op's res logits, outside the op."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
     spec = ops.kernel_spec(h_res, iters, variant)
