@@ -225,8 +225,10 @@ def test_composes_with_fsdp2_and_ddp_on_two_ranks(tmp_path):
             assert torch.equal(block[1][k], plain[1][k]) and torch.equal(every2_rec[1][k], plain_rec[1][k]), k
         for losses, state, _ in rank:
             torch.testing.assert_close(torch.tensor(losses), torch.tensor(one[0]), rtol=1e-5, atol=0)
-            for k, v in one[1].items():
-                torch.testing.assert_close(state[k], v, rtol=1e-4, atol=2e-5, msg=lambda m, k=k: f"{k}: {m}")
+            for k, v in one[1].items():  # atol 1% of one AdamW step (lr 1e-2): Adam normalises a near-zero
+                # gradient, so its float32 rounding in another reduction order moves the parameter by a visible
+                # fraction of lr (head_merge.scale: 4.5e-5 with OMP_NUM_THREADS=1, under 2e-5 with 2 threads)
+                torch.testing.assert_close(state[k], v, rtol=1e-4, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_under_torch_compile_moe_loads_are_counted_once():
