@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from torch_mhc import ManifoldHyperConnection, ops
-from torch_mhc.nn import chain_reads, chained_backward
+from torch_mhc.nn import chained_backward, run_chain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -206,7 +206,6 @@ def stack_case(n, C, x0, grad, chained: bool = False):
     """STACK chained connections (F = identity), fused: the first reads with the coefficient GEMM, each post
     computes the next one's (read-ahead); ``chained``: under chained_backward. Timed whole; reported per sublayer."""
     stack = [ManifoldHyperConnection(C, n, torch.nn.Identity(), layer_index=i).to(x0.device) for i in range(STACK)]
-    chain_reads(stack)
     with torch.no_grad():
         for conn in stack:
             conn.phi.normal_(std=0.02)
@@ -214,8 +213,7 @@ def stack_case(n, C, x0, grad, chained: bool = False):
     def run(backward: bool):
         y = x0.requires_grad_(backward)
         with ops.use_backend("triton"), chained_backward() if chained else contextlib.nullcontext():
-            for conn in stack:
-                y = conn(y)
+            y = run_chain(stack, y)
         if backward:
             y.backward(grad)
     run.sublayers = STACK

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from torch_mhc import ManifoldHyperConnection, ops
-from torch_mhc.nn import chain_reads, chained_backward
+from torch_mhc.nn import chained_backward
 from torch_mhc.nn import functional as Fm
 from torch_mhc.ops import coefficients as coef_mod
 from torch_mhc.ops import streams as streams_mod
@@ -105,7 +105,6 @@ def make_stack(n, C, variant, batch_invariant, layers=3):
             proj, bias, _ = c.projection()
             proj.normal_(std=0.3)
             bias.normal_()
-    chain_reads(conns)
     return conns
 
 
@@ -116,11 +115,11 @@ def stack_run(conns, dtype, backend="triton", chained=False):
         x = x.detach().to(dtype).requires_grad_()
         seen = []
         with ops.use_backend(backend), (chained_backward() if chained else torch.enable_grad()):
-            s = x * 1.0  # a non-leaf state, as inside a model
-            for c in conns:
-                y, state = c.pre(s)
+            s, ahead = x * 1.0, None  # a non-leaf state, as inside a model
+            for c, reader in zip(conns, conns[1:] + [None]):
+                y, state = c.pre(s, read_ahead=ahead)
                 seen += [y.detach(), state.h_post.detach(), state.h_res.detach()]  # y = sum_i H_pre[i] x_i
-                s = c.post(state, c.sublayer(y))
+                s, ahead = c.post_ahead(state, c.sublayer(y), reader)
         (dx,) = torch.autograd.grad((s.float() * g).sum(), x)
         return seen + [s.detach(), dx]
     return run

@@ -21,7 +21,7 @@ from torch_mhc.distributed.memory import (
     parse_layout,
 )
 from torch_mhc.models import DecoderLM
-from torch_mhc.models.decoder import ModelConfig
+from torch_mhc.models.decoder import ModelConfig, run_blocks
 from torch_mhc.train.config import build_config
 
 
@@ -30,13 +30,14 @@ def measured_layer_bytes(cfg: ModelConfig, layer: int, batch: int = 2, seq: int 
     torch.manual_seed(0)
     model = DecoderLM(cfg).to(torch.bfloat16)
     idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        h = model.enter_streams(idx)
-        for block in model.blocks[:layer]:
-            h = block(h, model.rope_cos, model.rope_sin)
+    with torch.no_grad():  # the blocks before, handing block ``layer`` its first read's read-ahead as in a model
+        h, ahead = model.enter_streams(idx), None
+        for i, block in enumerate(model.blocks[:layer]):
+            h, ahead = block(h, model.rope_cos, model.rope_sin, read_ahead=ahead,
+                             reader=model.blocks[i + 1].first_reader())
     h.requires_grad_()
     with SavedBytes(model) as saved:
-        model.blocks[layer](h, model.rope_cos, model.rope_sin)
+        model.blocks[layer](h, model.rope_cos, model.rope_sin, read_ahead=ahead)
     return saved.bytes / (batch * seq)
 
 
@@ -83,9 +84,7 @@ def test_blocks_kept_under_every2_match_saved_bytes(connection):
     model = apply_activation_checkpoint(DecoderLM(cfg).to(torch.bfloat16), "every:2")
     idx = torch.randint(0, 64, (2, 64), generator=torch.Generator().manual_seed(0))
     with use_backend("triton"), SavedBytes(model) as saved:
-        h = model.enter_streams(idx)
-        for block in model.blocks:
-            h = block(h, model.rope_cos, model.rope_sin)
+        run_blocks(model.blocks, model.enter_streams(idx), model.rope_cos, model.rope_sin)
     unchained = 4 * 4 * 64 + 8 if connection == "mhc" else 0
     recompute = max(layer_activation_bytes(cfg, i) for i in (1, 3)) + unchained
     kept = activation_bytes_per_token(cfg) - 2 * (2 * 4 * 64) - recompute

@@ -11,7 +11,8 @@ import torch
 from torch_mhc import ManifoldHyperConnection, ops
 from torch_mhc.diagnostics import collect_diagnostics
 from torch_mhc.models.decoder import DecoderLM, ModelConfig
-from torch_mhc.nn import chain_reads, chained_backward, maps
+from torch_mhc.nn import chained_backward, maps
+from torch_mhc.nn import run_chain as run_connections
 from torch_mhc.nn.maps import (
     CirculantMap,
     HResMap,
@@ -242,16 +243,13 @@ def make_chain(name, n, C, k=3, seed=0, sublayer=None):
             p.normal_(std=0.3)
             b.normal_()
             a.uniform_(0.5, 1.5)
-    chain_reads(conns)
     return conns
 
 
 def run_chain(conns, x, backend):
     """A stack of connections (read-ahead, chained backward) -> (last state, gradients of x and every parameter)."""
     with ops.use_backend(backend), chained_backward():
-        s = x
-        for c in conns:
-            s = c(s)
+        s = run_connections(conns, x)
         loss = (s.double() * torch.linspace(-1, 1, s.numel(), dtype=torch.float64).view_as(s)).sum()
         return [s, *torch.autograd.grad(loss, [x] + [p for c in conns for p in c.parameters()])]
 
@@ -397,11 +395,12 @@ def test_overridden_coefficients_take_effect_on_both_paths(backend):
     n, C = 4, 16
     conn = FixedRes(C, n, torch.nn.Linear(C, C))
     nxt = FixedRes(C, n, torch.nn.Linear(C, C))
-    chain_reads([conn, nxt])
     x = torch.randn(2, 3, n, C)
     with ops.use_backend(backend):
         y, state = conn.pre(x)
-        out = nxt(conn.post(state, conn.sublayer(y)))
+        s1, ahead = conn.post_ahead(state, conn.sublayer(y), nxt)
+        out = nxt.forward_ahead(s1, read_ahead=ahead)[0]
+    assert ahead is None  # an overridden coefficients() takes no read-ahead
     assert torch.equal(state.h_res, torch.eye(n).expand(2, 3, n, n)) and state.link is None
     with ops.use_backend("reference"):
         h_pre, h_post, _ = ManifoldHyperConnection.coefficients(conn, x)

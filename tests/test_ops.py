@@ -230,7 +230,7 @@ def test_fused_sublayer_is_deterministic(n):
 def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
     """Three chained connections (read-ahead forward, chained backward: each post's kernel sums its reader's terms
     of the state gradient) against the float64 reference: the output, the input's and every parameter's gradient."""
-    from torch_mhc.nn import chain_reads, chained_backward
+    from torch_mhc.nn import chained_backward, run_chain
     from torch_mhc.ops import streams
 
     chain = CountLaunches(streams._post_bwd_chain)
@@ -242,7 +242,6 @@ def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
         for c in conns:
             c.phi.copy_(torch.randn(c.phi.shape, generator=g) / (n * C) ** 0.5 * 3)
             c.bias.copy_(torch.randn(c.bias.shape, generator=g))
-    chain_reads(conns)
     x0 = torch.randn(T, n, C, generator=g).to(dtype)
     w = torch.randn(T, n, C, generator=g, dtype=torch.float64)
 
@@ -251,9 +250,7 @@ def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
             c.to(DEVICE, torch.float64 if dt == torch.float64 else torch.float32)
         x = x0.to(DEVICE, dt).requires_grad_()
         with ops.use_backend(backend), chained_backward():
-            h = x
-            for c in conns:
-                h = c(h)
+            h = run_chain(conns, x)
         params = [p for c in conns for p in c.parameters()]
         return [h, *torch.autograd.grad((h.double() * w.to(DEVICE)).sum(), [x] + params)]
 
@@ -366,7 +363,7 @@ def weighted(t):
 def test_empty_batch(dtype):
     """T = 0 through every fused op, forward and backward (the host code divided by the token count): correctly
     shaped empty outputs and input gradients, zero parameter gradients, as the reference gives."""
-    from torch_mhc.nn import chain_reads, chained_backward
+    from torch_mhc.nn import chained_backward, run_chain
 
     n, C = 4, 16
     x, phi, bias, alpha = make_coeff_inputs(0, n, C, dtype, seed=0)
@@ -386,14 +383,11 @@ def test_empty_batch(dtype):
     assert [g.shape for g in grads] == [x.shape, (0, n), (0, n), (0, n, n), (0, C)]
     # the sublayer Functions with read-ahead and chained backward, through connections (a [2, 0] lead shape)
     conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i).to(DEVICE) for i in range(3)]
-    chain_reads(conns)
     results = []
     for backend in ("triton", "reference"):
         s0 = torch.randn(2, 0, n, C, device=DEVICE, dtype=dtype, requires_grad=True)
         with ops.use_backend(backend), chained_backward():
-            s = s0
-            for c in conns:
-                s = c(s)
+            s = run_chain(conns, s0)
         params = [p for c in conns for p in c.parameters()]
         results.append((s, torch.autograd.grad(s.float().sum(), [s0, *params])))
     (a, ga), (b, gb) = results
@@ -405,14 +399,10 @@ def test_empty_batch(dtype):
 def chained_stack(n: int, C: int, T: int, count: int) -> torch.Tensor:
     """``count`` chained mHC connections (Tanh sublayers) over a fresh random state ``[T, n, C]`` that requires
     grad; returns the last state. Call inside the backend and ``chained_backward`` scopes under test."""
-    from torch_mhc.nn import chain_reads
+    from torch_mhc.nn import run_chain
 
     conns = [ManifoldHyperConnection(C, n, torch.nn.Tanh(), layer_index=i).to(DEVICE) for i in range(count)]
-    chain_reads(conns)
-    s = torch.randn(T, n, C, device=DEVICE, requires_grad=True)
-    for c in conns:
-        s = c(s)
-    return s
+    return run_chain(conns, torch.randn(T, n, C, device=DEVICE, requires_grad=True))
 
 
 def test_launches_run_under_the_tensors_device(monkeypatch):

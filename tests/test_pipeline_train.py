@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import write_small_text
+from conftest import CountLaunches, write_small_text
 from distributed_helpers import assert_same_numbers, records, torchrun
 from torch_mhc.cli import main
 from torch_mhc.distributed.checkpoint import tensor_shapes
@@ -207,12 +207,27 @@ def test_bad_pipeline_settings_stop_every_rank_before_the_run_starts(tmp_path, s
     assert not (tmp_path / "runs" / "bad").exists()
 
 
-def test_read_ahead_chain_ends_at_stage_boundaries():
-    """The fused post computes its reader's GEMM ahead (``chain_reads``); a stage's last connection has no reader
-    on its stage (the next one gets the state through a send), so its chain ends there."""
+def test_read_ahead_chain_ends_at_stage_boundaries(monkeypatch):
+    """The fused post computes its reader's GEMM ahead and hands it on (``run_blocks``); a stage's last post has no
+    reader on its stage (the next one gets the state through a send), so the chain ends there: per stage one
+    coefficient GEMM (its first read) and one read-ahead post per connection but the last (kernels through
+    Triton's interpreter); unpipelined, one GEMM for the whole stack."""
+    pytest.importorskip("triton")
+    from torch_mhc import ops
+    from torch_mhc.ops import coefficients, streams
+
+    gemm, post = CountLaunches(coefficients._gemm_fwd), CountLaunches(streams._post_fwd)
+    monkeypatch.setattr(coefficients, "_gemm_fwd", gemm)
+    monkeypatch.setattr(streams, "_post_fwd", post)
     model = DecoderLM(ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=2, max_seq_len=16, n_streams=4))
-    assert model.blocks[1].ffn.next_reader is model.blocks[2].attn  # unpipelined: chained across every block
-    for start, stop in stage_bounds(4, 2):
-        conns = StreamStage(model, start, stop).connections()
-        assert len(conns) == 4
-        assert [c.next_reader for c in conns] == conns[1:] + [None]
+    idx = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    with ops.use_backend("triton"), torch.no_grad():
+        model(idx)
+        assert gemm.launches == 1 and [k["PROJ"] for k in post.kwargs] == [True] * 7 + [False]
+        h = idx
+        for start, stop in stage_bounds(4, 2):
+            gemm.grids.clear(), post.grids.clear(), post.kwargs.clear()
+            stage = StreamStage(model, start, stop)
+            assert len(stage.connections()) == 4
+            h = stage(h)
+            assert gemm.launches == 1 and [k["PROJ"] for k in post.kwargs] == [True] * 3 + [False]

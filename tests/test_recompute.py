@@ -8,7 +8,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from conftest import CountLaunches
 from torch_mhc import ManifoldHyperConnection, expand_streams, ops
 from torch_mhc.models import DecoderLM, ModelConfig
-from torch_mhc.nn import chain_reads, chained_backward
+from torch_mhc.nn import chained_backward
 from torch_mhc.nn.recompute import optimal_interval, stream_recompute
 
 
@@ -17,14 +17,16 @@ def test_paper_interval():
     assert optimal_interval(1, 1) == 1
 
 
-def run_stack(conns, x, every):
-    """Forward through the stack; returns (output, weak references to the storage of every state)."""
+def run_stack(conns, x, every, read_ahead=False):
+    """Forward through the stack (``read_ahead``: each post hands the next read its read-ahead); returns (output,
+    weak references to the storage of every state)."""
     states = []
     h = expand_streams(x, conns[0].n)
     ctx = stream_recompute(every) if every else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    ahead = None
     with ctx:
-        for c in conns:
-            h = c(h)
+        for c, reader in zip(conns, conns[1:] + [None]):
+            h, ahead = c.forward_ahead(h, read_ahead=ahead, reader=reader if read_ahead else None)
             states.append(StorageWeakRef(h.untyped_storage()))
     return h, states
 
@@ -44,7 +46,6 @@ def test_recompute_exact_and_drops_states(backend, every, monkeypatch):
     chained = backend == "triton-chained"
     chain = None
     if chained:
-        chain_reads(conns)
         from torch_mhc.ops import streams
 
         chain = CountLaunches(streams._post_bwd_chain)
@@ -58,7 +59,7 @@ def test_recompute_exact_and_drops_states(backend, every, monkeypatch):
     grads = {}
     with ops.use_backend(backend.split("-")[0]), (chained_backward() if chained else contextlib.nullcontext()):
         for mode in (0, every):
-            out, states = run_stack(conns, x, mode)
+            out, states = run_stack(conns, x, mode, read_ahead=chained)
             gc.collect()
             alive = sum(not s.expired() for s in states[:-1])  # the last one is `out` itself
             loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum()

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import CountLaunches
 from torch_mhc import ManifoldHyperConnection, ops
-from torch_mhc.nn import chained_backward
+from torch_mhc.nn import chained_backward, run_chain
 from torch_mhc.nn import functional as Fm
 
 pytest.importorskip("triton")
@@ -88,24 +88,16 @@ def coefficients_alone(conn, s):
 
 
 def read_ahead_chain(conn, s):
-    """The connection reads the states it writes (``next_reader`` = itself): each fused post computes the next
-    read's coefficient GEMM; the last post's read-ahead is never used."""
-    conn.next_reader = conn
-    try:
-        return weighted(conn(conn(conn(s))))
-    finally:
-        conn.next_reader, conn._read_ahead = None, None
+    """The connection reads the states it writes (its own reader, three times): each fused post but the last
+    computes the next read's coefficient GEMM and hands it on."""
+    return weighted(run_chain([conn] * 3, s))
 
 
 def read_ahead_state_changed(conn, s):
     """The state is changed in place between the post and the next read: the read-ahead no longer matches it."""
-    conn.next_reader = conn
-    try:
-        s2 = conn(s)
-        s2.mul_(1.5)
-        return weighted(conn(s2))
-    finally:
-        conn.next_reader, conn._read_ahead = None, None
+    s2, ahead = conn.forward_ahead(s, reader=conn)
+    s2.mul_(1.5)
+    return weighted(conn.forward_ahead(s2, read_ahead=ahead)[0])
 
 
 def chained(conn, s):
@@ -117,25 +109,18 @@ def chained(conn, s):
 def chained_state_also_used(conn, s):
     """A state between two chained sublayers also feeds something else: its gradient reaches the post as the sum
     of that consumer's and the read's (zero) stand-in; the post adds the read's terms."""
-    conn.next_reader = conn
-    try:
-        with chained_backward():
-            s2 = conn(s)
-            return weighted(conn(s2)) + 0.3 * weighted(s2.square())
-    finally:
-        conn.next_reader, conn._read_ahead = None, None
+    with chained_backward():
+        s2, ahead = conn.forward_ahead(s, reader=conn)
+        return weighted(conn.forward_ahead(s2, read_ahead=ahead)[0]) + 0.3 * weighted(s2.square())
 
 
 def chained_state_hooked(conn, s):
     """A hook that changes the state's gradient: the read must not defer (the hook has to see the whole gradient)."""
-    conn.next_reader = conn
-    try:
-        with chained_backward():
-            s2 = conn(s)
-            s2.register_hook(lambda g: 1.5 * g)
-            return weighted(conn(conn(s2)))
-    finally:
-        conn.next_reader, conn._read_ahead = None, None
+    with chained_backward():
+        s2, ahead = conn.forward_ahead(s, reader=conn)
+        s2.register_hook(lambda g: 1.5 * g)
+        s3, ahead = conn.forward_ahead(s2, read_ahead=ahead, reader=conn)
+        return weighted(conn.forward_ahead(s3, read_ahead=ahead)[0])
 
 
 USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_twice, pre_only, post_without_grad,
@@ -271,8 +256,8 @@ def test_reference_alpha_gradient_sums_as_before():
 @pytest.mark.parametrize("use, gemms", [(read_ahead_chain, 1), (read_ahead_state_changed, 2),
                                         (two_sublayers_same_conn, 2)], ids=lambda u: getattr(u, "__name__", u))
 def test_read_ahead_replaces_the_next_gemm(monkeypatch, use, gemms):
-    """With a next reader, the fused post computes its GEMM: the coefficient GEMM kernel runs only for the first
-    read (and again where the state changed after the post, or without a next reader)."""
+    """Given its reader, the fused post computes its GEMM and hands it on: the coefficient GEMM kernel runs only for
+    the first read (and again where the state changed after the post, or where no read-ahead was handed on)."""
     from torch_mhc.ops import coefficients
 
     counter = CountLaunches(coefficients._gemm_fwd)
@@ -314,20 +299,15 @@ def test_read_ahead_post_writes_the_same_state_and_the_next_gemm(n, C, dtype):
 
 
 def test_decoder_reads_ahead_through_its_stack(monkeypatch):
-    """DecoderLM chains its connections: one coefficient GEMM launch per forward (the first read), whatever the
-    depth; under chained_backward every post but the last sums its reader's gradient terms; gradients still
-    match the reference path; a pipeline stage does not read ahead into the next stage."""
-    from torch_mhc.distributed.pipeline import StreamStage
+    """DecoderLM hands each post's read-ahead to the next read: one coefficient GEMM launch per forward (the first
+    read), whatever the depth; under chained_backward every post but the last sums its reader's gradient terms;
+    gradients still match the reference path."""
     from torch_mhc.models import DecoderLM, ModelConfig
     from torch_mhc.ops import coefficients
 
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig(dim=24, n_layers=3, n_heads=2, max_seq_len=8, connection="mhc", n_streams=4))
     conns = model.connections()
-    assert [c.next_reader for c in conns] == conns[1:] + [None]
-    assert all(name.count("next_reader") == 0 for name, _ in model.named_modules())
-    copy = __import__("copy").deepcopy(model).connections()  # a copy's connections chain among themselves
-    assert [c.next_reader for c in copy] == copy[1:] + [None]
     from torch_mhc.ops import streams
 
     counter = CountLaunches(coefficients._gemm_fwd)
@@ -348,8 +328,6 @@ def test_decoder_reads_ahead_through_its_stack(monkeypatch):
     for k, g in grads["reference"].items():
         assert rel_err(grads["triton"][k], g) < 1e-3, k
         assert rel_err(grads["triton-chained"][k], g) < 1e-3, k
-    StreamStage(model, 0, 2)
-    assert conns[3].next_reader is None and conns[2].next_reader is conns[3]
 
 
 @pytest.mark.parametrize("n, use, chained_posts", [
@@ -403,16 +381,12 @@ def test_chained_backward_retain_grad():
     x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(11))
 
     def run(backend: str):
-        conn.next_reader = conn
-        try:
-            x = x0.clone().requires_grad_()
-            with ops.use_backend(backend), chained_backward():
-                s2 = conn(x * 1.25)
-                s2.retain_grad()
-                weighted(conn(s2)).backward()
-            return s2.grad, x.grad
-        finally:
-            conn.next_reader, conn._read_ahead = None, None
+        x = x0.clone().requires_grad_()
+        with ops.use_backend(backend), chained_backward():
+            s2, ahead = conn.forward_ahead(x * 1.25, reader=conn)
+            s2.retain_grad()
+            weighted(conn.forward_ahead(s2, read_ahead=ahead)[0]).backward()
+        return s2.grad, x.grad
 
     for a, b in zip(run("triton"), run("reference")):
         assert rel_err(a, b) < 1e-4
@@ -422,14 +396,13 @@ def test_chained_backward_leaves_terms_only_for_its_own_post():
     """Terms left by a read in a backward that stops there (autograd.grad of that sublayer's phi only) are never
     used by a later backward that reaches the writing post without going through the read."""
     a, b = make_conn(4, 24, seed=12), make_conn(4, 24, seed=13)
-    a.next_reader = b
     x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(12))
     results = {}
     for backend in ("triton", "reference"):
         x = x0.clone().requires_grad_()
         with ops.use_backend(backend), chained_backward():
-            s2 = a(x * 1.25)
-            out = b(s2)
+            s2, ahead = a.forward_ahead(x * 1.25, reader=b)
+            out = b.forward_ahead(s2, read_ahead=ahead)[0]
         torch.autograd.grad(weighted(out), [b.projection()[0]], retain_graph=True)  # b's read leaves its terms
         results[backend] = torch.autograd.grad(weighted(s2.square()), [x])[0]
     assert rel_err(results["triton"], results["reference"]) < 1e-4
@@ -455,12 +428,15 @@ def test_trainer_runs_chained_backward(monkeypatch, tmp_path):
 
 
 def _chain_of(k, n=4, C=24, seed=0):
-    """k chained connections (distinct parameters), as DecoderLM chains them."""
-    from torch_mhc.nn import chain_reads
+    """k connections (distinct parameters), to be run in a chain (``run_chain``, ``_after``) as DecoderLM runs them."""
+    return [make_conn(n, C, seed=seed + i) for i in range(k)]
 
-    conns = [make_conn(n, C, seed=seed + i) for i in range(k)]
-    chain_reads(conns)
-    return conns
+
+def _after(conns, s, ahead):
+    """The state ``conns[0]`` wrote (``s``, with the read-ahead ``ahead`` it computed) through the rest of the chain."""
+    for conn, reader in zip(conns[1:], list(conns[2:]) + [None]):
+        s, ahead = conn.forward_ahead(s, read_ahead=ahead, reader=reader)
+    return s
 
 
 def test_chained_backward_with_nothing_requiring_grad():
@@ -470,9 +446,9 @@ def test_chained_backward_with_nothing_requiring_grad():
         c.requires_grad_(False)
     x = torch.randn(5, 4, 24)
     with ops.use_backend("triton"):
-        plain = conns[2](conns[1](conns[0](x)))
+        plain = run_chain(conns, x)
         with chained_backward():
-            chained_out = conns[2](conns[1](conns[0](x)))
+            chained_out = run_chain(conns, x)
     assert torch.equal(plain, chained_out) and not chained_out.requires_grad
 
 
@@ -530,9 +506,9 @@ def test_concurrent_backwards_over_one_graph(monkeypatch):
     for backend in ("reference", "triton"):
         x = x0.clone().requires_grad_()
         with ops.use_backend(backend), chained_backward():
-            s1 = conns[0](x * 1.25)
+            s1, ahead = conns[0].forward_ahead(x * 1.25, reader=conns[1])
             side = 0.3 * weighted(Pause.apply(s1).square())  # made before the read: its backward runs after it
-            loss = weighted(conns[2](conns[1](s1))) + side
+            loss = weighted(_after(conns, s1, ahead)) + side
         params = [x] + list(conns[0].parameters())
         out = {}
         a_waiting.clear()
@@ -579,13 +555,13 @@ def test_chained_scope_is_per_thread(monkeypatch):
     assert inside.wait(30)
     try:
         with ops.use_backend("triton"):
-            conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+            run_chain(conns, torch.randn(5, 4, 24, requires_grad=True))
     finally:
         release.set()
         thread.join()
     assert made == []
     with ops.use_backend("triton"), chained_backward():
-        conns[2](conns[1](conns[0](torch.randn(5, 4, 24, requires_grad=True))))
+        run_chain(conns, torch.randn(5, 4, 24, requires_grad=True))
     assert len(made) == 2  # the first two posts' read-aheads (the last connection has no reader)
 
 
@@ -605,7 +581,7 @@ def test_chained_backward_leaves_no_terms_behind(monkeypatch):
     gc.disable()
     try:
         with ops.use_backend("triton"), chained_backward():
-            out = conns[2](conns[1](conns[0](x0.clone().requires_grad_())))
+            out = run_chain(conns, x0.clone().requires_grad_())
         torch.autograd.grad(weighted(out), [conns[2].projection()[0]])
         assert len(made) == 2 and all(not h().pending for h in made)
         del out
@@ -614,8 +590,8 @@ def test_chained_backward_leaves_no_terms_behind(monkeypatch):
         grads = {}
         for backend in ("triton", "reference"):
             with ops.use_backend(backend), chained_backward():
-                s1 = conns[0](x0.clone().requires_grad_())
-                out = conns[2](conns[1](s1))
+                s1, ahead = conns[0].forward_ahead(x0.clone().requires_grad_(), reader=conns[1])
+                out = _after(conns, s1, ahead)
             grads[backend] = torch.autograd.grad(weighted(out), [s1])[0]
         assert rel_err(grads["triton"], grads["reference"]) < 1e-4
         assert len(made) == 4 and all(h() is None or not h().pending for h in made)
@@ -642,9 +618,6 @@ def test_chained_backward_deepseek_v4_fp32(monkeypatch):
     chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     conns = [make_conn(4, 24, "deepseek-v4", seed=60 + i) for i in range(3)]
-    from torch_mhc.nn import chain_reads
-
-    chain_reads(conns)
     x0 = torch.randn(5, 4, 24, generator=torch.Generator().manual_seed(60))
     results = {}
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
@@ -652,7 +625,7 @@ def test_chained_backward_deepseek_v4_fp32(monkeypatch):
             c.to(dtype)
         x = x0.to(dtype).requires_grad_()
         with ops.use_backend(backend), chained_backward():
-            out = conns[2](conns[1](conns[0](x)))
+            out = run_chain(conns, x)
         results[backend] = torch.autograd.grad(weighted(out), [x] + [p for c in conns for p in c.parameters()])
     assert chain.launches == 2  # the two posts that have a reader
     assert rel_err(results["triton"][0], results["reference"][0]) < TOL[torch.float32]
@@ -665,23 +638,19 @@ def test_trainer_dtypes_fp32_streams_bf16_sublayer(monkeypatch):
     input fp32), a chained stack (read-ahead forward, chained backward). Against the fp32 reference without autocast,
     the output and every gradient are as close as the reference path's own under autocast, within 4x or 2^-6 (the
     bf16 sublayers' gradients are sums of bf16 products; the interpreter truncates to bf16 where GPUs round)."""
-    from torch_mhc.nn import chain_reads
     from torch_mhc.ops import streams
 
     chain = CountLaunches(streams._post_bwd_chain)
     monkeypatch.setattr(streams, "_post_bwd_chain", chain)
     n, C, T = 4, 24, 7
     conns = [make_conn(n, C, seed=i) for i in range(2)]
-    chain_reads(conns)
     x0 = torch.randn(T, n, C)
 
     def run(backend, autocast):
         x = x0.clone().requires_grad_()
         with (ops.use_backend(backend), chained_backward(),
               torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
-            s = x
-            for c in conns:
-                s = c(s)
+            s = run_chain(conns, x)
         params = [p for c in conns for p in c.parameters()]
         return [s, *torch.autograd.grad(weighted(s), [x, *params])]
 

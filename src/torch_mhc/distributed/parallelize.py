@@ -68,13 +68,18 @@ class _Checkpointed:
     keys): its forward runs under ``torch.utils.checkpoint`` (non-reentrant), so autograd keeps only the block's
     inputs and re-runs its forward in backward. Without gradients (eval, sampling) the forward is plain."""
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, read_ahead=None, reader=None, **kwargs):
+        """The block's forward; under gradients it takes no read-ahead and computes none (the recompute reads its
+        input anew), so the block returns (streams, None)."""
         forward = super().forward
         if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
+            return forward(*args, read_ahead=read_ahead, reader=reader, **kwargs)
         if not self._checkpoint_moe:
             return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
         return _checkpoint_keeping_moe_load(self, forward, *args, **kwargs)
+
+    def first_reader(self):
+        return None if torch.is_grad_enabled() else super().first_reader()
 
 
 @torch.compiler.disable
@@ -113,8 +118,8 @@ def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
     """Checkpoint the blocks of ``model`` (a ``DecoderLM``) that ``mode`` names (``none``, ``block``,
     ``every:K``), in place. Parameter names and state-dict keys do not change (the block's class becomes a
     subclass of its own whose forward is checkpointed), so checkpoints load either way. Under the fused kernels,
-    a connection's read-ahead of its next reader's GEMM is not chained across a checkpointed block's boundary
-    (the recompute reads its input anew). Call it before torch.compile and data parallel, as
+    the read-ahead is not handed across a checkpointed block's boundary (``_Checkpointed``: the recompute reads
+    its input anew). Call it before torch.compile and data parallel, as
     :func:`parallelize` does; idempotent."""
     if mode == "none":
         return model
@@ -131,10 +136,6 @@ def apply_activation_checkpoint(model: nn.Module, mode: str) -> nn.Module:
             _CHECKPOINTED_CLASSES[cls] = type(f"Checkpointed{cls.__name__}", (_Checkpointed, cls), {})
         block.__class__ = _CHECKPOINTED_CLASSES[cls]
         block._checkpoint_moe = any(isinstance(m, MoE) for m in block.modules())
-        # the connection before the block, and the block's last one, no longer compute their reader's GEMM
-        for conn in ([blocks[i - 1].ffn] if i > 0 else []) + [block.ffn]:
-            if hasattr(conn, "next_reader"):
-                conn.next_reader = None
     return model
 
 

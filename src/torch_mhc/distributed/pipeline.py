@@ -29,8 +29,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.tensor import DTensor
 
 from torch_mhc.errors import UserError
-from torch_mhc.models.decoder import lm_loss
-from torch_mhc.nn import chain_reads
+from torch_mhc.models.decoder import lm_loss, run_blocks
 
 # name -> (schedule class, stages per rank, placement of the stages: "loop" (stage s on rank s % pp) or
 # "v" (rank r runs stages r and 2 pp - 1 - r)); SCHEDULE_RULES: what each needs (checked by pipeline_errors)
@@ -114,9 +113,6 @@ class StreamStage(nn.Module):
         self.first, self.last = start == 0, stop == len(model.blocks)
         self._model = (model,)  # not a submodule: only this stage's modules are registered below
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(start, stop)})
-        # the read-ahead chain ends at the stage's last connection: its reader runs in another stage (maybe on
-        # another rank) and gets the state through a send, so nothing may be computed ahead for it
-        chain_reads(self.connections())
         if self.first:
             self.embed = model.embed
         if self.last:
@@ -130,8 +126,9 @@ class StreamStage(nn.Module):
         model = self._model[0]
         h = model.enter_streams(x) if self.first else x
         with model._recompute_context():  # model.recompute, as the unpipelined forward runs it
-            for block in self.blocks.values():
-                h = block(h, model.rope_cos, model.rope_sin)
+            # the read-ahead is handed on within the stage only: the stage's last post has no reader here (its
+            # reader runs in another stage, maybe on another rank, and gets the state through a send)
+            h = run_blocks(self.blocks.values(), h, model.rope_cos, model.rope_sin)
         return model.leave_streams(h) if self.last else h
 
 
@@ -390,7 +387,7 @@ def build_pipeline(train_cfg, dims, mesh, device: torch.device, param_dtype: tor
         for stage in stages.values():  # this rank's MoE layers only (the others stay on the meta device, whole)
             apply_expert_parallel(stage, dims.expert_mesh(mesh)["ep"])
         expert_dp_mesh = dims.expert_dp_mesh(mesh)
-    apply_activation_checkpoint(model, model_cfg.activation_checkpoint)  # after chain_reads: it cuts the chain too
+    apply_activation_checkpoint(model, model_cfg.activation_checkpoint)
     parts = RankParts(model, list(stages.values()))
     dp_mesh = dims.dp_mesh(mesh)
     if dp_mesh is not None:

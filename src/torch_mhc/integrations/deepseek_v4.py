@@ -25,7 +25,9 @@ expand/mix ``post * F + comb^T x`` accumulates in fp32 (transformers computes it
 dtype), so in bf16 the results differ by rounding, and in fp32/fp64 on the reference path they
 agree with transformers' own modules. With ``rms_norm_eps != hc_eps`` the coefficients are computed
 from the streams scaled by ``sqrt(hc_eps / rms_norm_eps)`` (an RMS norm with ``hc_eps`` of ``c x`` is
-one with ``rms_norm_eps`` of ``x``), and the kernels' read-ahead is off for those connections.
+one with ``rms_norm_eps`` of ``x``), and the kernels' read-ahead is off for those connections. The read-ahead
+is handed from each layer's attention post to its FFN read; transformers' loop over the layers hands on only the
+streams, so each layer's first read computes its own coefficient GEMM.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ import math
 import torch
 from torch import nn
 
-from torch_mhc.nn import HyperHead, ManifoldHyperConnection, chain_reads
-from torch_mhc.numerics import MAPPINGS, compute_dtype
+from torch_mhc.nn import HyperHead, ManifoldHyperConnection
+from torch_mhc.numerics import compute_dtype
 
 LAYER_CLASS_NAME = "MhcDeepseekV4DecoderLayer"
 
@@ -95,10 +97,9 @@ class DeepseekV4Connection(ManifoldHyperConnection):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", eps={self.eps}, norm_eps={self.norm_eps}"
 
-    def fused_read(self) -> bool:
-        """The fused read when the two eps agree: ``coefficients`` below is then the base's own function (the
-        base's ``fused_read`` sees it overridden and would never fuse, which lost V4 its kernels)."""
-        return self.norm_eps == self.eps and self.dynamic and len(self.learn) == len(MAPPINGS)
+    def coefficients_are_base(self) -> bool:
+        """When the two eps agree, ``coefficients`` below is the base's own function: the read may be fused."""
+        return self.norm_eps == self.eps
 
     def coefficients(self, streams):
         if self.norm_eps == self.eps:
@@ -149,11 +150,12 @@ def decoder_layer_class() -> type:
     from transformers.models.deepseek_v4 import modeling_deepseek_v4 as v4
 
     def forward(self, hidden_states, input_ids=None, **kwargs):
-        """streams ``[B, S, n, D]`` -> streams ``[B, S, n, D]``."""
+        """streams ``[B, S, n, D]`` -> streams ``[B, S, n, D]``. The attention's post hands the FFN's read its
+        read-ahead (fused kernels); transformers' layer loop hands the next layer only the streams."""
         collapsed, state = self.attn_hc.pre(hidden_states)
         attn_output, _ = self.self_attn(self.input_layernorm(collapsed), **kwargs)
-        hidden_states = self.attn_hc.post(state, attn_output)
-        collapsed, state = self.ffn_hc.pre(hidden_states)
+        hidden_states, ahead = self.attn_hc.post_ahead(state, attn_output, self.ffn_hc)
+        collapsed, state = self.ffn_hc.pre(hidden_states, read_ahead=ahead)
         mlp_output = self.mlp(self.post_attention_layernorm(collapsed), input_ids=input_ids)
         return self.ffn_hc.post(state, mlp_output)
 
@@ -186,5 +188,4 @@ def apply_mhc_kernels(model: nn.Module) -> nn.Module:
     if isinstance(base.hc_head, v4.DeepseekV4HyperHead):
         base.hc_head = DeepseekV4HyperHead(base.hc_head, config.rms_norm_eps, config.initializer_range)
     hook_init_weights(model, {LAYER_CLASS_NAME})
-    chain_reads([c for layer in base.layers for c in (layer.attn_hc, layer.ffn_hc)])  # read-ahead (design.md)
     return model

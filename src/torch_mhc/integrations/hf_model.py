@@ -26,7 +26,6 @@ from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTra
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from torch_mhc.models.decoder import DecoderLM, ModelConfig, rope_tables
-from torch_mhc.nn import chain_reads
 
 
 def _loaded(tensor: torch.Tensor) -> bool:
@@ -109,15 +108,14 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
         their forward under ``gradient_checkpointing_func`` (transformers' ``torch.utils.checkpoint``) while
         training with gradients, so autograd keeps only their input and recomputes them in backward. As
         ``mhc train``'s ``activation_checkpoint`` does (``distributed.parallelize``): the block keeps its
-        parameter names (its class becomes a subclass of its own), and the fused kernels' read-ahead into the
-        next connection is not chained across a checkpointed block's boundary."""
+        parameter names (its class becomes a subclass of its own), and the fused kernels' read-ahead is not handed
+        across a checkpointed block's boundary (``_CheckpointedBlock``)."""
         blocks = list(self.model.blocks)
         for block in blocks:
             if isinstance(block, _CheckpointedBlock):
                 block.__class__ = block.__class__.__bases__[1]
                 del block._gradient_checkpointing_func
             block.gradient_checkpointing = False
-        chain_reads(self.model.connections())
         if not enable:
             return
         for i, block in enumerate(blocks):
@@ -129,9 +127,6 @@ class TorchMhcForCausalLM(PreTrainedModel, GenerationMixin):
             block.__class__ = _CHECKPOINTED_CLASSES[cls]
             block._gradient_checkpointing_func = gradient_checkpointing_func
             block.gradient_checkpointing = True
-            for conn in ([blocks[i - 1].ffn] if i > 0 else []) + [block.ffn]:
-                if hasattr(conn, "next_reader"):
-                    conn.next_reader = None
 
     def get_input_embeddings(self):
         return self.model.embed
@@ -188,12 +183,22 @@ class _CheckpointedBlock:
     """Mixed into a ``Block``'s class by ``gradient_checkpointing_enable()``: while training with gradients, its
     forward runs under ``_gradient_checkpointing_func``; otherwise (eval, sampling) it is plain."""
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, read_ahead=None, reader=None,
+                **attention):
+        """-> (streams, read-ahead or None); checkpointed, the block takes no read-ahead and computes none (the
+        recompute reads its input anew)."""
         forward = super().forward
-        if self.training and torch.is_grad_enabled():
+        if self._checkpointing():
             # the tensors that may need gradients positionally (reentrant checkpoints pass no keyword arguments)
-            return self._gradient_checkpointing_func(lambda h, cos, sin: forward(h, cos, sin, **attention), h, cos, sin)
-        return forward(h, cos, sin, **attention)
+            return self._gradient_checkpointing_func(
+                lambda h, cos, sin: forward(h, cos, sin, **attention)[0], h, cos, sin), None
+        return forward(h, cos, sin, read_ahead=read_ahead, reader=reader, **attention)
+
+    def _checkpointing(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    def first_reader(self):
+        return None if self._checkpointing() else super().first_reader()
 
 
 _CHECKPOINTED_CLASSES: dict[type, type] = {}

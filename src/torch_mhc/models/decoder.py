@@ -23,8 +23,8 @@ from torch_mhc.nn import (
     ManifoldHyperConnection,
     Residual,
     StreamConnection,
-    chain_reads,
     expand_streams,
+    forward_ahead_of,
     merge_streams,
 )
 from torch_mhc.nn.maps import make_h_res
@@ -257,7 +257,7 @@ def make_connection(cfg: ModelConfig, sublayer: nn.Module, layer_index: int) -> 
 
 
 class Block(nn.Module):
-    """Two sublayers, each wrapped: streams ``[B, T, n, dim] -> [B, T, n, dim]``."""
+    """Two sublayers, each wrapped: streams ``[B, T, n, dim]`` -> (streams ``[B, T, n, dim]``, read-ahead or None)."""
 
     def __init__(self, cfg: ModelConfig, block_index: int):
         super().__init__()
@@ -265,9 +265,43 @@ class Block(nn.Module):
         self.attn = make_connection(cfg, Attention(cfg, block_index), 2 * block_index)
         self.ffn = make_connection(cfg, FeedForward(cfg, use_moe), 2 * block_index + 1)
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention) -> torch.Tensor:
-        """``attention``: the attention's ``cache`` and ``mask`` (inference; see :class:`Attention`)."""
-        return self.ffn(self.attn(h, cos, sin, **attention))
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, read_ahead=None, reader=None,
+                **attention):
+        """``read_ahead``: what the previous block's last post computed for this block's first read (or None);
+        ``reader``: the connection that reads this block's output (the next block's :meth:`first_reader`), for
+        which the last post computes the returned read-ahead. ``attention``: the attention's ``cache`` and
+        ``mask`` (inference; see :class:`Attention`). The attention's post hands its read-ahead to the FFN's read."""
+        h, ahead = forward_ahead_of(self.attn, h, cos, sin, read_ahead=read_ahead, reader=self.ffn, **attention)
+        return forward_ahead_of(self.ffn, h, read_ahead=ahead, reader=reader)
+
+    def first_reader(self) -> nn.Module | None:
+        """The connection that reads this block's input and takes a read-ahead from the previous block (None: the
+        previous block computes none; a checkpointed block answers None)."""
+        return self.attn
+
+
+def run_blocks(blocks, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, **attention) -> torch.Tensor:
+    """streams ``[B, T, n, dim]`` through ``blocks`` in order, each block's last post handing the next block's first
+    read its read-ahead (the value path; nothing is written into a module). A module in ``blocks`` that is not a
+    :class:`Block` is called as ``module(h, cos, sin, **attention) -> streams`` and the read-ahead is dropped on
+    both sides of it; a block whose output a hook replaced by a tensor hands none on."""
+    blocks = list(blocks)
+    ahead = None
+    for i, block in enumerate(blocks):
+        nxt = blocks[i + 1] if i + 1 < len(blocks) else None
+        if not isinstance(block, Block):
+            h, ahead = block(h, cos, sin, **attention), None
+            continue
+        reader = nxt.first_reader() if isinstance(nxt, Block) else None
+        out = block(h, cos, sin, read_ahead=ahead, reader=reader, **attention)
+        if isinstance(out, torch.Tensor):
+            h, ahead = out, None
+        elif isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+            h, ahead = out
+        else:
+            raise ValueError(f"block {i} ({type(block).__name__}) returned {type(out).__name__}: a Block returns "
+                             "(streams, read-ahead or None), or a forward hook on it may return the streams alone")
+    return h
 
 
 class DecoderLM(nn.Module):
@@ -286,7 +320,6 @@ class DecoderLM(nn.Module):
             self.head_merge = HyperHead(cfg.dim, cfg.streams) if cfg.merge == "head" and cfg.streams > 1 else None
             self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        chain_reads(self.connections())  # fused kernels: each post computes its reader's GEMM (nn.connections)
         half = (cfg.dim // cfg.n_heads) // 2
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, half), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, half), persistent=False)
@@ -340,8 +373,7 @@ class DecoderLM(nn.Module):
         if cache is not None or attention_mask is not None or position_ids is not None:
             cos, sin, attention = self.attention_inputs(idx.shape[1], cache, attention_mask, position_ids)
         with self._recompute_context():
-            for block in self.blocks:
-                h = block(h, cos, sin, **attention)
+            h = run_blocks(self.blocks, h, cos, sin, **attention)
         logits = self.leave_streams(h)
         return logits, None if targets is None else lm_loss(logits, targets)
 

@@ -6,8 +6,10 @@ from torch_mhc.nn.connections import (
     ManifoldHyperConnection,
     Residual,
     StreamConnection,
-    chain_reads,
+    called_plainly,
     chained_backward,
+    forward_ahead_of,
+    run_chain,
 )
 from torch_mhc.nn.maps import (
     CirculantMap,
@@ -34,10 +36,12 @@ __all__ = [
     "Residual",
     "SinkhornMap",
     "StreamConnection",
-    "chain_reads",
+    "called_plainly",
     "chained_backward",
     "expand_streams",
+    "forward_ahead_of",
     "make_h_res",
     "merge_streams",
+    "run_chain",
     "sinkhorn",
 ]

@@ -10,6 +10,14 @@ through ``H_pre``, runs F once, writes back through ``H_post`` and mixes through
 
     x, state = conn.pre(streams)      # x: [..., dim]
     streams = conn.post(state, f(x))
+
+Read-ahead (fused kernels, mHC): a post may also compute the coefficient GEMM of the connection that reads the
+state it writes. That is a value the caller hands on, never state kept in a module::
+
+    streams, ahead = conn.forward_ahead(streams, reader=nxt)          # or: conn.post_ahead(state, f, nxt)
+    streams, ahead = nxt.forward_ahead(streams, read_ahead=ahead)     # or: nxt.pre(streams, read_ahead=ahead)
+
+``run_chain`` does this for a list of connections; ``forward_ahead_of`` for one connection that may carry hooks.
 """
 
 from __future__ import annotations
@@ -101,18 +109,26 @@ class StreamConnection(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Set the connection's own parameters as construction does (not the sublayer's)."""
 
-    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, ConnectionState]:
-        """streams ``[..., n, dim]`` -> (sublayer input ``[..., dim]``, state for ``post``)."""
+    def pre(self, streams: torch.Tensor, read_ahead=None) -> tuple[torch.Tensor, ConnectionState]:
+        """streams ``[..., n, dim]`` -> (sublayer input ``[..., dim]``, state for ``post``). ``read_ahead``: what
+        the post that wrote ``streams`` computed for this read (:meth:`post_ahead`), or None; used only by a
+        fused mHC read, and only if it was computed from this very tensor and this connection's phi."""
         self.check_streams(streams)
-        x, (h_pre, h_post, h_res), link = self.read(streams)
+        x, (h_pre, h_post, h_res), link = self.read(streams, read_ahead)
         if self.record:
             self.recorded = (h_pre.detach(), h_post.detach(), h_res.detach())
         return x, ConnectionState(streams, h_post, h_res, link)
 
-    def read(self, streams: torch.Tensor):
-        """streams -> (sublayer input, (H_pre, H_post, H_res), link for ``post`` or None)."""
+    def read(self, streams: torch.Tensor, read_ahead=None):
+        """streams -> (sublayer input, (H_pre, H_post, H_res), link for ``post`` or None); ``read_ahead`` is
+        ignored here (see :meth:`ManifoldHyperConnection.read`)."""
         coeffs = self.coefficients(streams)
         return Fm.stream_pre(streams, coeffs[0]), coeffs, None
+
+    def read_ahead_spec(self) -> tuple[torch.Tensor, float, bool] | None:
+        """(phi ``[n*dim, M]``, eps, batch_invariant) with which the post that writes this connection's input may
+        compute its read ahead, or None: this connection takes no read-ahead (only a fused mHC read does)."""
+        return None
 
     def check_output(self, state: ConnectionState, sublayer_output: torch.Tensor) -> None:
         expected = state.streams.shape[:-2] + (self.dim,)
@@ -122,27 +138,44 @@ class StreamConnection(nn.Module):
                 f"got {tuple(sublayer_output.shape)}"
             )
 
-    def write(self, state: ConnectionState, sublayer_output: torch.Tensor) -> torch.Tensor:
-        """The new streams ``H_res @ streams + H_post^T F`` (``post`` without its checks)."""
-        return Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link)
+    def write(self, state: ConnectionState, sublayer_output: torch.Tensor, reader=None):
+        """(The new streams ``H_res @ streams + H_post^T F``, None): ``post_ahead`` without its checks; a fused mHC
+        post also computes ``reader``'s read-ahead (:meth:`ManifoldHyperConnection.write`)."""
+        return Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link), None
 
     def post(self, state: ConnectionState, sublayer_output: torch.Tensor) -> torch.Tensor:
         """(state, F's output ``[..., dim]``) -> new streams ``[..., n, dim]``."""
+        return self.post_ahead(state, sublayer_output)[0]
+
+    def post_ahead(self, state: ConnectionState, sublayer_output: torch.Tensor, reader=None):
+        """(state, F's output ``[..., dim]``, the connection that reads the new streams next or None) -> (new streams
+        ``[..., n, dim]``, the read-ahead to hand to ``reader.pre`` or None). The read-ahead is computed only for a
+        ``reader`` given here, by a fused mHC post whose reader takes one (:meth:`read_ahead_spec`); else None."""
         self.check_output(state, sublayer_output)
-        out = self.write(state, sublayer_output)
+        out, ahead = self.write(state, sublayer_output, reader)
         rc = recompute.active()
-        if rc is not None and torch.is_grad_enabled():
+        if rc is not None and torch.is_grad_enabled() and state.h_post is not None:
             rc.register(out, state.streams, state.h_post, state.h_res, sublayer_output)
-        return out
+        return out, ahead
 
     def forward(self, streams: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """streams ``[..., n, dim]`` -> new streams (the wrapped sublayer called with ``x, *args, **kwargs``)."""
+        return self._run(streams, args, kwargs, None, None)[0]
+
+    def forward_ahead(self, streams: torch.Tensor, *args, read_ahead=None, reader=None, **kwargs):
+        """``forward`` with the read-ahead as a value: streams ``[..., n, dim]`` and what the previous post computed
+        for this read (or None) -> (new streams, the read-ahead for ``reader``, the next connection, or None).
+        Module hooks do not run (this is not ``__call__``): :func:`forward_ahead_of` calls hooked modules plainly."""
+        return self._run(streams, args, kwargs, read_ahead, reader)
+
+    def _run(self, streams, args, kwargs, read_ahead, reader):
         if self.sublayer is None:
             raise ValueError(
                 f"{type(self).__name__} was built without a sublayer: call pre()/post() around your "
                 "own code, or pass sublayer=..."
             )
-        x, state = self.pre(streams)
-        return self.post(state, self.sublayer(x, *args, **kwargs))
+        x, state = self.pre(streams, read_ahead)
+        return self.post_ahead(state, self.sublayer(x, *args, **kwargs), reader)
 
 
 class Residual(StreamConnection):
@@ -155,17 +188,16 @@ class Residual(StreamConnection):
     def coefficients(self, streams):
         return fixed_coefficients(streams, compute_dtype(streams.dtype))
 
-    def pre(self, streams):
+    def pre(self, streams, read_ahead=None):
         if self.n > 1 or self.record:
-            return super().pre(streams)
+            return super().pre(streams, read_ahead)
         self.check_streams(streams)  # n = 1: skip the coefficient arithmetic entirely
         return streams[..., 0, :], ConnectionState(streams, None, None)
 
-    def post(self, state, sublayer_output):
+    def write(self, state, sublayer_output, reader=None):
         if state.h_post is not None:
-            return super().post(state, sublayer_output)
-        self.check_output(state, sublayer_output)
-        return state.streams + sublayer_output.unsqueeze(-2).to(state.streams.dtype)
+            return super().write(state, sublayer_output, reader)
+        return state.streams + sublayer_output.unsqueeze(-2).to(state.streams.dtype), None
 
 
 class ManifoldHyperConnection(StreamConnection):
@@ -249,8 +281,6 @@ class ManifoldHyperConnection(StreamConnection):
             self.fn = nn.Parameter(torch.empty(width, n * dim))
             self.base = nn.Parameter(torch.empty(width))
             self.scale = nn.Parameter(torch.empty(3))
-        self.next_reader: ManifoldHyperConnection | None = None  # see chain_reads (not a submodule)
-        self._read_ahead = None  # the GEMM of our read, computed by the previous connection's fused post
         self.reset_parameters()
 
     @torch.no_grad()
@@ -295,42 +325,46 @@ class ManifoldHyperConnection(StreamConnection):
             return self.phi, self.bias, self.alpha
         return self.fn.t(), self.base, self.scale
 
-    def __setattr__(self, name, value):
-        if name == "next_reader":  # a reference, not a child: kept out of modules(), state_dict() and .to()
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    def coefficients_are_base(self) -> bool:
+        """Whether ``coefficients`` is :class:`ManifoldHyperConnection`'s own function under this connection's
+        settings: then the fused read, which computes that function, may replace it. A subclass that overrides
+        ``coefficients`` answers for its override (True where it reduces to the base's); by default it does not."""
+        return type(self).coefficients is ManifoldHyperConnection.coefficients
 
     def fused_read(self) -> bool:
-        """Whether the read is the fused sublayer's (dynamic, every mapping learned, ``coefficients`` not
-        overridden by a subclass: then the read goes through it) when the kernels run."""
-        return (self.dynamic and len(self.learn) == len(MAPPINGS)
-                and type(self).coefficients is ManifoldHyperConnection.coefficients)
+        """Whether the read is the fused sublayer's when the kernels run: dynamic, every mapping learned, and
+        ``coefficients`` the base's function (:meth:`coefficients_are_base`)."""
+        return self.dynamic and len(self.learn) == len(MAPPINGS) and self.coefficients_are_base()
 
-    def read(self, streams):
+    def read(self, streams, read_ahead=None):
         if not self.fused_read():
             return super().read(streams)
-        ahead, self._read_ahead = self._read_ahead, None
         phi, bias, alpha = self.projection()
         return Fm.mhc_sublayer_pre(streams, phi, bias, alpha, iters=self.sinkhorn_iters, eps=self.eps,
-                                   variant=self.variant, read_ahead=ahead, h_res=self.h_res_map,
+                                   variant=self.variant, read_ahead=read_ahead, h_res=self.h_res_map,
                                    batch_invariant=self.batch_invariant)
 
-    def write(self, state, sublayer_output):
-        """With the kernels and a next reader (:func:`chain_reads`), the post also computes the next
-        connection's coefficient GEMM on the state it writes (one pass over the state less per sublayer)."""
-        nxt = self.next_reader
-        if state.link is None or nxt is None or torch.compiler.is_compiling():
+    def read_ahead_spec(self):
+        """(phi ``[n*dim, M]``, eps, batch_invariant) for a fused read; None otherwise, and for a phi that is not a
+        plain tensor (an FSDP-sharded phi is a DTensor until its block gathers it)."""
+        phi = self.projection()[0]
+        if not self.fused_read() or type(phi.data) is not torch.Tensor:
+            return None
+        return phi, self.eps, self.batch_invariant
+
+    def write(self, state, sublayer_output, reader=None):
+        """With the kernels and a ``reader`` that takes a read-ahead (same n and dim, phi on the state's device),
+        the post also computes the reader's coefficient GEMM on the state it writes (one pass over the state less
+        per sublayer) and returns it (:class:`~torch_mhc.ops.sublayer.ReadAhead`) for ``reader.pre``."""
+        spec = None
+        if state.link is not None and reader is not None and not torch.compiler.is_compiling():
+            spec = reader.read_ahead_spec()
+        if spec is None or (reader.n, reader.dim) != (self.n, self.dim) or spec[0].device != state.streams.device:
             return super().write(state, sublayer_output)
-        phi = nxt.projection()[0]
-        if (not nxt.fused_read() or (nxt.n, nxt.dim) != (self.n, self.dim) or type(phi.data) is not torch.Tensor
-                or phi.device != state.streams.device):  # e.g. an FSDP-sharded phi (DTensor) is not read ahead
-            return super().write(state, sublayer_output)
-        out, nxt._read_ahead = Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output,
-                                              link=state.link, read_ahead=(phi, nxt.eps),
-                                              chain_backward=getattr(_chained, "depth", 0) > 0,
-                                              batch_invariant=nxt.batch_invariant)
-        return out
+        phi, eps, batch_invariant = spec
+        return Fm.stream_post(state.streams, state.h_post, state.h_res, sublayer_output, link=state.link,
+                              read_ahead=(phi, eps), chain_backward=getattr(_chained, "depth", 0) > 0,
+                              batch_invariant=batch_invariant)
 
     def coefficients(self, streams):
         """streams ``[..., n, dim]`` -> fp32 (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``)."""
@@ -411,17 +445,20 @@ _chained = threading.local()  # per thread: a forward in another thread is not c
 @contextlib.contextmanager
 def chained_backward():
     """Forwards run inside this scope (in this thread) let the fused kernels skip writing the gradient of each
-    state between two chained mHC sublayers (:func:`chain_reads`): the reader's backward leaves its terms to the
-    backward of the post that wrote the state, which sums them in its own pass (one write and one read of
-    ``[T, n, C]`` less per sublayer). The scope is read at forward time; the backward may run anywhere. The
+    state between two chained mHC sublayers (a post that computed its reader's read-ahead, the reader taking it:
+    :meth:`StreamConnection.post_ahead`): the reader's backward leaves its terms to the backward of the post that
+    wrote the state, which sums them in its own pass (one write and one read of ``[T, n, C]`` less per sublayer).
+    The handoff travels inside the read-ahead value. The scope is read at forward time, by each post that computes
+    a read-ahead (the trainer's forward passes through wrappers that take no extra argument); the backward may run
+    anywhere. The
     trainer runs each micro-batch's forward inside it. The price: those states' gradients are never
     materialised, so do not ask for them: ``torch.autograd.grad`` with respect to a state between two sublayers
     together with anything that needs the post that wrote it (an earlier sublayer's parameters, the input) returns
     zeros for the state (alone it is exact: the read then keeps its own dx; so is ``backward(inputs=[state])``,
     which retains the state's gradient), and hooks on autograd graph nodes (``grad_fn.register_hook``,
     ``register_prehook``) around such a state see zeros and cannot change the deferred terms. Tensor hooks
-    (``register_hook``) and ``retain_grad`` on the state are detected and turn the deferral off for it, and so do
-    module backward hooks (they hand the reader a new tensor). Otherwise parameter and input gradients are the
+    (``register_hook``) and ``retain_grad`` on the state are detected and turn the deferral off for it, and
+    hooked connections get no read-ahead (:func:`forward_ahead_of`). Otherwise parameter and input gradients are the
     same function either way (summed in another order: rounding-level differences). n <= 4; no effect on the
     reference path."""
     _chained.depth = getattr(_chained, "depth", 0) + 1
@@ -431,12 +468,36 @@ def chained_backward():
         _chained.depth -= 1
 
 
-def chain_reads(connections: list[StreamConnection]) -> None:
-    """Tell each mHC connection which one reads the state it writes: the next in ``connections`` (depth
-    order), if that is a dynamic mHC connection too. With the fused kernels a post then computes its reader's
-    coefficient GEMM while it writes the state; the reader uses it only if it gets that very state (anything
-    in between that changes or replaces the state makes it compute its own). Results are the same function
-    of the inputs either way (the GEMM's sums run in another order: rounding-level differences)."""
-    for conn, nxt in zip(connections, list(connections[1:]) + [None]):
-        if isinstance(conn, ManifoldHyperConnection):
-            conn.next_reader = nxt if isinstance(nxt, ManifoldHyperConnection) else None
+def called_plainly(module: nn.Module) -> bool:
+    """Whether ``module(...)`` is just ``module.forward(...)``: no forward or backward hooks on it or global ones,
+    not compiled (``module.compile()``). Only then may a loop call ``forward_ahead`` in its place."""
+    from torch.nn.modules import module as m
+
+    return not (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or module._compiled_call_impl is not None
+                or m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or m._global_backward_pre_hooks)
+
+
+def forward_ahead_of(conn: nn.Module, streams: torch.Tensor, *args, read_ahead=None, reader=None, **kwargs):
+    """``conn(streams, *args, **kwargs)`` with the read-ahead handed on: -> (new streams, read-ahead for
+    ``reader`` or None). A connection called plainly (:func:`called_plainly`) runs ``forward_ahead``; anything
+    else (a hooked or compiled connection, a module that is not a :class:`StreamConnection`) is called as a
+    module, its hooks run, and the read-ahead is dropped on both sides of it (its reader and its writer compute
+    their own GEMMs: the same results). A hooked or compiled ``reader`` gets no read-ahead either."""
+    if not isinstance(conn, StreamConnection) or not called_plainly(conn):
+        return conn(streams, *args, **kwargs), None
+    if reader is not None and not (isinstance(reader, StreamConnection) and called_plainly(reader)):
+        reader = None
+    return conn.forward_ahead(streams, *args, read_ahead=read_ahead, reader=reader, **kwargs)
+
+
+def run_chain(connections: list[nn.Module], streams: torch.Tensor) -> torch.Tensor:
+    """streams ``[..., n, dim]`` through ``connections`` in order (each with its sublayer and no other argument),
+    each post handing the next connection its read-ahead (:func:`forward_ahead_of`). The results are the same
+    function of the inputs as ``conns[-1](...conns[0](streams))`` (the read-ahead GEMM sums in another order:
+    rounding-level differences with the kernels; the reference path is unchanged)."""
+    ahead = None
+    for conn, reader in zip(connections, list(connections[1:]) + [None]):
+        streams, ahead = forward_ahead_of(conn, streams, read_ahead=ahead, reader=reader)
+    return streams
