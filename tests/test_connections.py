@@ -390,3 +390,26 @@ def test_hc_identity_fixes_h_res_only():
     torch.testing.assert_close(qi, qf)
     assert not torch.allclose(rf, torch.eye(n, dtype=torch.float64))
     assert torch.equal(ri, torch.eye(n, dtype=torch.float64).expand_as(ri))
+
+
+@pytest.mark.parametrize("learn", [("pre", "post", "res"), ("pre", "post"), ("res",), ()])
+@pytest.mark.parametrize("make", [
+    lambda learn, dyn: ManifoldHyperConnection(6, 3, nn.Linear(6, 6), learn=learn, dynamic=dyn, bias_init="v4"),
+    lambda learn, dyn: ManifoldHyperConnection(6, 3, nn.Linear(6, 6), learn=learn, dynamic=dyn, h_res="circulant",
+                                               variant="deepseek-v4", bias_init="v4"),
+    lambda learn, dyn: HyperConnection(6, 3, nn.Linear(6, 6), learn=learn, dynamic=dyn),
+], ids=["mhc", "mhc-v4-circulant", "hc"])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_unused_param_count_is_what_gets_no_gradient(make, learn, dynamic):
+    """unused_param_count equals the entries of the connection's own parameters whose gradient is exactly 0
+    after a backward through random float64 streams (the fixed mappings' projections, biases and scales)."""
+    torch.manual_seed(0)
+    conn = make(learn, dynamic).double()
+    with torch.no_grad():  # every parameter away from init, so no used entry has a zero gradient by accident
+        for p in conn.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(5, 3, 6, dtype=torch.float64)
+    conn(x).square().sum().backward()
+    own = [p for name, p in conn.named_parameters() if not name.startswith("sublayer.")]
+    zero = sum(p.numel() if p.grad is None else int((p.grad == 0).sum()) for p in own)
+    assert conn.unused_param_count() == zero

@@ -472,8 +472,12 @@ class DecoderLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
+    def num_params(self, exclude_embedding: bool = False, trained_only: bool = False) -> int:
+        """Parameter entries; ``trained_only``: less those the output never reads (the connections' fixed
+        mappings, e.g. the identity controls' res projection: ``unused_param_count``)."""
         n = sum(p.numel() for p in self.parameters())
+        if trained_only:
+            n -= sum(c.unused_param_count() for c in self.connections())
         return n - self.embed.weight.numel() if exclude_embedding else n
 
     @torch.no_grad()

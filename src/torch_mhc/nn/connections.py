@@ -96,6 +96,12 @@ class StreamConnection(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n={self.n}"
 
+    def unused_param_count(self) -> int:
+        """Entries of this connection's own parameters that its output never reads (those of the mappings that
+        ``learn`` fixes, or the dynamic projections of static mappings): they get no gradient and are not
+        counted by ``DecoderLM.num_params(trained_only=True)``."""
+        return 0
+
     def check_streams(self, streams: torch.Tensor) -> None:
         if streams.dim() < 2 or streams.shape[-2] != self.n or streams.shape[-1] != self.dim:
             raise ValueError(
@@ -283,6 +289,14 @@ class ManifoldHyperConnection(StreamConnection):
             self.scale = nn.Parameter(torch.empty(3))
         self.reset_parameters()
 
+    def unused_param_count(self) -> int:
+        n, per_column = self.n, self.n * self.dim
+        columns = dict(zip(MAPPINGS, (n, n, self.h_res_map.logit_count())))
+        fixed = [m for m in MAPPINGS if m not in self.learn]
+        if not self.dynamic:  # static mappings read the bias alone: phi and alpha are unused
+            return per_column * sum(columns.values()) + 3 + sum(columns[m] for m in fixed)
+        return sum(columns[m] * (per_column + 1) + 1 for m in fixed)  # phi columns, bias entries, alpha
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Set phi, bias and alpha as construction does, drawing phi from ``generator`` (CPU; default:
@@ -416,6 +430,11 @@ class HyperConnection(StreamConnection):
         else:
             self.w_pre = self.w_post = self.w_res = self.scale = None
         self.reset_parameters()
+
+    def unused_param_count(self) -> int:
+        n, dim = self.n, self.dim
+        sizes = {"pre": (n, dim), "post": (n, dim), "res": (n * n, dim * n)}  # static, dynamic projection
+        return sum(sizes[m][0] + (sizes[m][1] + 1 if self.dynamic else 0) for m in MAPPINGS if m not in self.learn)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

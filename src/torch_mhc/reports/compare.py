@@ -651,7 +651,7 @@ def compare(config: str | None, modes: list[str], overrides: list[str], out: str
     runs_dir = report_dir / "runs"
     cfgs = {(a, lr, s): plan.config(a, lr, s, runs_dir) for s in plan.seeds for lr in plan.lrs for a, _ in plan.arms}
     check_data(next(iter(cfgs.values())))
-    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params()
+    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params(trained_only=True)
               for a, _ in plan.arms}
     if not resume:
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -690,7 +690,7 @@ def summarize(report_dir: str | Path, log=print) -> Path:
                 cfgs[arm, lr, seed], results[arm, lr, seed] = cfg, result
     if not cfgs:
         raise UserError(f"no run in {runs_dir} has finished: nothing to summarise.")
-    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params()
+    params = {a: DecoderLM(plan.config(a, plan.lrs[0], plan.seeds[0], runs_dir).model).num_params(trained_only=True)
               for a, _ in plan.arms}
     log(f"== summarising {len(cfgs)} finished runs; not run: {', '.join(not_run) or 'none'}")
     return write_outputs(report_dir, plan, cfgs, results, params, not_run)
