@@ -32,6 +32,21 @@ def test_depth_points_from_committed_comparisons(tmp_path):
     assert main([str(tmp_path / "d2.png"), *map(str, dirs)]) == 0 and (tmp_path / "d2.png").is_file()
 
 
+def test_depth_points_carry_the_whole_stack_distance_from_uniform(tmp_path):
+    """The committed depth comparisons (4, 12, 24 sublayers) give each mHC arm's whole-stack prod H_res distance
+    from J/n per seed, as their summaries' rows hold it; the residual arm has none."""
+    dirs = [RESULTS / f"stress-depth{d}" for d in (4, 12, 24)]
+    points = depth_points(dirs)
+    assert [p["sublayers"] for p in points["mhc-v4-a1"]] == [4, 12, 24]
+    for d, point in zip(dirs, points["mhc-v4-a1"]):
+        rows = json.loads((d / "summary.json").read_text())["runs"]
+        assert point["stack_from_uniform"] == [r["stack_from_uniform"] for r in rows if r["arm"] == "mhc-v4-a1"]
+    assert all(p["stack_from_uniform"] is None for p in points["residual"])
+    assert all(0 < v <= 1.0 + 1e-6 for p in points["mhc"] for v in p["stack_from_uniform"])  # doubly stochastic
+    fig = plot_depth(points, tmp_path / "depth.png")
+    assert fig.stat().st_size > 10_000
+
+
 def test_depth_refuses_a_directory_that_is_not_a_comparison(tmp_path):
     with pytest.raises(UserError, match="not a finished `mhc compare` directory"):
         depth_points([tmp_path])
