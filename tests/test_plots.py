@@ -251,3 +251,9 @@ def test_mhc_plot_on_real_runs(tmp_path, small_text, capsys):
                                for line in metrics.read_text().splitlines()))
     assert main(["plot", str(runs / "mhc"), "--out", str(tmp_path / "q"), "--bpb"]) == 2
     assert "logged no bits per byte" in capsys.readouterr().err
+
+
+def test_arm_colors_are_distinct_for_twenty_arms_and_keep_tab10_for_ten():
+    colors = [plots.arm_color(i) for i in range(20)]
+    assert len(set(colors)) == 20
+    assert colors[:10] == [plots.plt.get_cmap("tab10")(i) for i in range(10)]

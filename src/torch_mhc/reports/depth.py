@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from torch_mhc.reports import stats
-from torch_mhc.reports.plots import legend_if_labelled, plain_ticks, plt, value_scale
+from torch_mhc.reports.plots import arm_color, legend_if_labelled, plain_ticks, plt, value_scale
 from torch_mhc.train.config import UserError
 
 
@@ -55,7 +55,7 @@ def plot_depth(points: dict[str, list[dict]], out: str | Path, title: str = "") 
     does ``prod H_res`` collapse towards averaging the streams as depth grows?"""
     fig, (ax_gap, ax_gain, ax_stack) = plt.subplots(1, 3, figsize=(17, 4.8))
     for i, (arm, pts) in enumerate(points.items()):
-        color = plt.get_cmap("tab10")(i % 10)
+        color = arm_color(i)
         with_gap = [p for p in pts if p["gap"] and p["gap"]["mean"] is not None]
         if with_gap:
             xs = [p["sublayers"] for p in with_gap]

@@ -84,6 +84,12 @@ def legend_if_labelled(ax, fontsize: int = 8) -> None:
         ax.legend(fontsize=fontsize)
 
 
+def arm_color(i: int):
+    """The i-th line's colour: tab10's ten colours, then their light variants (tab20's odd entries), so that up
+    to 20 arms in one plot have distinct colours."""
+    return plt.get_cmap("tab20")((2 * i + (i // 10) % 2) % 20)
+
+
 def value_scale(ax, values, axis: str = "y", decades: float = 1.0) -> None:
     """Log scale for positive ``values`` that span at least ``decades`` decades, else linear (a log axis over a
     narrow range has no decade inside and labels its ticks like "1.0015x10^0"); then :func:`plain_ticks`."""
@@ -173,7 +179,7 @@ def plot_gains(diags: dict[str, dict], out: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5), layout="constrained")
     values = {0: [], 1: [], 2: []}
     for r, (label, d) in enumerate(diags.items()):
-        g, color = d["gains"], plt.get_cmap("tab10")(r % 10)
+        g, color = d["gains"], arm_color(r)
         if "composite_from_uniform" not in g and "h_res_mean" in d:  # written before the metric: recomputed
             g = amax_gains(torch.as_tensor(d["h_res_mean"], dtype=torch.float64))
         layers = range(len(g["single_fwd"]))

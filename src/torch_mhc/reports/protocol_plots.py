@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from torch_mhc.reports.plots import (
+    arm_color,
     grad_norm_records,
     last_diagnostics,
     legend_if_labelled,
@@ -19,10 +20,6 @@ from torch_mhc.reports.plots import (
     ticker,
     value_scale,
 )
-
-
-def _color(i: int):
-    return plt.get_cmap("tab10")(i % 10)
 
 
 def _save(fig, path: Path) -> Path:
@@ -42,10 +39,10 @@ def plot_lr_sweep(protocol: dict, out: Path) -> Path:
         if not pts:
             continue
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                    color=_color(i), label=f"{arm} (selected {a['selected_lr']:g})" if a["selected_lr"] else arm)
+                    color=arm_color(i), label=f"{arm} (selected {a['selected_lr']:g})" if a["selected_lr"] else arm)
         if a["selected_lr"] is not None:
             best = a["val_loss_by_lr"][f"{a['selected_lr']:g}"]["mean"]
-            ax.plot([a["selected_lr"]], [best], marker="o", ms=14, mfc="none", mec=_color(i), mew=2)
+            ax.plot([a["selected_lr"]], [best], marker="o", ms=14, mfc="none", mec=arm_color(i), mew=2)
     lrs = sorted({float(k) for a in protocol["arms"].values() for k in a["val_loss_by_lr"]})
     ax.set_xscale("log"), ax.set_xlabel("peak learning rate"), ax.set_ylabel("final validation loss (nats/token)")
     ax.set_title(f"validation loss by lr (mean +- sd over {len(protocol['seeds'])} seeds; circle: selected)")
@@ -87,14 +84,14 @@ def plot_loss_bands(protocol: dict, rows: list[dict], runs_dir: Path, out: Path)
     for i, (arm, runs) in enumerate(selected.items()):
         series = [curves[r["name"]] for r in runs]
         n = min(len(s[0]) for s in series)
-        _band(axes[0], series[0][0][:n], [s[1][:n] for s in series], _color(i),
+        _band(axes[0], series[0][0][:n], [s[1][:n] for s in series], arm_color(i),
               f"{arm} @ {runs[0]['lr']:g} ({len(runs)} seed{'s' * (len(runs) != 1)})")
         if arm == protocol["baseline"] or not base:
             continue
         gaps = [[v - b for v, b in zip(curves[r["name"]][1], base[r["seed"]][1])] for r in runs if r["seed"] in base]
         if gaps:
             m = min(len(g) for g in gaps)
-            _band(axes[1], series[0][0][:m], [g[:m] for g in gaps], _color(i), f"{arm} - {protocol['baseline']}")
+            _band(axes[1], series[0][0][:m], [g[:m] for g in gaps], arm_color(i), f"{arm} - {protocol['baseline']}")
     axes[1].axhline(0, color="k", lw=0.8)
     for ax, title in zip(axes, ("validation loss (each arm at its selected lr)",
                                 "validation loss gap to residual, paired by seed")):
@@ -124,20 +121,20 @@ def plot_connection_health(protocol: dict, rows: list[dict], runs_dir: Path, out
             for j, (mapping, style) in enumerate((("pre", "-"), ("post", "--"), ("res", ":"))):
                 steps = [d["step"] for d in diags]
                 axes[0][0].plot(steps, [max(abs(s["alpha"][j]) for s in d["layers"]) for d in diags], style,
-                                color=_color(i), label=f"{arm} {mapping}")
+                                color=arm_color(i), label=f"{arm} {mapping}")
         for key, style in (("pre_saturated", "-"), ("post_saturated", "--")):
             steps, vals = _per_layer(diags, key)
             if steps:
-                axes[0][1].plot(steps, vals, style, color=_color(i), label=f"{arm} {key.replace('_', ' ')}")
+                axes[0][1].plot(steps, vals, style, color=arm_color(i), label=f"{arm} {key.replace('_', ' ')}")
         if runs[0]["n"] > 1:
             after_first = [{**d, "layers": d["layers"][1:] or d["layers"]} for d in diags]  # layer 0 reads copies
-            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", statistics.fmean), color=_color(i),
+            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", statistics.fmean), color=arm_color(i),
                             label=f"{arm} mean")
-            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", min), "--", color=_color(i),
+            axes[1][0].plot(*_per_layer(after_first, "stream_copy_dist", min), "--", color=arm_color(i),
                             label=f"{arm} min")
-            axes[1][1].plot(*_per_layer(diags, "res_dist_identity", statistics.fmean), color=_color(i),
+            axes[1][1].plot(*_per_layer(diags, "res_dist_identity", statistics.fmean), color=arm_color(i),
                             label=f"{arm} mean")
-            axes[1][1].plot(*_per_layer(diags, "res_dist_identity"), "--", color=_color(i), label=f"{arm} max")
+            axes[1][1].plot(*_per_layer(diags, "res_dist_identity"), "--", color=arm_color(i), label=f"{arm} max")
     titles = (("max |alpha| over layers", "|alpha|"), ("saturated fraction (max over layers)", "fraction"),
               ("distance of the streams from copies of each other (layers after the first)", "relative spread"),
               ("||mean H_res - I||_F over layers", "distance"))
@@ -168,7 +165,7 @@ def plot_grad_norm_steps(protocol: dict, rows: list[dict], runs_dir: Path, out: 
     values = []
     for i, (arm, runs) in enumerate(_selected_runs(protocol, rows).items()):
         recs = grad_norm_records(runs_dir / runs[0]["name"])
-        ax.plot([r["step"] for r in recs], [r["grad_norm"] for r in recs], lw=0.8, color=_color(i),
+        ax.plot([r["step"] for r in recs], [r["grad_norm"] for r in recs], lw=0.8, color=arm_color(i),
                 label=spike_label(arm, protocol, rows, runs[0]))
         values += [r["grad_norm"] for r in recs]
     ax.set_xlabel("step"), ax.set_ylabel("gradient norm (before clipping)")
