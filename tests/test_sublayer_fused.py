@@ -129,7 +129,7 @@ USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_t
 
 
 @pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)
-@pytest.mark.parametrize("n", [1, 3, 4])
+@pytest.mark.parametrize("n", [1, 3, 4, 6])
 def test_fused_sublayer_matches_reference(use, n):
     C, x0 = 24, torch.randn(3, 5, n, 24, generator=torch.Generator().manual_seed(n))
     conn = make_conn(n, C, seed=n)
@@ -143,7 +143,7 @@ def test_fused_sublayer_matches_reference(use, n):
 
 @pytest.mark.parametrize("use", [state_feeds_two_consumers, chained_state_also_used], ids=lambda u: u.__name__)
 @pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
-@pytest.mark.parametrize("n", [2, 6, 8])
+@pytest.mark.parametrize("n", [2, 8])
 def test_fused_sublayer_bf16_and_variants(variant, n, use):
     C, x0 = 40, torch.randn(7, n, 40, generator=torch.Generator().manual_seed(n))
     conn = make_conn(n, C, variant, seed=n)
