@@ -592,7 +592,7 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
         n_t = triton.cdiv(T, bt)
-        split, k_per = (1, K) if batch_invariant else gemm_fwd_split(n_t, K, bk)  # batch-invariant: one K slice
+        split, k_per = gemm_fwd_split(n_t, K, bk, batch_invariant)
         if split == 1:
             _gemm_fwd[(n_t, 1)](
                 x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps, K,
