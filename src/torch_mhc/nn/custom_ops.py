@@ -273,11 +273,6 @@ def _stream_post_grad(ctx, dout):
 _stream_post_op.register_autograd(_stream_post_grad, setup_context=_setup_saving_inputs)
 
 
-def _flat(t: Tensor, *shape) -> Tensor:
-    t = t.reshape(*shape)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, variant: str, h_res=None,
                            batch_invariant: bool = False):
     """x ``[..., n, C]`` -> (H_pre ``[..., n]``, H_post ``[..., n]``, H_res ``[..., n, n]``) through
@@ -287,8 +282,8 @@ def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, varia
     lead = x.shape[:-2]
     spec = ops.kernel_spec(h_res, iters, variant)
     iters, softmax, transpose = spec[1:] if spec[0] == "sinkhorn" else (0, False, False)
-    pre, post, res, _, _ = _coefficients_op(_flat(x, -1, n, C), phi, bias, alpha, float(eps), variant, int(iters),
-                                            bool(softmax), bool(transpose), bool(batch_invariant))
+    pre, post, res, _, _ = _coefficients_op(x.reshape(-1, n, C).contiguous(), phi, bias, alpha, float(eps), variant,
+                                            int(iters), bool(softmax), bool(transpose), bool(batch_invariant))
     res = res.view(*lead, n, n) if iters else h_res(res.view(*lead, res.shape[-1]))
     return pre.view(*lead, n), post.view(*lead, n), res
 
@@ -296,15 +291,16 @@ def fused_mhc_coefficients(x, phi, bias, alpha, *, iters: int, eps: float, varia
 def fused_stream_pre(x: Tensor, h_pre: Tensor) -> Tensor:
     """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``[..., C]`` in x's dtype, through ``torch_mhc::stream_pre``."""
     n, C = x.shape[-2:]
-    return _stream_pre_op(_flat(x, -1, n, C), _flat(h_pre.float(), -1, n)).view(*x.shape[:-2], C)
+    y = _stream_pre_op(x.reshape(-1, n, C).contiguous(), h_pre.float().reshape(-1, n).contiguous())
+    return y.view(*x.shape[:-2], C)
 
 
 def fused_stream_post(x: Tensor, h_post: Tensor, h_res: Tensor, f_out: Tensor) -> Tensor:
     """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]`` -> ``[..., n, C]`` in x's
     dtype, through ``torch_mhc::stream_post``."""
     n, C = x.shape[-2:]
-    out = _stream_post_op(_flat(x, -1, n, C), _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n),
-                          _flat(f_out, -1, C))
+    out = _stream_post_op(x.reshape(-1, n, C).contiguous(), h_post.float().reshape(-1, n).contiguous(),
+                          h_res.float().reshape(-1, n, n).contiguous(), f_out.reshape(-1, C).contiguous())
     return out.view(*x.shape[:-2], n, C)
 
 

@@ -706,9 +706,7 @@ def fused_mhc_coefficients(x, phi, bias, alpha, *, eps: float, variant: str, spe
     ``batch_invariant``: see :func:`coefficients_forward`."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
-    x2d = x.reshape(-1, n * C)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
+    x2d = x.reshape(-1, n * C).contiguous()
     epi = make_epilogue(n, spec, variant == "deepseek-v4")
     pre, post, res = FusedCoefficients.apply(x2d, phi, bias, alpha, epi, eps, batch_invariant)
     res = res.view(*lead, n, n) if epi.on_chip else h_res(res.view(*lead, epi.k))

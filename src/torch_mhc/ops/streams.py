@@ -284,11 +284,6 @@ def _read_ahead_blocks(n: int, C: int, T: int, batch_invariant: bool = False) ->
     return bt, 16, 8
 
 
-def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
-    t = t.reshape(*shape)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 @on_tensors_device
 def pre_forward(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """x [T, n, C], h_pre [T, n] fp32 -> y [T, C] (x's dtype)."""
@@ -425,7 +420,7 @@ def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """x ``[..., n, C]``, h_pre ``[..., n]`` -> ``[..., C]`` in x's dtype."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
-    y = FusedStreamPre.apply(_flat(x, -1, n, C), _flat(h_pre.float(), -1, n))
+    y = FusedStreamPre.apply(x.reshape(-1, n, C).contiguous(), h_pre.float().reshape(-1, n).contiguous())
     return y.view(*lead, C)
 
 
@@ -433,6 +428,6 @@ def fused_stream_post(x, h_post, h_res, f_out):
     """x ``[..., n, C]``, h_post ``[..., n]``, h_res ``[..., n, n]``, f ``[..., C]`` -> ``[..., n, C]`` (x's dtype)."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
-    out = FusedStreamPost.apply(_flat(x, -1, n, C), _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n),
-                                _flat(f_out, -1, C))
+    out = FusedStreamPost.apply(x.reshape(-1, n, C).contiguous(), h_post.float().reshape(-1, n).contiguous(),
+                                h_res.float().reshape(-1, n, n).contiguous(), f_out.reshape(-1, C).contiguous())
     return out.view(*lead, n, C)

@@ -233,11 +233,6 @@ class FusedSublayerPost(torch.autograd.Function):
         return None, dx, dhp.to(h_post.dtype), dhr.to(h_res.dtype), df, None, None, None
 
 
-def _flat(t: torch.Tensor, *shape) -> torch.Tensor:
-    t = t.reshape(*shape)
-    return t if t.is_contiguous() else t.contiguous()
-
-
 def _writer_node(state: torch.Tensor):
     """The autograd node of the post that wrote ``state`` (the tensor its ``fused_sublayer_post`` returned, a view
     of the Function's output): the node whose execution the read checks, not the view's own node, which a
@@ -257,7 +252,7 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: t
     ``batch_invariant``: no token-count-dependent split of the GEMM (``coefficients_forward``)."""
     n, C = x.shape[-2:]
     lead = x.shape[:-2]
-    x3 = _flat(x, -1, n, C)
+    x3 = x.reshape(-1, n, C).contiguous()
     raw_inv = chain = None
     if read_ahead is not None and read_ahead.matches(x3, phi, eps):
         raw_inv = (read_ahead.raw, read_ahead.inv)
@@ -279,7 +274,8 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
     x3, link_t = link
     _, n, C = x3.shape
     lead = f_out.shape[:-1]
-    args = (x3, link_t, _flat(h_post.float(), -1, n), _flat(h_res.float(), -1, n, n), _flat(f_out, -1, C))
+    args = (x3, link_t, h_post.float().reshape(-1, n).contiguous(), h_res.float().reshape(-1, n, n).contiguous(),
+            f_out.reshape(-1, C).contiguous())
     if read_ahead is None:
         return FusedSublayerPost.apply(*args).view(*lead, n, C)
     phi, eps = read_ahead
