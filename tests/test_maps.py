@@ -258,6 +258,15 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
+def assert_chain_equals_float64(conns, x, backend="triton"):
+    """The stack ``conns`` on streams x through ``backend`` against the float64 reference path (``conns`` end up in
+    float64): the state and every gradient within 2e-5 relative."""
+    fused = run_chain(conns, x.clone().requires_grad_(), backend)
+    ref = run_chain([c.double() for c in conns], x.double().requires_grad_(), "reference")
+    for a, b in zip(fused, ref):
+        assert rel_err(a, b) < 2e-5
+
+
 FUSED_CASES = [(name, n) for name in H_RES_MAPS for n in (1, 2, 4, 8) if not (name == "permutation-mixture" and n > 4)]
 
 
@@ -268,10 +277,7 @@ def test_fused_equals_float64_reference(name, n):
     pytest.importorskip("triton")
     conns = make_chain(name, n, 24)
     x = torch.randn(2, 3, n, 24)
-    fused = run_chain(conns, x.clone().requires_grad_(), "triton")
-    ref = run_chain([c.double() for c in conns], x.double().requires_grad_(), "reference")
-    for a, b in zip(fused, ref):
-        assert rel_err(a, b) < 2e-5
+    assert_chain_equals_float64(conns, x)
 
 
 @pytest.mark.parametrize("name", ["circulant", "permutation-mixture", "identity", "kronecker"])
@@ -358,10 +364,7 @@ def test_user_map_takes_effect(backend):
 
     # a map with a logit: fused == float64 reference, gradients included (bias, alpha, phi of the res column)
     conns = make_chain(LazyMix(n), n, C, k=2)
-    fused = run_chain(conns, x.clone().requires_grad_(), backend)
-    ref = run_chain([c.double() for c in conns], x.double().requires_grad_(), "reference")
-    for a, b in zip(fused, ref):
-        assert rel_err(a, b) < 2e-5
+    assert_chain_equals_float64(conns, x, backend)
     fresh = ManifoldHyperConnection(C, n, h_res=LazyMix(n), identity_gap=5.0)
     assert fresh.bias.shape == (2 * n + 1,) and fresh.bias[-1].item() == -5.0  # the map's own init
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import CountLaunches  # noqa: E402
-from test_maps import make_chain, rel_err, run_chain  # noqa: E402
+from test_maps import assert_chain_equals_float64, make_chain  # noqa: E402
 from test_ops import check_coefficients, make_coeff_inputs  # noqa: E402
 from torch_mhc import ops  # noqa: E402
 from torch_mhc.nn.maps import (  # noqa: E402
@@ -94,10 +94,7 @@ def test_chained_stack_on_chip_equals_float64_reference(name, n, monkeypatch):
     counted = count_epilogues(monkeypatch)
     conns = make_chain(name, n, 24)
     x = torch.randn(2, 3, n, 24)
-    fused = run_chain(conns, x.clone().requires_grad_(), "triton")
-    ref = run_chain([c.double() for c in conns], x.double().requires_grad_(), "reference")
-    for a, b in zip(fused, ref):
-        assert rel_err(a, b) < 2e-5
+    assert_chain_equals_float64(conns, x)
     want = (RES_IDENTITY if name == "identity" else RES_MIXTURE).value
     assert all(c.launches == 3 and {k["RES"] for k in c.kwargs} == {want} for c in counted)
 
@@ -116,8 +113,5 @@ def test_subclass_overriding_h_res_takes_the_logits_path(cls, monkeypatch):
     n = 4
     conns = make_chain(Squared(n), n, 16, k=2)
     x = torch.randn(2, 3, n, 16)
-    fused = run_chain(conns, x.clone().requires_grad_(), "triton")
-    ref = run_chain([c.double() for c in conns], x.double().requires_grad_(), "reference")
-    for a, b in zip(fused, ref):
-        assert rel_err(a, b) < 2e-5
+    assert_chain_equals_float64(conns, x)
     assert counted[0].launches == 2 and all({k["RES"] for k in c.kwargs} == {RES_LOGITS.value} for c in counted)
