@@ -122,7 +122,7 @@ def test_coefficients_split_k(n, T, C, dtype, monkeypatch):
         assert rel_err(a, b) < COEFF_TOL
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8])
 @pytest.mark.parametrize("T, C", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_stream_pre_post(n, T, C, dtype):
@@ -192,7 +192,8 @@ def test_backend_switch():
         assert not ops.should_fuse(torch.zeros(1, device=DEVICE))
     with ops.use_backend("triton"):
         assert ops.should_fuse(torch.zeros(1, 4, 8)) and not ops.should_fuse(torch.zeros(1, 4, 8, dtype=torch.float64))
-        assert not any(ops.should_fuse(torch.zeros(1, n, 8)) for n in (3, 5, 6, 7, 12, 16))
+        assert all(ops.should_fuse(torch.zeros(1, n, 8)) for n in range(1, 9))
+        assert not any(ops.should_fuse(torch.zeros(1, n, 8)) for n in (9, 12, 16))
 
 
 @pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
@@ -224,7 +225,7 @@ def test_fused_sublayer_is_deterministic(n):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 3, 4])
 @pytest.mark.parametrize("T, C", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chained_stack_against_reference(n, T, C, dtype, monkeypatch):
@@ -291,15 +292,28 @@ def test_fp32_streams_keep_fp32_products(case):
 
 
 def test_block_tables_and_budgets_cover_exactly_the_fused_stream_counts():
-    """should_fuse's FUSED_STREAMS is what the kernels are built for: every n in it has its blocks and a register
-    budget and is traced by the compile gate; no other n reaches a kernel."""
-    from torch_mhc.ops import aot, coefficients
+    """should_fuse's FUSED_STREAMS is what the kernels are built for: every n in it (1 to 8) takes the blocks and
+    register budget of its padded count (the tables are keyed by the powers of two the kernels' aranges take) and
+    is traced by the compile gate; an n beyond the tables is a clear ValueError, never a KeyError."""
+    from torch_mhc.ops import aot, coefficients, streams
+    from torch_mhc.ops.blocks import padded, padded_entry
 
     fused = set(ops.FUSED_STREAMS)
-    assert all(n & (n - 1) == 0 for n in fused)  # tl.arange over the streams
-    for table in (coefficients.GEMM_FWD_BLOCKS, coefficients.GEMM_BWD_BLOCKS, coefficients.EPI_BLOCK,
-                  aot.STREAM_REG_BUDGET):
-        assert set(table) == fused
+    assert fused == set(range(1, 9))
+    assert [padded(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    tables = (coefficients.GEMM_FWD_BLOCKS, coefficients.GEMM_BWD_BLOCKS, coefficients.GEMM_FWD_BLOCKS_FP32,
+              coefficients.GEMM_BWD_BLOCKS_FP32, coefficients.EPI_BLOCK, aot.STREAM_REG_BUDGET)
+    for table in tables:
+        assert set(table) == {padded(n) for n in fused}
+        for n in fused:
+            assert padded_entry(table, n) == table[padded(n)]
+        with pytest.raises(ValueError, match="n = 9"):
+            padded_entry(table, 9)
+    for n in fused:  # the stream kernels' token blocks are powers of two (tl.arange) for every n and C
+        for C in (8, 24, 1000):
+            for post_bwd in (False, True):
+                bt, bc, _ = streams._blocks(n, C, post_bwd)
+                assert bt & (bt - 1) == 0 and bc & (bc - 1) == 0, (n, C, post_bwd)
     assert {case["n"] for case in aot.GATE_CASES} == fused
 
 
@@ -314,11 +328,11 @@ def _connections(n, C):
             HyperConnection(C, n, torch.nn.Tanh(), dynamic=False)]
 
 
-@pytest.mark.parametrize("n", [3, 5, 6, 16])
+@pytest.mark.parametrize("n", [9, 12, 16])
 def test_stream_counts_the_kernels_do_not_support_take_the_reference_path(n):
     """n outside FUSED_STREAMS on the path that fuses (the triton backend; CUDA tensors under auto): every connection
     and a DecoderLM run forward and backward with the reference results, no crash (n = 3, 5, 6 used to raise
-    KeyError in a block table, HC and static mHC to fail in the backward)."""
+    KeyError in a block table, HC and static mHC to fail in the backward; they are fused now, padded to 4 and 8)."""
     from torch_mhc.nn import chained_backward
 
     C, T = 8, 5
@@ -489,7 +503,7 @@ def test_direct_calls_with_other_n_raise_a_clear_error():
     """The fused entry points called directly (not through torch_mhc.nn.functional) with an n the kernels are not
     built for: a ValueError that names n and the way out, before any kernel runs (a KeyError in a block table, or
     a forward that ran and a backward that failed, before)."""
-    n, C, T = 3, 8, 4
+    n, C, T = 9, 8, 4
     x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=0)
     h = torch.rand(T, n, device=DEVICE)
     h_res = torch.rand(T, n, n, device=DEVICE)
@@ -498,5 +512,5 @@ def test_direct_calls_with_other_n_raise_a_clear_error():
              lambda: ops.fused_stream_pre(x, h), lambda: ops.fused_stream_post(x, h, h_res, f),
              lambda: ops.fused_sublayer_pre(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper")]
     for call in calls:
-        with pytest.raises(ValueError, match="n = 3"):
+        with pytest.raises(ValueError, match="n = 9"):
             call()

@@ -16,10 +16,12 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stream counts n the kernels are built for: powers of two (tl.arange over the streams) that have block tables
-# (ops/coefficients.py, ops/streams.py) and register budgets in the compile gate (ops/aot.py). Any other n (3, 5,
-# 6, 16, ...) runs the reference path: n = 16 would need its own tiles (it spills in fp32).
-FUSED_STREAMS = (1, 2, 4, 8)
+# Stream counts n the kernels are built for: 1 to 8. The kernels' aranges over the streams take the next power of
+# two (ops.blocks.padded: 3 -> 4, 5..7 -> 8) with the padded streams masked on every load and store; block tables
+# (ops/coefficients.py, ops/streams.py) and register budgets (ops/aot.py) are those of the padded count, and the
+# compile gate traces n = 3, 5, 6, 7 besides the powers of two. Larger n (9..16 pad to 16) run the reference
+# path: 16 x 16 Sinkhorn blocks and GEMMs 288 columns wide have no tiles checked by the gate yet.
+FUSED_STREAMS = tuple(range(1, 9))
 _backend = os.environ.get("TORCH_MHC_BACKEND", "auto")
 
 
@@ -54,8 +56,8 @@ def should_fuse(x: torch.Tensor) -> bool:
     """Whether the kernels handle streams ``x [..., n, C]`` under the current backend: the one place that decides.
 
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
-    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1, 2, 4, 8). Everything else (fp64, n = 3, 5,
-    6, 16, ...) takes the PyTorch reference path, forward and backward, with the same results.
+    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 8). Everything else (fp64, n = 9 to 16,
+    ...) takes the PyTorch reference path, forward and backward, with the same results.
     Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
     then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
     reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""
