@@ -26,10 +26,10 @@ from torch_mhc.ops.coefficients import RES_IDENTITY, RES_LOGITS, RES_MIXTURE, ma
 
 def on_chip_maps(n):
     """Every built-in map the kernels compute on chip at n (default options), and Kronecker with other factors
-    (n = 7: no Kronecker of permutation mixtures; permutation mixtures for n <= 5, n = 3 and 5 being their own
-    default Kronecker)."""
+    (n = 7: no Kronecker of permutation mixtures; permutation mixtures for n <= 4, n = 3 being its own default
+    Kronecker; n = 5's 120 logits are wider than ops.MAX_GEMM_WIDTH: see test_wide_map_runs_the_reference_path)."""
     out = [IdentityMap(n), CirculantMap(n)] + ([KroneckerMap(n)] if n in (1, 2, 4, 6, 8) else [])
-    if n <= 5:
+    if n <= 4:
         out.append(PermutationMixtureMap(n))
     if n == 8:
         out += [KroneckerMap(8, factors=(2, 2, 2)), KroneckerMap(8, factors=(2, 4))]
@@ -57,6 +57,24 @@ def test_built_in_maps_take_the_on_chip_spec():
         assert own(4).kernel_spec() is None and cls(4).kernel_spec() is not None
         keeps = type("Keeps" + cls.__name__, (cls,), {})  # a subclass that keeps the built-in h_res: on chip
         assert keeps(4).kernel_spec() == cls(4).kernel_spec()
+
+
+def test_wide_map_runs_the_reference_path(monkeypatch):
+    """The permutation mixture at n = 5 (k = 120, a GEMM 130 columns wide, wider than ops.MAX_GEMM_WIDTH) runs the
+    reference path under the triton backend, with the reference's results; the kernels' entry points refuse it by
+    name; the post before it computes no read-ahead for it."""
+    m, n = PermutationMixtureMap(5), 5
+    assert 2 * n + m.logit_count() > ops.MAX_GEMM_WIDTH
+    x = torch.randn(7, n, 8)
+    with ops.use_backend("triton"):
+        assert ops.should_fuse(x) and not ops.should_fuse(x, width=2 * n + m.logit_count())
+    counted = count_epilogues(monkeypatch)
+    conns = make_chain(m, n, 8)
+    assert_chain_equals_float64(conns, torch.randn(2, 3, n, 8))
+    assert all(c.launches == 0 for c in counted)
+    inputs = make_coeff_inputs(5, n, 8, torch.float32, seed=3, k=m.logit_count())
+    with pytest.raises(ValueError, match="at most 128 columns"):
+        ops.fused_mhc_coefficients(*[t.detach() for t in inputs[:4]], iters=20, eps=1e-6, variant="paper", h_res=m)
 
 
 def test_bad_epilogue_specs_are_refused():

@@ -58,6 +58,7 @@ def test_connections_at_padded_n_run_the_kernels_and_equal_the_reference(n, monk
     the fused path (should_fuse, kernels launched) under chained backward, with the reference path's results."""
     from torch_mhc.nn import chained_backward
     from torch_mhc.ops import streams
+    from torch_mhc.ops.streams import READ_AHEAD_STREAMS
 
     post = CountLaunches(streams._post_fwd)
     monkeypatch.setattr(streams, "_post_fwd", post)
@@ -96,3 +97,5 @@ def test_connections_at_padded_n_run_the_kernels_and_equal_the_reference(n, monk
         losses.append(loss.item())
     assert post.launches > launched
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # the posts read ahead (the next GEMM fused in) only at n with checked tiles (n = 3; not 5, 6: they spill)
+    assert any(k["PROJ"] for k in post.kwargs) is (n in READ_AHEAD_STREAMS)

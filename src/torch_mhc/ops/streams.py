@@ -248,11 +248,13 @@ def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_pt
 # backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
 # program, up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
 # budget in torch_mhc.ops.aot): see docs/design.md. Other n take their padded count's tiles (the post backward's
-# [BT, NP, BC] tiles are that size; the other kernels loop over the n real streams, so they hold fewer).
+# [BT, NP, BC] tiles are that size; the other kernels loop over the n real streams, so they hold fewer), except the
+# post backward's channels at n = 5, 6, 7: 64 (compile gate: 256 spilled 8 bytes at n = 6 on sm_80 with bf16
+# streams, 128 at n = 7).
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     n_pad = padded(n)
-    tile = 256 if post_bwd else 1024 if n_pad <= 4 else 512
-    bc = min(triton.next_power_of_2(C), 256 if post_bwd else tile // 4)
+    tile = (256 if n_pad <= 4 or n == n_pad else 64) if post_bwd else 1024 if n_pad <= 4 else 512
+    bc = min(triton.next_power_of_2(C), tile if post_bwd else tile // 4)
     cap = min(8, 16 // n_pad) if post_bwd else 16 if n_pad <= 2 else 8 if n_pad == 4 else 4
     return max(1, min(cap, tile // bc)), bc, 4
 
@@ -268,6 +270,11 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # The chained post backward holds n^2 dH_res sums and 2n tiles per chunk: n = 8 compiles to 226-255 registers
 # (spills with 32 or 64 tokens), so n = 8 keeps the plain backward (the read writes its own dx).
 CHAIN_MAX_STREAMS = 4
+# Stream counts whose read-ahead post compiles within budget: at n = 5, 6, 7 (padded to 8, every stream access
+# masked) the [BT, BM] GEMM tile beside the masked state tiles spills 8-56 bytes on sm_90 at every token tile tried
+# (16 and 32; compile gate), so those n run the plain post and the reader its own GEMM. (A coefficient GEMM wider
+# than ops.MAX_GEMM_WIDTH is never read ahead: its reader runs the reference path.)
+READ_AHEAD_STREAMS = (1, 2, 3, 4, 8)
 # The read-ahead post and the chained post backward store a chunk, pass tl.debug_barrier() and load it back in the
 # same loop iteration. Their launches take num_stages=1: the software pipeliner (default 3 stages on sm_80/sm_90)
 # then leaves the loop alone, so it cannot issue the next iteration's loads ahead of this iteration's stores and
