@@ -2,7 +2,7 @@
 power of two with the padded streams masked (ops.blocks.padded): every output and gradient against the float64
 reference (Triton interpreter on CPU; CUDA when present), Sinkhorn's edges (one iteration, the shifted exp's
 largest-logit gradient) where padded logits sit beside the real ones, and every connection and a DecoderLM on the
-fused path. The on-chip maps at these n are in test_maps_fused (parametrized over FUSED_STREAMS), pre/post and the
+fused path. The on-chip maps at these n are in test_maps_fused (parametrized over COEFFICIENT_STREAMS), pre/post and the
 chained stack at n = 3 in test_ops."""
 
 import pytest

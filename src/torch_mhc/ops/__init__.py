@@ -16,12 +16,17 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stream counts n the kernels are built for: 1 to 8. The kernels' aranges over the streams take the next power of
-# two (ops.blocks.padded: 3 -> 4, 5..7 -> 8) with the padded streams masked on every load and store; block tables
-# (ops/coefficients.py, ops/streams.py) and register budgets (ops/aot.py) are those of the padded count, and the
-# compile gate traces n = 3, 5, 6, 7 besides the powers of two. Larger n (9..16 pad to 16) run the reference
-# path: 16 x 16 Sinkhorn blocks and GEMMs 288 columns wide have no tiles checked by the gate yet.
-FUSED_STREAMS = tuple(range(1, 9))
+# Stream counts n the stream kernels (pre and post, forward and backward) are built for: 1 to 8 and 16 (xHC's n).
+# Their aranges over the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8) with the padded
+# streams masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
+# (ops/aot.py) are those of the padded count, and the compile gate traces every n. n = 9..15 (padded to 16) run the
+# reference path: their gate would add about 80 compiles per n (each several CPU-seconds: the loops over 16 streams
+# unroll) and is not run yet.
+FUSED_STREAMS = (*range(1, 9), 16)
+# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 8: at n = 16 the
+# [tokens, 16, 16] Sinkhorn tiles have no tiles checked by the gate, and Sinkhorn's GEMM (2n + n^2 = 288 columns) is
+# wider than MAX_GEMM_WIDTH. There the coefficients run the reference path and pre and post the kernels.
+COEFFICIENT_STREAMS = tuple(range(1, 9))
 # The widest coefficient GEMM the kernels take: M = 2n + k columns (k res logits), tiled as the next power of two.
 # The permutation mixture at n = 5 (k = 5! = 120, M = 130, 256-wide tiles) spills in the GEMMs and epilogues (compile
 # gate), so a wider M runs the reference path; every other built-in map at n <= 8 is at most 80 wide.
@@ -60,9 +65,11 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels handle streams ``x [..., n, C]`` under the current backend: the one place that decides.
 
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
-    the dtype is in ``FUSED_DTYPES``, n is in ``FUSED_STREAMS`` (1 to 8) and, for the coefficients, the GEMM's
-    ``width`` 2n + k is at most ``MAX_GEMM_WIDTH``. Everything else (fp64, n = 9 to 16, the permutation mixture at
-    n = 5, ...) takes the PyTorch reference path, forward and backward, with the same results.
+    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 8, 16); for the coefficient kernels (pass
+    their GEMM's ``width`` 2n + k) also n in ``COEFFICIENT_STREAMS`` (1 to 8) and the width at most
+    ``MAX_GEMM_WIDTH``. Everything else (fp64, n = 9 to 15 and above 16, the coefficients at n = 16, the
+    permutation mixture at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same
+    results.
     Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
     then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
     reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""
@@ -72,10 +79,12 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
 
 
 def fusable(x: torch.Tensor, width: int | None = None) -> bool:
-    """Whether the kernels are built for streams ``x [..., n, C]`` (and a coefficient GEMM ``width`` columns wide):
-    dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``, width at most ``MAX_GEMM_WIDTH``."""
-    return (x.dtype in FUSED_DTYPES and x.dim() >= 2 and x.shape[-2] in FUSED_STREAMS
-            and (width is None or width <= MAX_GEMM_WIDTH))
+    """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``;
+    with a coefficient GEMM ``width`` (the coefficient kernels), n in ``COEFFICIENT_STREAMS`` and width at most
+    ``MAX_GEMM_WIDTH``."""
+    if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-2] not in FUSED_STREAMS:
+        return False
+    return width is None or (x.shape[-2] in COEFFICIENT_STREAMS and width <= MAX_GEMM_WIDTH)
 
 
 def kernels_run(x: torch.Tensor, width: int | None = None) -> bool:
@@ -95,6 +104,9 @@ def _require_fused_streams(n: int, what: str, width: int | None = None) -> None:
     if n not in FUSED_STREAMS:
         raise ValueError(f"{what}: the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; "
                          "torch_mhc.nn.functional runs the reference path for other n (see should_fuse)")
+    if width is not None and n not in COEFFICIENT_STREAMS:
+        raise ValueError(f"{what}: the fused coefficient kernels take n in {COEFFICIENT_STREAMS} streams, got n = {n}; "
+                         "torch_mhc.nn.functional runs the reference path for their coefficients (see should_fuse)")
     if width is not None and width > MAX_GEMM_WIDTH:
         raise ValueError(f"{what}: the fused coefficient GEMM takes at most {MAX_GEMM_WIDTH} columns (2n + k), got "
                          f"{width} (n = {n}, k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the "

@@ -42,12 +42,14 @@ TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
 # warps per SM). n = 8's post backward holds [BT, 8, 8] dH_res sums and 8 streams of x and dout per chunk: 192.
 # Every kernel, GEMMs and epilogues included, must compile without spills.
 STREAM_KERNELS = ("_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd", "_post_bwd_chain")
-STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192}
+STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192, 16: 192}
 # The forward GEMM runs 94-164 registers; a split-K draft whose loop started at a runtime offset (and whose slice
 # width was not specialised on 16-divisibility) compiled to 236-255 without spilling: this catches that.
 GEMM_FWD_REG_BUDGET = 192
 # Stream counts that are not powers of two (padded inside the kernels): the gate traces each of them.
 PADDED_STREAMS = (3, 5, 6, 7)
+# Stream counts only the stream kernels take (ops.COEFFICIENT_STREAMS stops at 8): the gate traces each of them.
+STREAM_ONLY = (16,)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -234,6 +236,18 @@ def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters
         out.backward(torch.ones_like(out))
 
 
+def run_streams(n: int, C: int, T: int, dtype: torch.dtype, f_dtype=None) -> None:
+    """Forward and backward of pre and post alone (the stream kernels) on fresh inputs: what n beyond
+    ``ops.COEFFICIENT_STREAMS`` runs fused (its coefficients take the reference path)."""
+    from torch_mhc.ops import fused_stream_post, fused_stream_pre
+
+    x = torch.randn(T, n, C, dtype=dtype, requires_grad=True)
+    h_pre, h_post, h_res = (torch.rand(T, *shape, requires_grad=True) for shape in ((n,), (n,), (n, n)))
+    y = fused_stream_pre(x, h_pre)
+    out = fused_stream_post(x, h_post, h_res, y if f_dtype is None else y.to(f_dtype))
+    out.backward(torch.ones_like(out))
+
+
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
              "unsqueeze", "squeeze", "permute", "slice", "select", "split", "unbind", "empty_like", "empty",
              "new_empty", "empty_strided", "new_empty_strided"}
@@ -360,14 +374,24 @@ GATE_CASES = [
     for fused in (True, False)
     if fused or T == 48
 ] + MAP_SPEC_CASES
+# n = 16 (STREAM_ONLY): pre and post alone (run_streams), C aligned or not, small and large, every stream dtype,
+# one token and many, and the trainer's mixed dtypes.
+STREAM_CASES = [
+    dict(n=n, C=C, T=T, dtype=dtype)
+    for n in STREAM_ONLY
+    for C in (24, 1000, 1024, 7168)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for T in (1, 48)
+] + [dict(n=n, C=C, T=48, dtype=torch.float32, f_dtype=torch.bfloat16) for n in STREAM_ONLY for C in (24, 1024)]
 
 
-def trace(cases=GATE_CASES) -> list[Launch]:
-    """Distinct kernel configurations launched by ``cases`` (forward and backward)."""
+def trace(cases=GATE_CASES + STREAM_CASES) -> list[Launch]:
+    """Distinct kernel configurations launched by ``cases`` (forward and backward): a sublayer's
+    (:func:`run_sublayer`), or pre and post alone for a case without a variant (:func:`run_streams`)."""
     with LaunchRecorder() as rec:
         for case in cases:
             rec.case = {k: str(v).replace("torch.", "") for k, v in case.items()}
-            run_sublayer(**case)
+            (run_sublayer if "variant" in case else run_streams)(**case)
     return list(rec.launches.values())
 
 
@@ -444,7 +468,7 @@ def main(argv=None) -> int:
     p.add_argument("--streams", type=int, nargs="+", default=None, metavar="N",
                    help="only the cases of these stream counts")
     args = p.parse_args(argv)
-    cases = MAP_SPEC_CASES if args.maps else GATE_CASES
+    cases = MAP_SPEC_CASES if args.maps else GATE_CASES + STREAM_CASES
     if args.streams:
         cases = [c for c in cases if c["n"] in args.streams]
     t0 = time.time()

@@ -244,18 +244,22 @@ def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_pt
 
 
 # Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. Pre and post forward and pre
-# backward: 1024 elements per stream (n = 8: 512), 8 per thread at 4 warps (16-byte bf16 loads). Post
+# backward: 1024 elements per stream (n = 8: 512, n = 16: 128), 8 per thread at 4 warps (16-byte bf16 loads). Post
 # backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
 # program, up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
 # budget in torch_mhc.ops.aot): see docs/design.md. Other n take their padded count's tiles (the post backward's
 # [BT, NP, BC] tiles are that size; the other kernels loop over the n real streams, so they hold fewer), except the
 # post backward's channels at n = 5, 6, 7: 64 (compile gate: 256 spilled 8 bytes at n = 6 on sm_80 with bf16
-# streams, 128 at n = 7).
+# streams, 128 at n = 7). n = 16: 32 channels in the post backward ([1, 16, 64] tiles ran 255 registers on sm_90)
+# and 128-element tiles in the others (the pre backward's [4, 64] spilled 8 bytes on sm_80).
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     n_pad = padded(n)
-    tile = (256 if n_pad <= 4 or n == n_pad else 64) if post_bwd else 1024 if n_pad <= 4 else 512
-    bc = min(triton.next_power_of_2(C), tile if post_bwd else tile // 4)
-    cap = min(8, 16 // n_pad) if post_bwd else 16 if n_pad <= 2 else 8 if n_pad == 4 else 4
+    if post_bwd:
+        tile = 256 if n_pad <= 4 or n == 8 else 64 if n_pad == 8 else 32
+        bc, cap = min(triton.next_power_of_2(C), tile), max(1, min(8, 16 // n_pad))
+    else:
+        tile = 1024 if n_pad <= 4 else 512 if n_pad == 8 else 128
+        bc, cap = min(triton.next_power_of_2(C), tile // 4), 16 if n_pad <= 2 else 8 if n_pad == 4 else 4
     return max(1, min(cap, tile // bc)), bc, 4
 
 
