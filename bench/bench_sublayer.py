@@ -88,11 +88,12 @@ def batch_invariant_model(n: int, C: int, T: int, elt: int) -> dict:
     rows [M] + a partial sum of squares per token and reduces them in torch (2 sums, 4 in-place ops on inv_rms); the
     batch-invariant GEMM writes raw and inv_rms once, from fewer programs when T is small), and the read-ahead post's
     and chained backward's token tile (phi re-read from L2 once per tile: more L2 bytes per token at large T)."""
+    from torch_mhc.ops.blocks import padded_entry
     from torch_mhc.ops.coefficients import GEMM_FWD_BLOCKS, gemm_fwd_split
     from torch_mhc.ops.streams import _read_ahead_blocks
 
     M, K = 2 * n + n * n, n * C
-    bt, bk, _ = GEMM_FWD_BLOCKS[n]
+    bt, bk, _ = padded_entry(GEMM_FWD_BLOCKS, n)  # n = 3, 5, 6, 7 run with their padded count's tiles
     if K % 16:
         bt = 32
     n_t = -(-T // bt)

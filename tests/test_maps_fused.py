@@ -20,13 +20,15 @@ from torch_mhc.nn.maps import (  # noqa: E402
     make_h_res,
 )
 from torch_mhc.numerics import H_RES_MAPS  # noqa: E402
-from torch_mhc.ops import FUSED_STREAMS  # noqa: E402
+from torch_mhc.ops import COEFFICIENT_STREAMS  # noqa: E402
 from torch_mhc.ops.coefficients import RES_IDENTITY, RES_LOGITS, RES_MIXTURE, make_epilogue  # noqa: E402
 
 
 def on_chip_maps(n):
-    """Every built-in map the kernels compute on chip at n (default options), and Kronecker with other factors."""
-    out = [IdentityMap(n), CirculantMap(n), KroneckerMap(n)]
+    """Every built-in map the kernels compute on chip at n (default options), and Kronecker with other factors
+    (n = 7: no Kronecker of permutation mixtures; permutation mixtures for n <= 4, n = 3 being its own default
+    Kronecker; n = 5's 120 logits are wider than ops.MAX_GEMM_WIDTH: see test_wide_map_runs_the_reference_path)."""
+    out = [IdentityMap(n), CirculantMap(n)] + ([KroneckerMap(n)] if n in (1, 2, 4, 6, 8) else [])
     if n <= 4:
         out.append(PermutationMixtureMap(n))
     if n == 8:
@@ -37,10 +39,10 @@ def on_chip_maps(n):
 def test_built_in_maps_take_the_on_chip_spec():
     """Every built-in map but Sinkhorn-factor Kronecker is computed on chip for every fused n (Sinkhorn: its own
     spec, tested in test_maps); the spec's logit count is the map's; a subclass overriding h_res gets None."""
-    for n in FUSED_STREAMS:
+    for n in COEFFICIENT_STREAMS:
         for name in H_RES_MAPS:
-            if name == "permutation-mixture" and n > 4:
-                continue
+            if (name == "permutation-mixture" and n > 5) or (name == "kronecker" and n == 7):
+                continue  # no such map
             spec = ops.kernel_spec(make_h_res(name, n), 20, "paper")
             assert spec[0] != "logits", (name, n)
         for m in on_chip_maps(n):
@@ -57,6 +59,24 @@ def test_built_in_maps_take_the_on_chip_spec():
         assert keeps(4).kernel_spec() == cls(4).kernel_spec()
 
 
+def test_wide_map_runs_the_reference_path(monkeypatch):
+    """The permutation mixture at n = 5 (k = 120, a GEMM 130 columns wide, wider than ops.MAX_GEMM_WIDTH) runs the
+    reference path under the triton backend, with the reference's results; the kernels' entry points refuse it by
+    name; the post before it computes no read-ahead for it."""
+    m, n = PermutationMixtureMap(5), 5
+    assert 2 * n + m.logit_count() > ops.MAX_GEMM_WIDTH
+    x = torch.randn(7, n, 8)
+    with ops.use_backend("triton"):
+        assert ops.should_fuse(x) and not ops.should_fuse(x, width=2 * n + m.logit_count())
+    counted = count_epilogues(monkeypatch)
+    conns = make_chain(m, n, 8)
+    assert_chain_equals_float64(conns, torch.randn(2, 3, n, 8))
+    assert all(c.launches == 0 for c in counted)
+    inputs = make_coeff_inputs(5, n, 8, torch.float32, seed=3, k=m.logit_count())
+    with pytest.raises(ValueError, match="at most 128 columns"):
+        ops.fused_mhc_coefficients(*[t.detach() for t in inputs[:4]], iters=20, eps=1e-6, variant="paper", h_res=m)
+
+
 def test_bad_epilogue_specs_are_refused():
     for spec in [("mixture", (("shift", 2),)), ("mixture", (("rotate", 4),)), ("mixture", ()), ("circulant",),
                  ("mixture", (("permutation", 2), ("permutation", 1.5)))]:
@@ -64,7 +84,7 @@ def test_bad_epilogue_specs_are_refused():
             make_epilogue(4, spec, False)
 
 
-@pytest.mark.parametrize("n, which", [pytest.param(n, i, id=repr(m)) for n in FUSED_STREAMS
+@pytest.mark.parametrize("n, which", [pytest.param(n, i, id=repr(m)) for n in COEFFICIENT_STREAMS
                                       for i, m in enumerate(on_chip_maps(n))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_on_chip_coefficients_equal_float64_reference(n, which, dtype):
@@ -87,7 +107,7 @@ def count_epilogues(monkeypatch):
 
 
 @pytest.mark.parametrize("name, n", [("circulant", 4), ("permutation-mixture", 4), ("kronecker", 8),
-                                     ("identity", 2)])
+                                     ("identity", 2), ("circulant", 3), ("kronecker", 6)])
 def test_chained_stack_on_chip_equals_float64_reference(name, n, monkeypatch):
     """Three connections in a stack (read-ahead posts, chained backward) through the kernels with the map on chip:
     the state and every gradient equal the float64 reference path's; every epilogue ran the on-chip branch."""

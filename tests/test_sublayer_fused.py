@@ -129,7 +129,7 @@ USES = [one_sublayer, state_feeds_two_consumers, two_sublayers_same_conn, post_t
 
 
 @pytest.mark.parametrize("use", USES, ids=lambda u: u.__name__)
-@pytest.mark.parametrize("n", [1, 4])
+@pytest.mark.parametrize("n", [1, 3, 4, 6])
 def test_fused_sublayer_matches_reference(use, n):
     C, x0 = 24, torch.randn(3, 5, n, 24, generator=torch.Generator().manual_seed(n))
     conn = make_conn(n, C, seed=n)

@@ -119,7 +119,7 @@ def _coefficients_op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tensor, eps: f
                      batch_invariant: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(variant, sinkhorn_iters)
     T, n, C = x.shape
-    if ops.kernels_run(x):
+    if ops.kernels_run(x, phi.shape[1]):
         from torch_mhc.ops.coefficients import coefficients_forward
 
         epi = _epilogue(n, phi.shape[1] - 2 * n, variant, sinkhorn_iters, softmax_start, transpose)
@@ -146,7 +146,7 @@ def _coefficients_backward_op(x: Tensor, phi: Tensor, bias: Tensor, alpha: Tenso
                               transpose: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx [T, n, C], dphi, dbias, dalpha) in the inputs' dtypes."""
     T, n, C = x.shape
-    if ops.kernels_run(x):
+    if ops.kernels_run(x, phi.shape[1]):
         from torch_mhc.ops.coefficients import coefficients_backward
 
         epi = _epilogue(n, phi.shape[1] - 2 * n, variant, sinkhorn_iters, softmax_start, transpose)

@@ -75,7 +75,7 @@ def mhc_coefficients(
     """
     n = x.shape[-2]
     h_res = default_map(n, iters, eps, variant) if h_res is None else h_res
-    if dynamic and ops.should_fuse(x):
+    if dynamic and ops.should_fuse(x, width=phi.shape[-1]):
         with no_autocast(x):
             return fused().fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
                                                   h_res=h_res, batch_invariant=batch_invariant)
@@ -122,7 +122,7 @@ def mhc_sublayer_pre(
     fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None. ``h_res``: as in
     :func:`mhc_coefficients`, as is ``batch_invariant``."""
     h_res = default_map(x.shape[-2], iters, eps, variant) if h_res is None else h_res
-    if ops.should_fuse(x):
+    if ops.should_fuse(x, width=phi.shape[-1]):
         with no_autocast(x):
             return fused().fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
                                               read_ahead=read_ahead, h_res=h_res, batch_invariant=batch_invariant)

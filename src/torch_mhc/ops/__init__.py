@@ -16,10 +16,21 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stream counts n the kernels are built for: powers of two (tl.arange over the streams) that have block tables
-# (ops/coefficients.py, ops/streams.py) and register budgets in the compile gate (ops/aot.py). Any other n (3, 5,
-# 6, 16, ...) runs the reference path: n = 16 would need its own tiles (it spills in fp32).
-FUSED_STREAMS = (1, 2, 4, 8)
+# Stream counts n the stream kernels (pre and post, forward and backward) are built for: 1 to 8 and 16 (xHC's n).
+# Their aranges over the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8) with the padded
+# streams masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
+# (ops/aot.py) are those of the padded count, and the compile gate traces every n. n = 9..15 (padded to 16) run the
+# reference path: their gate would add about 80 compiles per n (each several CPU-seconds: the loops over 16 streams
+# unroll) and is not run yet.
+FUSED_STREAMS = (*range(1, 9), 16)
+# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 8: at n = 16 the
+# [tokens, 16, 16] Sinkhorn tiles have no tiles checked by the gate, and Sinkhorn's GEMM (2n + n^2 = 288 columns) is
+# wider than MAX_GEMM_WIDTH. There the coefficients run the reference path and pre and post the kernels.
+COEFFICIENT_STREAMS = tuple(range(1, 9))
+# The widest coefficient GEMM the kernels take: M = 2n + k columns (k res logits), tiled as the next power of two.
+# The permutation mixture at n = 5 (k = 5! = 120, M = 130, 256-wide tiles) spills in the GEMMs and epilogues (compile
+# gate), so a wider M runs the reference path; every other built-in map at n <= 8 is at most 80 wide.
+MAX_GEMM_WIDTH = 128
 _backend = os.environ.get("TORCH_MHC_BACKEND", "auto")
 
 
@@ -50,42 +61,56 @@ def use_backend(name: str):
         set_backend(previous)
 
 
-def should_fuse(x: torch.Tensor) -> bool:
+def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels handle streams ``x [..., n, C]`` under the current backend: the one place that decides.
 
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
-    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1, 2, 4, 8). Everything else (fp64, n = 3, 5,
-    6, 16, ...) takes the PyTorch reference path, forward and backward, with the same results.
+    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 8, 16); for the coefficient kernels (pass
+    their GEMM's ``width`` 2n + k) also n in ``COEFFICIENT_STREAMS`` (1 to 8) and the width at most
+    ``MAX_GEMM_WIDTH``. Everything else (fp64, n = 9 to 15 and above 16, the coefficients at n = 16, the
+    permutation mixture at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same
+    results.
     Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
     then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
     reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""
-    if _backend != "reference" and torch.compiler.is_compiling() and fusable(x):
+    if _backend != "reference" and torch.compiler.is_compiling() and fusable(x, width):
         return True
-    return kernels_run(x)
+    return kernels_run(x, width)
 
 
-def fusable(x: torch.Tensor) -> bool:
-    """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in
-    ``FUSED_STREAMS``."""
-    return x.dtype in FUSED_DTYPES and x.dim() >= 2 and x.shape[-2] in FUSED_STREAMS
+def fusable(x: torch.Tensor, width: int | None = None) -> bool:
+    """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``;
+    with a coefficient GEMM ``width`` (the coefficient kernels), n in ``COEFFICIENT_STREAMS`` and width at most
+    ``MAX_GEMM_WIDTH``."""
+    if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-2] not in FUSED_STREAMS:
+        return False
+    return width is None or (x.shape[-2] in COEFFICIENT_STREAMS and width <= MAX_GEMM_WIDTH)
 
 
-def kernels_run(x: torch.Tensor) -> bool:
+def kernels_run(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the Triton kernels (not the reference) compute for ``x`` under the current backend (see
     :func:`should_fuse`): what the custom ops' implementation asks at run time."""
-    if _backend == "reference" or not fusable(x):
+    if _backend == "reference" or not fusable(x, width):
         return False
     if _backend == "triton":
         return True
     return x.is_cuda and triton_available()
 
 
-def _require_fused_streams(n: int, what: str) -> None:
-    """The entry points below are the kernels themselves: an n they are not built for is a clear error here, not a
-    KeyError in a block table or a failure in the backward (model code asks :func:`should_fuse` first)."""
+def _require_fused_streams(n: int, what: str, width: int | None = None) -> None:
+    """The entry points below are the kernels themselves: an n (or a coefficient GEMM width) they are not built for
+    is a clear error here, not a KeyError in a block table, a spilling kernel or a failure in the backward (model
+    code asks :func:`should_fuse` first)."""
     if n not in FUSED_STREAMS:
         raise ValueError(f"{what}: the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; "
                          "torch_mhc.nn.functional runs the reference path for other n (see should_fuse)")
+    if width is not None and n not in COEFFICIENT_STREAMS:
+        raise ValueError(f"{what}: the fused coefficient kernels take n in {COEFFICIENT_STREAMS} streams, got n = {n}; "
+                         "torch_mhc.nn.functional runs the reference path for their coefficients (see should_fuse)")
+    if width is not None and width > MAX_GEMM_WIDTH:
+        raise ValueError(f"{what}: the fused coefficient GEMM takes at most {MAX_GEMM_WIDTH} columns (2n + k), got "
+                         f"{width} (n = {n}, k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the "
+                         "reference path for it (see should_fuse)")
 
 
 # The kernels import triton; these entry points import them on first use, so ``import torch_mhc``
@@ -114,7 +139,7 @@ def fused_mhc_coefficients(
     H_post ``[..., n]``, H_res ``[..., n, n]``); ``h_res``: the map (None: the variant's Sinkhorn, k = n^2, with
     ``iters``); ``batch_invariant``: each token's results are the same bits alone or in any batch (no
     token-count-dependent split or tile); see :mod:`torch_mhc.ops.coefficients`."""
-    _require_fused_streams(x.shape[-2], "fused_mhc_coefficients")
+    _require_fused_streams(x.shape[-2], "fused_mhc_coefficients", phi.shape[-1])
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res,
@@ -145,7 +170,7 @@ def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, a
     GEMM's terms in place (one dx buffer, no autograd adds); see :mod:`torch_mhc.ops.sublayer`.
     ``read_ahead``: what the post that wrote x computed of this GEMM (used if it matches x and phi). ``h_res``: as
     in :func:`fused_mhc_coefficients`, as is ``batch_invariant``."""
-    _require_fused_streams(x.shape[-2], "fused_sublayer_pre")
+    _require_fused_streams(x.shape[-2], "fused_sublayer_pre", phi.shape[-1])
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, read_ahead=read_ahead,

@@ -34,16 +34,22 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+from torch_mhc.ops.blocks import padded_entry
+
 TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
-# Register budget (per thread) of the bandwidth-bound stream kernels, per n: above it an H100 SM holds
-# too few warps to keep enough loads in flight (128: 4 programs of 4 warps per SM). n = 8's post
-# backward holds [BT, 8, 8] dH_res sums and 8 streams of x and dout per chunk: 192. Every kernel, GEMMs
-# and epilogues included, must compile without spills.
+# Register budget (per thread) of the bandwidth-bound stream kernels, per padded n (n = 3 takes 4's, 5-7 take 8's:
+# ops.blocks.padded): above it an H100 SM holds too few warps to keep enough loads in flight (128: 4 programs of 4
+# warps per SM). n = 8's post backward holds [BT, 8, 8] dH_res sums and 8 streams of x and dout per chunk: 192.
+# Every kernel, GEMMs and epilogues included, must compile without spills.
 STREAM_KERNELS = ("_pre_fwd", "_pre_bwd", "_post_fwd", "_post_bwd", "_post_bwd_chain")
-STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192}
+STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192, 16: 192}
 # The forward GEMM runs 94-164 registers; a split-K draft whose loop started at a runtime offset (and whose slice
 # width was not specialised on 16-divisibility) compiled to 236-255 without spilling: this catches that.
 GEMM_FWD_REG_BUDGET = 192
+# Stream counts that are not powers of two (padded inside the kernels): the gate traces each of them.
+PADDED_STREAMS = (3, 5, 6, 7)
+# Stream counts only the stream kernels take (ops.COEFFICIENT_STREAMS stops at 8): the gate traces each of them.
+STREAM_ONLY = (16,)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -144,18 +150,22 @@ class GateMap:
 
 
 # k traced through the logits path (a user's map; Kronecker of Sinkhorn factors: 2^2 + 2^2 = 8 at n = 4, 4^2 + 2^2 = 20
-# at n = 8), per n: 0, n, 24 and 26 as the on-chip maps' widths, and the Sinkhorn-factor Kronecker's.
-MAP_LOGITS = {1: (0, 1), 2: (0, 2, 4), 4: (0, 4, 8, 24), 8: (0, 8, 20, 26)}
-# The on-chip spec of every built-in map other than Sinkhorn (ops.kernel_spec), per n: identity, circulant,
-# permutation-mixture (n <= 4 fused; at n = 1, 2 also the default Kronecker), the default Kronecker (n = 4: 2 x 2,
-# n = 8: 4 x 2) and n = 8 as 2 x 2 x 2 (three factors).
+# at n = 8, 3^2 + 2^2 = 13 at n = 6, n^2 at prime n), per n: 0, n, 24 and 26 as the on-chip maps' widths, and the
+# Sinkhorn-factor Kronecker's.
+MAP_LOGITS = {1: (0, 1), 2: (0, 2, 4), 3: (0, 3, 9), 4: (0, 4, 8, 24), 5: (0, 5, 25), 6: (0, 6, 13), 7: (0, 7, 49),
+              8: (0, 8, 20, 26)}
+# The on-chip spec of every fused built-in map other than Sinkhorn (ops.kernel_spec), per n: identity, circulant,
+# permutation-mixture (n <= 4; at n = 1, 2, 3 also the default Kronecker; n = 5's 120 logits are wider than
+# ops.MAX_GEMM_WIDTH and run the reference path), the default Kronecker (n = 4: 2 x 2, n = 6: 3 x 2, n = 8: 4 x 2)
+# and n = 8 as 2 x 2 x 2 (three factors). n = 7 has no Kronecker (7 > 5).
 MAP_SPECS = {
     n: (("identity",), ("mixture", (("shift", n),)))
     + ((("mixture", (("permutation", n),)),) if n <= 4 else ())
     + {4: (("mixture", (("permutation", 2), ("permutation", 2))),),
+       6: (("mixture", (("permutation", 3), ("permutation", 2))),),
        8: (("mixture", (("permutation", 4), ("permutation", 2))),
            ("mixture", (("permutation", 2),) * 3))}.get(n, ())
-    for n in (1, 2, 4, 8)
+    for n in range(1, 9)
 }
 
 
@@ -224,6 +234,18 @@ def run_sublayer(n: int, C: int, T: int, dtype: torch.dtype, variant: str, iters
         out = chain(x, [(phi, bias, alpha), sublayer_inputs(n, C, T, dtype, k)[1:]], variant, iters, f_dtype=f_dtype,
                     h_res=h_res)
         out.backward(torch.ones_like(out))
+
+
+def run_streams(n: int, C: int, T: int, dtype: torch.dtype, f_dtype=None) -> None:
+    """Forward and backward of pre and post alone (the stream kernels) on fresh inputs: what n beyond
+    ``ops.COEFFICIENT_STREAMS`` runs fused (its coefficients take the reference path)."""
+    from torch_mhc.ops import fused_stream_post, fused_stream_pre
+
+    x = torch.randn(T, n, C, dtype=dtype, requires_grad=True)
+    h_pre, h_post, h_res = (torch.rand(T, *shape, requires_grad=True) for shape in ((n,), (n,), (n, n)))
+    y = fused_stream_pre(x, h_pre)
+    out = fused_stream_post(x, h_post, h_res, y if f_dtype is None else y.to(f_dtype))
+    out.backward(torch.ones_like(out))
 
 
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "as_strided", "detach", "alias", "expand", "t", "transpose",
@@ -331,15 +353,45 @@ GATE_CASES = [
     for dtype in (torch.float32, torch.bfloat16)
     for fused in (True, False)
     if fused or T == 48
+] + [  # n padded inside the kernels (PADDED_STREAMS): C aligned or not, both stream dtypes, both variants, fused and
+    # separate; one token with one iteration; the read-ahead's large token counts; the trainer's mixed dtypes
+    dict(n=n, C=C, T=48, dtype=dtype, variant=variant, iters=20, fused=fused)
+    for n in PADDED_STREAMS
+    for C in (24, 1024)
+    for dtype in (torch.float32, torch.bfloat16)
+    for variant in ("paper", "deepseek-v4")
+    for fused in (True, False)
+] + [
+    dict(n=n, C=1000, T=1, dtype=torch.bfloat16, variant=variant, iters=1, fused=True)
+    for n in PADDED_STREAMS for variant in ("paper", "deepseek-v4")
+] + [
+    dict(n=n, C=16, T=T, dtype=dtype, variant="paper", iters=20, fused=True)
+    for n in PADDED_STREAMS for T in (8448, 16896) for dtype in (torch.float32, torch.bfloat16)
+] + [
+    dict(n=n, C=C, T=T, dtype=torch.float32, variant="paper", iters=20, fused=fused, f_dtype=torch.bfloat16)
+    for n in PADDED_STREAMS
+    for C, T in ((24, 48), (1024, 48), (16, 8448))
+    for fused in (True, False)
+    if fused or T == 48
 ] + MAP_SPEC_CASES
+# n = 16 (STREAM_ONLY): pre and post alone (run_streams), C aligned or not, small and large, every stream dtype,
+# one token and many, and the trainer's mixed dtypes.
+STREAM_CASES = [
+    dict(n=n, C=C, T=T, dtype=dtype)
+    for n in STREAM_ONLY
+    for C in (24, 1000, 1024, 7168)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)
+    for T in (1, 48)
+] + [dict(n=n, C=C, T=48, dtype=torch.float32, f_dtype=torch.bfloat16) for n in STREAM_ONLY for C in (24, 1024)]
 
 
-def trace(cases=GATE_CASES) -> list[Launch]:
-    """Distinct kernel configurations launched by ``cases`` (forward and backward)."""
+def trace(cases=GATE_CASES + STREAM_CASES) -> list[Launch]:
+    """Distinct kernel configurations launched by ``cases`` (forward and backward): a sublayer's
+    (:func:`run_sublayer`), or pre and post alone for a case without a variant (:func:`run_streams`)."""
     with LaunchRecorder() as rec:
         for case in cases:
             rec.case = {k: str(v).replace("torch.", "") for k, v in case.items()}
-            run_sublayer(**case)
+            (run_sublayer if "variant" in case else run_streams)(**case)
     return list(rec.launches.values())
 
 
@@ -399,7 +451,7 @@ def problems(launch: Launch, usage: dict) -> list[str]:
     if usage["stack"] or usage["local"]:
         out.append(f"spills ({usage['stack']} bytes of stack, {usage['local']} local)")
     if launch.name in STREAM_KERNELS:
-        budget = STREAM_REG_BUDGET[launch.constexprs[(launch.fn.arg_names.index("N"),)]]
+        budget = padded_entry(STREAM_REG_BUDGET, launch.constexprs[(launch.fn.arg_names.index("N"),)])
         if usage["regs"] > budget:
             out.append(f"{usage['regs']} registers > budget {budget}")
     if launch.name == "_gemm_fwd" and usage["regs"] > GEMM_FWD_REG_BUDGET:
@@ -413,8 +465,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     p.add_argument("--maps", action="store_true", help="only the cases of the maps computed on chip (MAP_SPEC_CASES)")
+    p.add_argument("--streams", type=int, nargs="+", default=None, metavar="N",
+                   help="only the cases of these stream counts")
     args = p.parse_args(argv)
-    cases = MAP_SPEC_CASES if args.maps else GATE_CASES
+    cases = MAP_SPEC_CASES if args.maps else GATE_CASES + STREAM_CASES
+    if args.streams:
+        cases = [c for c in cases if c["n"] in args.streams]
     t0 = time.time()
     launches = trace(cases)
     t1 = time.time()

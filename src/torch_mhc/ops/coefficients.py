@@ -33,7 +33,15 @@ import triton
 import triton.language as tl
 
 from torch_mhc.numerics import COL, EXP_SAFE_MAX, ROW, sinkhorn_steps
-from torch_mhc.ops.blocks import load_vec, mat_offsets, on_tensors_device, token_block
+from torch_mhc.ops.blocks import (
+    load_vec,
+    mat_offsets,
+    on_tensors_device,
+    padded,
+    padded_entry,
+    stream_index,
+    token_block,
+)
 
 
 @triton.jit(do_not_specialize=["T"])  # K_PER: its 16-divisibility keeps the loads vectorised
@@ -72,11 +80,30 @@ def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, e
 
 
 @triton.jit
-def _sk_start(L, eps, SOFTMAX: tl.constexpr, SAFE_MAX: tl.constexpr):
-    """[BT, N, N] logits -> starting matrix (exp, or softmax over rows i for each column j, + eps)."""
+def _pad_fill(t, real, fill, N: tl.constexpr):
+    """t with its padded stream entries (where ``real`` is False) set to ``fill``; t itself when n is a power of
+    two (nothing padded: the same arithmetic as without padding)."""
+    if padded(N) != N:
+        t = tl.where(real, t, fill)
+    return t
+
+
+@triton.jit
+def _col_softmax(L, real, N: tl.constexpr):
+    """[BT, NP, NP] logits (padded entries -inf; ``real`` [NP]: i < n) -> softmax over rows i for each column j of
+    the real n x n block, padded entries 0 (padded columns: max 0 and sum 1 instead of -inf and 0, so no NaN)."""
+    col_real = real[None, :]
+    mx = _pad_fill(tl.max(L, axis=1), col_real, 0.0, N)
+    e = tl.exp(L - mx[:, None, :])
+    return e / _pad_fill(tl.sum(e, axis=1), col_real, 1.0, N)[:, None, :]
+
+
+@triton.jit
+def _sk_start(L, real, eps, N: tl.constexpr, SOFTMAX: tl.constexpr, SAFE_MAX: tl.constexpr):
+    """[BT, NP, NP] logits (padded entries -inf; ``real`` [NP]: i < n) -> starting matrix (exp, or softmax over
+    rows i for each column j, + eps), padded entries 0."""
     if SOFTMAX:
-        e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
-        m = e / tl.sum(e, axis=1)[:, None, :] + eps
+        m = _pad_fill(_col_softmax(L, real, N) + eps, (real[:, None] & real[None, :])[None, :, :], 0.0, N)
     else:
         m = tl.exp(L - _exp_shift(L, SAFE_MAX)[:, None, None])
     return m
@@ -102,31 +129,35 @@ def _row_sums(m, eps):
 
 @triton.jit
 def _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N: tl.constexpr):
-    """Per-token inputs of the gates: raw pre/post [BT, N], inv_rms [BT] and the logits h = raw * inv * alpha + bias."""
-    i = tl.arange(0, N)
+    """Per-token inputs of the gates: raw pre/post [BT, NP], inv_rms [BT] and the logits h = raw * inv * alpha + bias
+    (padded streams 0)."""
+    i, real = stream_index(N)
     inv = tl.load(inv_ptr + rows64, mask=rmask, other=1.0)
     base = raw_ptr + rows64[:, None] * M
-    raw_pre = tl.load(base + i[None, :], mask=rmask[:, None], other=0.0)
-    raw_post = tl.load(base + N + i[None, :], mask=rmask[:, None], other=0.0)
-    h_pre = raw_pre * inv[:, None] * tl.load(alpha_ptr) + tl.load(bias_ptr + i)[None, :]
-    h_post = raw_post * inv[:, None] * tl.load(alpha_ptr + 1) + tl.load(bias_ptr + N + i)[None, :]
+    mask = rmask[:, None] & real[None, :]
+    raw_pre = tl.load(base + i[None, :], mask=mask, other=0.0)
+    raw_post = tl.load(base + N + i[None, :], mask=mask, other=0.0)
+    h_pre = raw_pre * inv[:, None] * tl.load(alpha_ptr) + tl.load(bias_ptr + i, mask=real, other=0.0)[None, :]
+    h_post = raw_post * inv[:, None] * tl.load(alpha_ptr + 1) + tl.load(bias_ptr + N + i, mask=real, other=0.0)[None, :]
     return raw_pre, raw_post, inv, h_pre, h_post
 
 
 @triton.jit
 def _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Sinkhorn's res logits as [BT, N, N] in the orientation Sinkhorn sees: raw, L = raw * inv * alpha + bias, and
-    the columns they came from (TRANSPOSE: V4's comb[j, i] = H_res[i, j])."""
-    i = tl.arange(0, N)
+    """Sinkhorn's res logits as [BT, NP, NP] in the orientation Sinkhorn sees: raw, L = raw * inv * alpha + bias
+    (padded entries -inf), the columns they came from (TRANSPOSE: V4's comb[j, i] = H_res[i, j]) and the real
+    n x n block [1, NP, NP]."""
+    i, real = stream_index(N)
     r = i[None, :, None]
     c = i[None, None, :]
+    block = real[None, :, None] & real[None, None, :]
     if TRANSPOSE:
         col = 2 * N + c * N + r
     else:
         col = 2 * N + r * N + c
-    raw_res = tl.load(raw_ptr + rows64[:, None, None] * M + col, mask=rmask[:, None, None], other=0.0)
-    L = raw_res * inv[:, None, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + col)
-    return raw_res, L, col
+    raw_res = tl.load(raw_ptr + rows64[:, None, None] * M + col, mask=rmask[:, None, None] & block, other=0.0)
+    L = raw_res * inv[:, None, None] * tl.load(alpha_ptr + 2) + tl.load(bias_ptr + col, mask=block, other=0.0)
+    return raw_res, _pad_fill(L, block, -float("inf"), N), col, block
 
 
 @triton.jit
@@ -168,8 +199,9 @@ def _pattern_column(kind, f, p, r):
 
 @triton.jit
 def _pattern(i, KIND: tl.constexpr, F: tl.constexpr, STRIDE: tl.constexpr, P: tl.constexpr):
-    """[N, N] bool: where pattern P of a factor of size F is 1 in the full n x n layout (rows and columns i = 0..n-1;
-    the factor's own index of i is (i // STRIDE) mod F: the Kronecker layout)."""
+    """[NP, NP] bool: where pattern P of a factor of size F is 1 in the full n x n layout (rows and columns i =
+    0..NP-1; the factor's own index of i is (i // STRIDE) mod F: the Kronecker layout; padded rows and columns hold
+    pattern entries too, never stored and multiplied by a zero gradient in the backward)."""
     a = (i // STRIDE) % F
     target = tl.zeros_like(a)
     for r in tl.static_range(F):
@@ -194,9 +226,9 @@ def _factor_softmax(L, j, OFF: tl.constexpr, COUNT: tl.constexpr):
 
 @triton.jit
 def _factor_matrix(w, j, i, FACTOR: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
-    """One factor's H_f [BT, N, N] in the full layout: sum_p w_p P_p over its patterns (w: its softmax weights, in
+    """One factor's H_f [BT, NP, NP] in the full layout: sum_p w_p P_p over its patterns (w: its softmax weights, in
     columns FACTOR[4] + p of the [BT, BKR] tile). FACTOR = (kind, size, patterns, stride, first logit column)."""
-    h = tl.zeros((BT, N, N), dtype=tl.float32)
+    h = tl.zeros((BT, padded(N), padded(N)), dtype=tl.float32)
     for p in tl.static_range(FACTOR[2]):
         h += tl.where(_pattern(i, FACTOR[0], FACTOR[1], FACTOR[3], p)[None, :, :],
                       _logit_column(w, j, FACTOR[4] + p)[:, None, None], 0.0)
@@ -205,8 +237,8 @@ def _factor_matrix(w, j, i, FACTOR: tl.constexpr, BT: tl.constexpr, N: tl.conste
 
 @triton.jit
 def _mixture_factors(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
-    """Each factor's softmax weights [BT, BKR] and matrix H_f [BT, N, N] (two tuples, one entry per factor)."""
-    i = tl.arange(0, N)
+    """Each factor's softmax weights [BT, BKR] and matrix H_f [BT, NP, NP] (two tuples, one entry per factor)."""
+    i, _ = stream_index(N)
     ws = ()
     hs = ()
     for f in tl.static_range(len(MIX)):
@@ -218,7 +250,7 @@ def _mixture_factors(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr)
 
 @triton.jit
 def _mixture_fwd(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
-    """H_res [BT, N, N] of a mixture from its logits L [BT, BKR]: the product of its factors in the full layout."""
+    """H_res [BT, NP, NP] of a mixture from its logits L [BT, BKR]: the product of its factors in the full layout."""
     _, hs = _mixture_factors(L, j, MIX, BT, N)
     h = hs[0]
     for f in tl.static_range(1, len(MIX)):
@@ -228,9 +260,10 @@ def _mixture_fwd(L, j, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
 
 @triton.jit
 def _mixture_bwd(L, j, dh, MIX: tl.constexpr, BT: tl.constexpr, N: tl.constexpr):
-    """dL [BT, BKR] from dH_res [BT, N, N]: for each factor, G = dH * (the other factors), c_p = <G, P_p> (dH_f
-    summed over the other factors' indices, read through pattern p), and softmax's VJP w * (c - <w, c>)."""
-    i = tl.arange(0, N)
+    """dL [BT, BKR] from dH_res [BT, NP, NP] (padded entries 0): for each factor, G = dH * (the other factors), c_p =
+    <G, P_p> (dH_f summed over the other factors' indices, read through pattern p), and softmax's VJP
+    w * (c - <w, c>)."""
+    i, _ = stream_index(N)
     ws, hs = _mixture_factors(L, j, MIX, BT, N)
     dL = tl.zeros_like(L)
     for f in tl.static_range(len(MIX)):
@@ -258,30 +291,31 @@ def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_
     KR res logits [T, KR] for a map that runs outside the kernels (nothing for KR = 0); RES_IDENTITY: H_res = I;
     RES_MIXTURE: H_res [T, N, N] of the mixture MIX (see :func:`_mixture_fwd`) from the KR logits."""
     rows64, rmask = token_block(T, BT)
-    i = tl.arange(0, N)
+    i, real = stream_index(N)
     _, _, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
     pre = tl.sigmoid(h_pre)
     if PRE_EPS:
         pre += eps
-    tl.store(pre_ptr + rows64[:, None] * N + i[None, :], pre, mask=rmask[:, None])
-    tl.store(post_ptr + rows64[:, None] * N + i[None, :], 2.0 * tl.sigmoid(h_post), mask=rmask[:, None])
+    gate_mask = rmask[:, None] & real[None, :]
+    tl.store(pre_ptr + rows64[:, None] * N + i[None, :], pre, mask=gate_mask)
+    tl.store(post_ptr + rows64[:, None] * N + i[None, :], 2.0 * tl.sigmoid(h_post), mask=gate_mask)
+    res_offs, res_mask = mat_offsets(rows64, rmask, N)
     if RES == RES_SINKHORN:
-        _, L, _ = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
-        m = _sk_start(L, eps, SOFTMAX, SAFE_MAX)
+        _, L, _, _ = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
+        m = _sk_start(L, real, eps, N, SOFTMAX, SAFE_MAX)
         if SOFTMAX:
             m = m / _row_sums(m, eps)[:, :, None]
         for _ in range(PAIRS):
             m = m / _col_sums(m, eps)[:, None, :]
             m = m / _row_sums(m, eps)[:, :, None]
-        tl.store(res_ptr + mat_offsets(rows64, N), m, mask=rmask[:, None, None])
+        tl.store(res_ptr + res_offs, m, mask=res_mask)
     elif RES == RES_IDENTITY:
         eye = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
-        tl.store(res_ptr + mat_offsets(rows64, N), tl.broadcast_to(eye[None, :, :], (BT, N, N)),
-                 mask=rmask[:, None, None])
+        tl.store(res_ptr + res_offs, tl.broadcast_to(eye[None, :, :], (BT, padded(N), padded(N))), mask=res_mask)
     elif KR > 0:
         _, L, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
         if RES == RES_MIXTURE:
-            tl.store(res_ptr + mat_offsets(rows64, N), _mixture_fwd(L, j, MIX, BT, N), mask=rmask[:, None, None])
+            tl.store(res_ptr + res_offs, _mixture_fwd(L, j, MIX, BT, N), mask=res_mask)
         else:
             tl.store(res_ptr + rows64[:, None] * KR + j[None, :], L, mask=rmask[:, None] & jm[None, :])
 
@@ -302,12 +336,13 @@ def _step_bwd_row(g, y, den):
 @triton.jit
 def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.constexpr, SOFTMAX: tl.constexpr,
                   SAFE_MAX: tl.constexpr):
-    """dL [BT, N, N] from the gradient of H_res: one recomputation of the forward keeps each step's sums (an
-    n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one compilation per
-    iteration count), then each step is undone from its output: input = output * sums."""
-    i = tl.arange(0, N)
+    """dL [BT, NP, NP] (padded entries 0) from the gradient of H_res: one recomputation of the forward keeps each
+    step's sums (an n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one
+    compilation per iteration count), then each step is undone from its output: input = output * sums."""
+    i, real = stream_index(N)
+    NP: tl.constexpr = padded(N)
     LEAD: tl.constexpr = 1 if SOFTMAX else 0
-    m0 = _sk_start(L, eps, SOFTMAX, SAFE_MAX)
+    m0 = _sk_start(L, real, eps, N, SOFTMAX, SAFE_MAX)
     m = m0
     sums = ()
     if SOFTMAX:
@@ -321,23 +356,28 @@ def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.co
         den = _row_sums(m, eps)
         sums = sums + (den,)
         m = m / den[:, :, None]
-    g = tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0)
+    res_offs, res_mask = mat_offsets(rows64, rmask, N)
+    g = tl.load(dres_ptr + res_offs, mask=res_mask, other=0.0)
+    # Padded entries of g are zeroed after each step: a step gives them -(a real sum) / den, and a padded row's or
+    # column's den is eps, so left alone they would grow by 1/eps a step (inf, then NaN) without being used.
+    block = (real[:, None] & real[None, :])[None, :, :]
     for q in tl.static_range(PAIRS):
         g, m = _step_bwd_row(g, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
-        g, m = _step_bwd_col(g, m, sums[LEAD + 2 * (PAIRS - 1 - q)])
+        g, m = _step_bwd_col(_pad_fill(g, block, 0.0, N), m, sums[LEAD + 2 * (PAIRS - 1 - q)])
+        g = _pad_fill(g, block, 0.0, N)
     if SOFTMAX:
         g, m = _step_bwd_row(g, m, sums[0])
-        e = tl.exp(L - tl.max(L, axis=1)[:, None, :])
-        sm = e / tl.sum(e, axis=1)[:, None, :]
+        g = _pad_fill(g, block, 0.0, N)
+        sm = _col_softmax(L, real, N)
         dL = sm * (g - tl.sum(g * sm, axis=1)[:, None, :])
     else:
         dL = g * m0
         # exp(L - shift): where the shift is on, it follows the (first) largest logit and takes minus
         # the total gradient there, as the reference's shifted exp does.
         shift = _exp_shift(L, SAFE_MAX)
-        flat = i[None, :, None] * N + i[None, None, :]
+        flat = i[None, :, None] * NP + i[None, None, :]  # padded entries (L = -inf) are never the largest
         top = tl.max(tl.max(L, axis=2), axis=1)
-        first = tl.min(tl.min(tl.where(L == top[:, None, None], flat, N * N), axis=2), axis=1)
+        first = tl.min(tl.min(tl.where(L == top[:, None, None], flat, NP * NP), axis=2), axis=1)
         total = tl.sum(tl.sum(dL, axis=2), axis=1)
         dL -= tl.where((flat == first[:, None, None]) & (shift > 0)[:, None, None], total[:, None, None], 0.0)
     return dL
@@ -354,7 +394,7 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
     x), and this program's partial sums of dbias [M] and dalpha [3]. Sinkhorn backward in O(steps), on chip
     (:func:`_sinkhorn_bwd`); a mixture's in closed form (:func:`_mixture_bwd`); H_res = I has no logits."""
     rows64, rmask = token_block(T, BT)
-    i = tl.arange(0, N)
+    i, real = stream_index(N)
     raw_pre, raw_post, inv, h_pre, h_post = _load_gates(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, rows64, rmask, M, N)
     s_pre = tl.sigmoid(h_pre)
     s_post = tl.sigmoid(h_post)
@@ -364,27 +404,28 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
     # h = raw * inv * alpha + bias: dL/draw = dh * alpha * inv; the RMS term for dx; bias and alpha partials.
     a_pre, a_post, a_res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
     out = draw_ptr + rows64[:, None] * M
-    tl.store(out + i[None, :], dh_pre * a_pre * inv[:, None], mask=rmask[:, None])
-    tl.store(out + N + i[None, :], dh_post * a_post * inv[:, None], mask=rmask[:, None])
+    gate_mask = rmask[:, None] & real[None, :]
+    tl.store(out + i[None, :], dh_pre * a_pre * inv[:, None], mask=gate_mask)
+    tl.store(out + N + i[None, :], dh_post * a_post * inv[:, None], mask=gate_mask)
     d_pre = tl.sum(dh_pre * raw_pre, axis=1)  # [BT]: sum over the group's columns of dh * raw
     d_post = tl.sum(dh_post * raw_post, axis=1)
     pid = tl.program_id(0).to(tl.int64)
     if RES == RES_SINKHORN:
-        raw_res, L, col = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
+        raw_res, L, col, block = _load_res_block(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, TRANSPOSE)
         dL = _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS, N, SOFTMAX, SAFE_MAX)
         tl.store(draw_ptr + rows64[:, None, None] * M + col, dL * a_res * inv[:, None, None],
-                 mask=rmask[:, None, None])
+                 mask=rmask[:, None, None] & block)
         d_res = tl.sum(tl.sum(dL * raw_res, axis=2), axis=1)
         if TRANSPOSE:
             col2 = 2 * N + i[None, :] * N + i[:, None]
         else:
             col2 = 2 * N + i[:, None] * N + i[None, :]
-        tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0))
+        tl.store(dbias_ptr + pid * M + col2, tl.sum(dL, axis=0), mask=real[:, None] & real[None, :])
     elif KR > 0:  # the logits path or a mixture: dL [BT, BKR], then as for any logits
         raw_res, L, j, jm = _load_res_logits(raw_ptr, alpha_ptr, bias_ptr, rows64, rmask, inv, M, N, KR, BKR)
         if RES == RES_MIXTURE:
-            dL = _mixture_bwd(L, j, tl.load(dres_ptr + mat_offsets(rows64, N), mask=rmask[:, None, None], other=0.0),
-                              MIX, BT, N)
+            res_offs, res_mask = mat_offsets(rows64, rmask, N)
+            dL = _mixture_bwd(L, j, tl.load(dres_ptr + res_offs, mask=res_mask, other=0.0), MIX, BT, N)
         else:
             dL = tl.load(dres_ptr + rows64[:, None] * KR + j[None, :], mask=rmask[:, None] & jm[None, :], other=0.0)
         tl.store(draw_ptr + rows64[:, None] * M + 2 * N + j[None, :], dL * a_res * inv[:, None],
@@ -395,8 +436,8 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
         d_res = tl.zeros((BT,), dtype=tl.float32)
     coef = -(a_pre * d_pre + a_post * d_post + a_res * d_res) * inv * inv * inv / K
     tl.store(coef_ptr + rows64, coef, mask=rmask)
-    tl.store(dbias_ptr + pid * M + i, tl.sum(dh_pre, axis=0))
-    tl.store(dbias_ptr + pid * M + N + i, tl.sum(dh_post, axis=0))
+    tl.store(dbias_ptr + pid * M + i, tl.sum(dh_pre, axis=0), mask=real)
+    tl.store(dbias_ptr + pid * M + N + i, tl.sum(dh_post, axis=0), mask=real)
     tl.store(dalpha_ptr + pid * 3, tl.sum(d_pre * inv, axis=0))
     tl.store(dalpha_ptr + pid * 3 + 1, tl.sum(d_post * inv, axis=0))
     tl.store(dalpha_ptr + pid * 3 + 2, tl.sum(d_res * inv, axis=0))
@@ -588,7 +629,7 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
     else:
         raw = torch.empty(T, M, device=dev, dtype=torch.float32)
         inv = torch.empty(T, device=dev, dtype=torch.float32)
-        bt, bk, warps = (GEMM_FWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_FWD_BLOCKS)[n]
+        bt, bk, warps = padded_entry(GEMM_FWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_FWD_BLOCKS, n)
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
         n_t = triton.cdiv(T, bt)
@@ -608,9 +649,10 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
     post = torch.empty(T, n, device=dev, dtype=torch.float32)
     res = torch.empty(T, *res_shape, device=dev, dtype=torch.float32)
-    _epilogue_fwd[(triton.cdiv(T, EPI_BLOCK[n]),)](
+    bt_epi = padded_entry(EPI_BLOCK, n)
+    _epilogue_fwd[(triton.cdiv(T, bt_epi),)](
         raw, inv, alpha32, bias32, pre, post, res, T, M, epi.pairs, eps,
-        PRE_EPS=epi.pre_eps, BT=EPI_BLOCK[n], **epi.constexprs())
+        PRE_EPS=epi.pre_eps, BT=bt_epi, **epi.constexprs())
     return pre, post, res, (bias32, alpha32, raw, inv)
 
 
@@ -628,7 +670,7 @@ def epilogue_backward(saved, epi: Epilogue, eps: float, K: int, dpre, dpost, dre
     dpost = torch.zeros(T, n, device=dev) if dpost is None else dpost.float().contiguous()
     res_shape = (n, n) if epi.on_chip else (epi.k,)
     dres = torch.zeros(T, *res_shape, device=dev) if dres is None else dres.float().contiguous()
-    bt_epi = EPI_BLOCK[n]
+    bt_epi = padded_entry(EPI_BLOCK, n)
     n_epi = triton.cdiv(T, bt_epi)
     draw = torch.empty(T, M, device=dev, dtype=torch.float32)
     coef = torch.empty(T, device=dev, dtype=torch.float32)
@@ -655,7 +697,7 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
     if T == 0:  # an empty batch: no tokens, a zero dphi (the token split below would divide by 0)
         return dx, torch.zeros(K, M, device=x2d.device, dtype=torch.float32)
     h_pre, dy = pre_term if pre_term is not None else (draw, draw)  # unused pointers without FOLD_PRE
-    bt, bk, warps = (GEMM_BWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_BWD_BLOCKS)[n]
+    bt, bk, warps = padded_entry(GEMM_BWD_BLOCKS_FP32 if x2d.dtype == torch.float32 else GEMM_BWD_BLOCKS, n)
     if write_dx and pre_term is not None and (n > 1 or K % 16):  # the fold's gathers of H_pre and dy: 16 tokens
         bt = max(16, bt // 2)  # (compile gate: 32 spill at n = 1 with unaligned rows and at n = 4 on sm_80; 16 at
         # n = 1 on sm_80); tl.dot needs 16

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from torch_mhc.ops.blocks import on_tensors_device
+from torch_mhc.ops.blocks import on_tensors_device, padded, stream_index
 from torch_mhc.ops.blocks import token_block as _token_block
 from torch_mhc.ops.coefficients import FILL, dot_precision
 
@@ -150,15 +150,16 @@ def _post_fwd(x_ptr, f_ptr, hp_ptr, hr_ptr, out_ptr, phi_ptr, raw_ptr, inv_ptr, 
 @triton.jit(do_not_specialize=["T"])
 def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, dhr_ptr, T, C,
               N: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """3-D tiles [BT, N, BC] of x and dout (all streams of a chunk), a static loop over output streams i:
-    dH_res accumulates in one [BT, N, N] tensor (a row per i) instead of n^2 separate per-token sums,
-    which is what kept the 2-D version at 160-250 registers for n = 8."""
+    """3-D tiles [BT, NP, BC] of x and dout (all streams of a chunk; NP = padded(N), padded streams masked), a
+    static loop over output streams i: dH_res accumulates in one [BT, NP, NP] tensor (a row per i) instead of n^2
+    separate per-token sums, which is what kept the 2-D version at 160-250 registers for n = 8."""
     rows64, rmask = _token_block(T, BT)
-    s1 = tl.arange(0, N)
+    s1, real = stream_index(N)
     r3, m3r, s3 = rows64[:, None, None], rmask[:, None, None], s1[None, :, None]
-    hp = tl.load(hp_ptr + rows64[:, None] * N + s1[None, :], mask=rmask[:, None], other=0.0)  # [BT, N]
-    dhp = tl.zeros((BT, N), dtype=tl.float32)
-    dhr = tl.zeros((BT, N, N), dtype=tl.float32)  # [BT, i, j]
+    m3s = m3r & real[None, :, None]  # [BT, NP, 1]: real tokens and streams
+    hp = tl.load(hp_ptr + rows64[:, None] * N + s1[None, :], mask=rmask[:, None] & real[None, :], other=0.0)
+    dhp = tl.zeros((BT, padded(N)), dtype=tl.float32)
+    dhr = tl.zeros((BT, padded(N), padded(N)), dtype=tl.float32)  # [BT, i, j]
     for c0 in range(0, C, BC):
         cs = c0 + tl.arange(0, BC)
         cs3 = cs[None, None, :]
@@ -172,15 +173,15 @@ def _post_bwd(x_ptr, f_ptr, hp_ptr, hr_ptr, dout_ptr, dx_ptr, df_ptr, dhp_ptr, d
         tl.store(df_ptr + rows64[:, None] * C + cs[None, :], df.to(df_ptr.dtype.element_ty),
                  mask=rmask[:, None] & (cs < C)[None, :])
         dhp += tl.sum(g * f, axis=2)
-        dx = tl.zeros((BT, N, BC), dtype=tl.float32)  # [BT, j, BC]
+        dx = tl.zeros((BT, padded(N), BC), dtype=tl.float32)  # [BT, j, BC]
         for i in tl.static_range(N):
             g_i = tl.load(dout_ptr + r3 * (N * C) + i * C + cs3, mask=m1, other=0.0).to(tl.float32)  # L1 hit
-            h_i = tl.load(hr_ptr + r3 * (N * N) + i * N + s3, mask=m3r, other=0.0)  # [BT, j, 1]: row i of H_res
+            h_i = tl.load(hr_ptr + r3 * (N * N) + i * N + s3, mask=m3s, other=0.0)  # [BT, j, 1]: row i of H_res
             dx += h_i * g_i
             dhr += tl.where(s3 == i, tl.sum(g_i * x, axis=2)[:, None, :], 0.0)
         tl.store(dx_ptr + offs3, dx.to(dx_ptr.dtype.element_ty), mask=m3)
-    tl.store(dhp_ptr + rows64[:, None] * N + s1[None, :], dhp, mask=rmask[:, None])
-    tl.store(dhr_ptr + r3 * (N * N) + s3 * N + s1[None, None, :], dhr, mask=m3r)
+    tl.store(dhp_ptr + rows64[:, None] * N + s1[None, :], dhp, mask=rmask[:, None] & real[None, :])
+    tl.store(dhr_ptr + r3 * (N * N) + s3 * N + s1[None, None, :], dhr, mask=m3s & real[None, None, :])
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -243,14 +244,22 @@ def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_pt
 
 
 # Tile per (n, C): BT tokens x BC channels per stream, `warps` warps. Pre and post forward and pre
-# backward: 1024 elements per stream (n = 8: 512), 8 per thread at 4 warps (16-byte bf16 loads). Post
+# backward: 1024 elements per stream (n = 8: 512, n = 16: 128), 8 per thread at 4 warps (16-byte bf16 loads). Post
 # backward: [BT, n, BC] tiles of 256 channels (one token when C >= 256). Small C packs more tokens per
 # program, up to a cap per n. Chosen from the compiled register counts (`python -m torch_mhc.ops.aot`,
-# budget in torch_mhc.ops.aot): see docs/design.md.
+# budget in torch_mhc.ops.aot): see docs/design.md. Other n take their padded count's tiles (the post backward's
+# [BT, NP, BC] tiles are that size; the other kernels loop over the n real streams, so they hold fewer), except the
+# post backward's channels at n = 5, 6, 7: 64 (compile gate: 256 spilled 8 bytes at n = 6 on sm_80 with bf16
+# streams, 128 at n = 7). n = 16: 32 channels in the post backward ([1, 16, 64] tiles ran 255 registers on sm_90)
+# and 128-element tiles in the others (the pre backward's [4, 64] spilled 8 bytes on sm_80).
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
-    tile = 256 if post_bwd else 1024 if n <= 4 else 512
-    bc = min(triton.next_power_of_2(C), 256 if post_bwd else tile // 4)
-    cap = min(8, 16 // n) if post_bwd else 16 if n <= 2 else 8 if n == 4 else 4
+    n_pad = padded(n)
+    if post_bwd:
+        tile = 256 if n_pad <= 4 or n == 8 else 64 if n_pad == 8 else 32
+        bc, cap = min(triton.next_power_of_2(C), tile), max(1, min(8, 16 // n_pad))
+    else:
+        tile = 1024 if n_pad <= 4 else 512 if n_pad == 8 else 128
+        bc, cap = min(triton.next_power_of_2(C), tile // 4), 16 if n_pad <= 2 else 8 if n_pad == 4 else 4
     return max(1, min(cap, tile // bc)), bc, 4
 
 
@@ -265,6 +274,11 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
 # The chained post backward holds n^2 dH_res sums and 2n tiles per chunk: n = 8 compiles to 226-255 registers
 # (spills with 32 or 64 tokens), so n = 8 keeps the plain backward (the read writes its own dx).
 CHAIN_MAX_STREAMS = 4
+# Stream counts whose read-ahead post compiles within budget: at n = 5, 6, 7 (padded to 8, every stream access
+# masked) the [BT, BM] GEMM tile beside the masked state tiles spills 8-56 bytes on sm_90 at every token tile tried
+# (16 and 32; compile gate), so those n run the plain post and the reader its own GEMM. (A coefficient GEMM wider
+# than ops.MAX_GEMM_WIDTH is never read ahead: its reader runs the reference path.)
+READ_AHEAD_STREAMS = (1, 2, 3, 4, 8)
 # The read-ahead post and the chained post backward store a chunk, pass tl.debug_barrier() and load it back in the
 # same loop iteration. Their launches take num_stages=1: the software pipeliner (default 3 stages on sm_80/sm_90)
 # then leaves the loop alone, so it cannot issue the next iteration's loads ahead of this iteration's stores and

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from torch_mhc.ops import MAX_GEMM_WIDTH
 from torch_mhc.ops.coefficients import (
     coefficients_backward,
     coefficients_forward,
@@ -53,6 +54,7 @@ from torch_mhc.ops.coefficients import (
 )
 from torch_mhc.ops.streams import (
     CHAIN_MAX_STREAMS,
+    READ_AHEAD_STREAMS,
     FusedStreamPost,
     post_backward_chain,
     post_forward,
@@ -268,8 +270,9 @@ def fused_sublayer_pre(x, phi, bias, alpha, *, eps: float, variant: str, spec: t
 def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backward: bool = False,
                         batch_invariant: bool = False):
     """(link from :func:`fused_sublayer_pre`, H_post ``[..., n]``, H_res ``[..., n, n]``, f ``[..., C]``) ->
-    new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead).
-    ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring). ``batch_invariant``:
+    new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead), or
+    (new state, None) where the read-ahead has no checked tiles (n not in ``READ_AHEAD_STREAMS``, a GEMM wider than
+    ``MAX_GEMM_WIDTH``). ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring). ``batch_invariant``:
     the read-ahead GEMM's tiles do not depend on the token count (``streams.post_forward``)."""
     x3, link_t = link
     _, n, C = x3.shape
@@ -279,6 +282,8 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
     if read_ahead is None:
         return FusedSublayerPost.apply(*args).view(*lead, n, C)
     phi, eps = read_ahead
+    if n not in READ_AHEAD_STREAMS or phi.shape[1] > MAX_GEMM_WIDTH:  # no checked tiles: the reader runs its GEMM
+        return FusedSublayerPost.apply(*args).view(*lead, n, C), None
     handoff = Handoff() if chain_backward and n <= CHAIN_MAX_STREAMS and torch.is_grad_enabled() else None
     out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff, batch_invariant)
     state = out.view(*lead, n, C)
