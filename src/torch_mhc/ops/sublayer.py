@@ -272,8 +272,8 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
     """(link from :func:`fused_sublayer_pre`, H_post ``[..., n]``, H_res ``[..., n, n]``, f ``[..., C]``) ->
     new state ``[..., n, C]``; with ``read_ahead`` = (phi, eps) of the next sublayer, (new state, ReadAhead), or
     (new state, None) where the read-ahead has no checked tiles (n not in ``READ_AHEAD_STREAMS``, a GEMM wider than
-    ``MAX_GEMM_WIDTH``). ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring). ``batch_invariant``:
-    the read-ahead GEMM's tiles do not depend on the token count (``streams.post_forward``)."""
+    ``MAX_GEMM_WIDTH``). ``chain_backward``: the ReadAhead carries a :class:`Handoff` (see the module docstring).
+    ``batch_invariant``: the read-ahead GEMM's tiles do not depend on the token count (``streams.post_forward``)."""
     x3, link_t = link
     _, n, C = x3.shape
     lead = f_out.shape[:-1]
