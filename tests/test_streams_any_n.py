@@ -11,10 +11,14 @@ import torch
 pytest.importorskip("triton")
 
 from conftest import CountLaunches  # noqa: E402
-from emulate_dots import rel_err  # noqa: E402
-from test_ops import DEVICE, SHAPES, _connections, check_coefficients, make_coeff_inputs, weighted  # noqa: E402
-from torch_mhc import ops  # noqa: E402
-from torch_mhc.models import DecoderLM, ModelConfig  # noqa: E402
+from test_ops import (  # noqa: E402
+    DEVICE,
+    SHAPES,
+    _connections,
+    assert_every_connection_matches_reference,
+    check_coefficients,
+    make_coeff_inputs,
+)
 
 PADDED = [3, 5, 6, 7]
 
@@ -33,7 +37,7 @@ def test_padded_coefficients_equal_float64_reference(variant, n, T, C, dtype):
 # Large logits with 1 and 2 iterations, as test_ops' power-of-two edges: with 20, the rows these logits leave below
 # eps make the fp32 Sinkhorn backward overflow (each step divides their gradient by eps) at any n, padded or not
 # (n = 8 as well; an fp32 emulation of the kernel's backward on the real 6 x 6 block alone gives the same NaN).
-EDGE_CASES = [(iters, large) for iters in (1, 2, 20) for large in (False, True) if not (large and iters == 20)]
+EDGE_CASES = [(iters, large) for iters in (1, 2, 20) for large in (False, True)]
 
 
 @pytest.mark.parametrize("n", [3, 6])
@@ -42,60 +46,31 @@ EDGE_CASES = [(iters, large) for iters in (1, 2, 20) for large in (False, True) 
 def test_padded_sinkhorn_edges(n, variant, iters, large_logits):
     """Few iterations (V4 with 1: the leading row step only) and res logits above the exp clamp: the paper's
     shifted exp sends the gradient to the largest logit, which must be a real one (padded logits are -inf), and
-    nothing padded turns into inf or NaN (padded rows' and columns' sums are eps; padded gradient entries are
-    zeroed after each backward step)."""
+    nothing padded turns into inf or NaN (padded rows' and columns' sums are eps: the backward carries gradient x
+    value, 0 there); with 20 iterations, rows of the exp start that underflow to 0 keep the gradient finite."""
     T, C = 6, 16
     x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=iters + 10 * large_logits + n)
     if large_logits:
         with torch.no_grad():
             bias[2 * n:] += 70.0 + 3 * torch.arange(n * n, dtype=torch.float32, device=DEVICE)
-    check_coefficients((x, phi, bias, alpha), iters, variant, grad_seed=iters)
+    # n = 6, 20 iterations, the paper's exp start over logits spread by about 110: its entries reach e^-110 of the
+    # largest, near fp32's underflow, and the fp32 reference path is itself 1.9e-5 off float64 on H_res and 2.2e-5
+    # on phi's gradient (the kernels: the same); twice the fp32 bound. (The gradient was NaN here before it was
+    # carried as gradient x value: nn.sinkhorn.sinkhorn_backward.)
+    edge = large_logits and iters == 20 and variant == "paper" and n == 6
+    check_coefficients((x, phi, bias, alpha), iters, variant, grad_seed=iters, scale=2.0 if edge else 1.0)
 
 
 @pytest.mark.parametrize("n", [3, 5, 6])
 def test_connections_at_padded_n_run_the_kernels_and_equal_the_reference(n, monkeypatch):
     """Every connection (dynamic mHC paper and V4, static mHC, HC, static HC) and a DecoderLM at n = 3, 5, 6 take
     the fused path (should_fuse, kernels launched) under chained backward, with the reference path's results."""
-    from torch_mhc.nn import chained_backward
     from torch_mhc.ops import streams
     from torch_mhc.ops.streams import READ_AHEAD_STREAMS
 
     post = CountLaunches(streams._post_fwd)
     monkeypatch.setattr(streams, "_post_fwd", post)
-    C, T = 8, 5
-    torch.manual_seed(n)
-    x0 = torch.randn(T, n, C, device=DEVICE)
-    for conn in _connections(n, C):
-        conn.to(DEVICE)
-        with torch.no_grad():
-            for p in conn.parameters():
-                p.add_(0.1 * torch.randn_like(p))
-        results = []
-        for backend in ("triton", "reference"):
-            x = x0.clone().requires_grad_()
-            with ops.use_backend(backend), chained_backward():
-                assert ops.should_fuse(x) is (backend == "triton")
-                out = conn(x)
-            grads = torch.autograd.grad(weighted(out), [x, *conn.parameters()], allow_unused=True)
-            results.append((out, grads))
-        (a, ga), (b, gb) = results
-        assert rel_err(a, b) < 1e-5
-        for u, v in zip(ga, gb):
-            assert (u is None) == (v is None)
-            if u is not None:
-                assert rel_err(u, v) < 1e-4
-    launched = post.launches
-    assert launched >= len(_connections(n, C))
-    cfg = ModelConfig(dim=16, n_layers=2, n_heads=2, max_seq_len=8, connection="mhc", n_streams=n)
-    model = DecoderLM(cfg).to(DEVICE)
-    idx = torch.randint(0, 256, (2, 8), device=DEVICE)
-    losses = []
-    for backend in ("triton", "reference"):
-        with ops.use_backend(backend), chained_backward():
-            _, loss = model(idx, idx)
-        loss.backward()
-        losses.append(loss.item())
-    assert post.launches > launched
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert_every_connection_matches_reference(n)
+    assert post.launches > len(_connections(n, 8))
     # the posts read ahead (the next GEMM fused in) only at n with checked tiles (n = 3; not 5, 6: they spill)
     assert any(k["PROJ"] for k in post.kwargs) is (n in READ_AHEAD_STREAMS)

@@ -26,6 +26,14 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         raise ValueError(f"non-finite values (NaN or Inf) in {what}")
 
 
+def check_channels(x: torch.Tensor) -> None:
+    """Dynamic coefficients read the streams' RMS over n * C channels: C = 0 has none (a named error, not a NaN
+    or a reshape failure)."""
+    if x.shape[-1] == 0:
+        raise ValueError(f"dynamic mHC coefficients need streams with at least one channel, got x of shape "
+                         f"{tuple(x.shape)} ([..., n, C] with C = 0)")
+
+
 def fused():
     """Where the fused path goes: the kernels' autograd Functions (:mod:`torch_mhc.ops`), or under
     ``torch.compile`` the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`, same functions)."""
@@ -75,6 +83,8 @@ def mhc_coefficients(
     """
     n = x.shape[-2]
     h_res = default_map(n, iters, eps, variant) if h_res is None else h_res
+    if dynamic:
+        check_channels(x)
     if dynamic and ops.should_fuse(x, width=phi.shape[-1]):
         with no_autocast(x):
             return fused().fused_mhc_coefficients(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,
@@ -122,6 +132,7 @@ def mhc_sublayer_pre(
     fused post that wrote x computed of this sublayer's GEMM (:func:`stream_post`), or None. ``h_res``: as in
     :func:`mhc_coefficients`, as is ``batch_invariant``."""
     h_res = default_map(x.shape[-2], iters, eps, variant) if h_res is None else h_res
+    check_channels(x)
     if ops.should_fuse(x, width=phi.shape[-1]):
         with no_autocast(x):
             return fused().fused_sublayer_pre(x, phi, bias, alpha, iters=iters, eps=eps, variant=variant,

@@ -55,22 +55,25 @@ def sinkhorn_reference(logits: torch.Tensor, iters: int = 20, eps: float = 1e-6,
 def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float, start: str) -> torch.Tensor:
     """Exact gradient of :func:`sinkhorn_reference` w.r.t. the logits, recomputing the iterations.
 
-    For one normalisation ``y = m / (sum(m) + eps)`` along a dim, ``dm = (dy - sum(dy * m) / den) / den``.
+    Carried as ``h = dm * m`` (gradient times value) rather than ``dm``: for one normalisation
+    ``y = m / (sum(m) + eps)`` along a dim, ``dm = (dy - sum(dy * m) / den) / den`` becomes
+    ``h_in = h_out - y * sum(h_out)`` (``h_out = dy * y``), with no division. ``dm`` itself grows by 1/eps a step
+    in a row or column whose sum is below eps (the exp start underflowing when logits spread by about 100): inf,
+    then NaN in ``inf * 0``, in fp32, where ``h`` stays bounded; the exp start's gradient is ``h`` itself.
     """
     L = _to_work(logits)
     m0, aux = _start(L, eps, start)
-    steps = sinkhorn_steps(iters, start)
-    inputs, m = [], m0
-    for dim in steps:
-        inputs.append(m)
+    outputs, m = [], m0
+    for dim in sinkhorn_steps(iters, start):
         m = m / (m.sum(dim=dim, keepdim=True) + eps)
-    g = _to_work(grad).to(L.dtype)
-    for dim, m in zip(reversed(steps), reversed(inputs)):
-        den = m.sum(dim=dim, keepdim=True) + eps
-        g = (g - (g * m).sum(dim=dim, keepdim=True) / den) / den
-    if start == "softmax":
-        return _from_work(aux * (g - (g * aux).sum(dim=COL, keepdim=True)))
-    g = g * m0
+        outputs.append((dim, m))
+    h = _to_work(grad).to(L.dtype) * m
+    for dim, y in reversed(outputs):
+        h = h - y * h.sum(dim=dim, keepdim=True)
+    if start == "softmax":  # m0 = soft + eps: soft * dm0 = h * soft / m0
+        q = torch.where(m0 > 0, h * aux / m0, 0.0)
+        return _from_work(q - aux * q.sum(dim=COL, keepdim=True))
+    g = h
     # Where the shift is on ([1, 1, ...] aux > 0) it follows the (first) largest logit: minus the total gradient
     # goes there. Selected with a mask rather than under `if active.any()`: no value read back to the host.
     n = L.shape[0]

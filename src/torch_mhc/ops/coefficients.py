@@ -321,16 +321,15 @@ def _epilogue_fwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_
 
 
 @triton.jit
-def _step_bwd_col(g, y, den):
-    """Undo y = m / den[j] (den [BT, N]): gradient and input of the step from its output y."""
-    g = (g - tl.sum(g * y, axis=1)[:, None, :]) / den[:, None, :]
-    return g, y * den[:, None, :]
+def _step_bwd_col(h, y, den):
+    """Undo y = m / den[j] (den [BT, N]) for h = gradient * value: h_in = h_out - y * sum_i h_out (no division),
+    and the step's input m = y * den."""
+    return h - y * tl.sum(h, axis=1)[:, None, :], y * den[:, None, :]
 
 
 @triton.jit
-def _step_bwd_row(g, y, den):
-    g = (g - tl.sum(g * y, axis=2)[:, :, None]) / den[:, :, None]
-    return g, y * den[:, :, None]
+def _step_bwd_row(h, y, den):
+    return h - y * tl.sum(h, axis=2)[:, :, None], y * den[:, :, None]
 
 
 @triton.jit
@@ -338,7 +337,10 @@ def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.co
                   SAFE_MAX: tl.constexpr):
     """dL [BT, NP, NP] (padded entries 0) from the gradient of H_res: one recomputation of the forward keeps each
     step's sums (an n-vector per token and step) in registers (a tuple: PAIRS is a compile-time constant, one
-    compilation per iteration count), then each step is undone from its output: input = output * sums."""
+    compilation per iteration count), then each step is undone from its output: input = output * sums. The gradient
+    travels as h = gradient * value (``nn.sinkhorn.sinkhorn_backward``): no division, so a row or column whose sum is
+    below eps (padded ones; exp underflowing to 0 when logits spread by about 100) cannot grow it to inf, and
+    padded entries, whose values are 0, keep h = 0."""
     i, real = stream_index(N)
     NP: tl.constexpr = padded(N)
     LEAD: tl.constexpr = 1 if SOFTMAX else 0
@@ -357,21 +359,17 @@ def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.co
         sums = sums + (den,)
         m = m / den[:, :, None]
     res_offs, res_mask = mat_offsets(rows64, rmask, N)
-    g = tl.load(dres_ptr + res_offs, mask=res_mask, other=0.0)
-    # Padded entries of g are zeroed after each step: a step gives them -(a real sum) / den, and a padded row's or
-    # column's den is eps, so left alone they would grow by 1/eps a step (inf, then NaN) without being used.
-    block = (real[:, None] & real[None, :])[None, :, :]
+    h = tl.load(dres_ptr + res_offs, mask=res_mask, other=0.0) * m
     for q in tl.static_range(PAIRS):
-        g, m = _step_bwd_row(g, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
-        g, m = _step_bwd_col(_pad_fill(g, block, 0.0, N), m, sums[LEAD + 2 * (PAIRS - 1 - q)])
-        g = _pad_fill(g, block, 0.0, N)
-    if SOFTMAX:
-        g, m = _step_bwd_row(g, m, sums[0])
-        g = _pad_fill(g, block, 0.0, N)
+        h, m = _step_bwd_row(h, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
+        h, m = _step_bwd_col(h, m, sums[LEAD + 2 * (PAIRS - 1 - q)])
+    if SOFTMAX:  # m0 = softmax + eps: softmax * (gradient of m0) = h * softmax / m0
+        h, m = _step_bwd_row(h, m, sums[0])
         sm = _col_softmax(L, real, N)
-        dL = sm * (g - tl.sum(g * sm, axis=1)[:, None, :])
+        q = tl.where(m0 > 0, h * sm / tl.where(m0 > 0, m0, 1.0), 0.0)
+        dL = q - sm * tl.sum(q, axis=1)[:, None, :]
     else:
-        dL = g * m0
+        dL = h
         # exp(L - shift): where the shift is on, it follows the (first) largest logit and takes minus
         # the total gradient there, as the reference's shifted exp does.
         shift = _exp_shift(L, SAFE_MAX)
