@@ -80,9 +80,8 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
 
 def fusable(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``,
-    C >= 1 (empty rows take the reference path);
-    with a coefficient GEMM ``width`` (the coefficient kernels), n in ``COEFFICIENT_STREAMS`` and width at most
-    ``MAX_GEMM_WIDTH``."""
+    C >= 1 (empty rows take the reference path); with a coefficient GEMM ``width`` (the coefficient kernels) also n
+    in ``COEFFICIENT_STREAMS`` and the width at most ``MAX_GEMM_WIDTH``."""
     if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-2] not in FUSED_STREAMS or x.shape[-1] == 0:
         return False
     return width is None or (x.shape[-2] in COEFFICIENT_STREAMS and width <= MAX_GEMM_WIDTH)
