@@ -43,7 +43,7 @@ OPS_STANDIN = '''"""Stand-in for ``torch_mhc.ops`` in exported model code: alway
 
 class ops:
     @staticmethod
-    def should_fuse(x) -> bool:
+    def should_fuse(x, width=None) -> bool:
         return False
 '''
 IMPORT_RE = re.compile(r"^(\s*)from\s+(torch_mhc[\w.]*)\s+import\s+(.*)$", re.MULTILINE)
