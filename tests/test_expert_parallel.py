@@ -140,8 +140,9 @@ def test_expert_and_tensor_parallel_moe_match_one_process(tmp_path):
             what = f"rank {rank} {settings}"
             torch.testing.assert_close(torch.tensor(r["curve"]), torch.tensor(ref["curve"]), rtol=1e-5, atol=0,
                                        msg=lambda m, w=what: f"{w}: {m}")
-            for k, v in ref["state"].items():
-                torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=5e-5,
+            for k, v in ref["state"].items():  # atol 1% of one AdamW step (lr 1e-2): Adam normalises a near-zero
+                # gradient (head_merge.scale's), so its float32 rounding moves the parameter by up to ~1e-4
+                torch.testing.assert_close(r["state"][k], v, rtol=1e-4, atol=1e-4,
                                            msg=lambda m, k=k, w=what: f"{w} {k}: {m}")
             for got, want in zip(r["bias"], ref["bias"]):  # the load summed over the right group
                 torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, w=what: f"{w} bias: {m}")

@@ -70,8 +70,8 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
     h = _to_work(grad).to(L.dtype) * m
     for dim, y in reversed(outputs):
         h = h - y * h.sum(dim=dim, keepdim=True)
-    if start == "softmax":  # m0 = soft + eps: soft * dm0 = h * soft / m0
-        q = torch.where(m0 > 0, h * aux / m0, 0.0)
+    if start == "softmax":  # m0 = soft + eps: soft * dm0 = h * (soft / m0), the ratio in [0, 1]
+        q = torch.where(m0 > 0, h * (aux / m0), 0.0)
         return _from_work(q - aux * q.sum(dim=COL, keepdim=True))
     g = h
     # Where the shift is on ([1, 1, ...] aux > 0) it follows the (first) largest logit: minus the total gradient

@@ -363,10 +363,10 @@ def _sinkhorn_bwd(L, dres_ptr, rows64, rmask, eps, PAIRS: tl.constexpr, N: tl.co
     for q in tl.static_range(PAIRS):
         h, m = _step_bwd_row(h, m, sums[LEAD + 2 * (PAIRS - 1 - q) + 1])
         h, m = _step_bwd_col(h, m, sums[LEAD + 2 * (PAIRS - 1 - q)])
-    if SOFTMAX:  # m0 = softmax + eps: softmax * (gradient of m0) = h * softmax / m0
+    if SOFTMAX:  # m0 = softmax + eps: softmax * (gradient of m0) = h * (softmax / m0), the ratio in [0, 1]
         h, m = _step_bwd_row(h, m, sums[0])
         sm = _col_softmax(L, real, N)
-        q = tl.where(m0 > 0, h * sm / tl.where(m0 > 0, m0, 1.0), 0.0)
+        q = tl.where(m0 > 0, h * (sm / tl.where(m0 > 0, m0, 1.0)), 0.0)
         dL = q - sm * tl.sum(q, axis=1)[:, None, :]
     else:
         dL = h
