@@ -73,11 +73,10 @@ def sinkhorn_backward(logits: torch.Tensor, grad: torch.Tensor, iters: int, eps:
     if start == "softmax":  # m0 = soft + eps: soft * dm0 = h * (soft / m0), the ratio in [0, 1]
         q = torch.where(m0 > 0, h * (aux / m0), 0.0)
         return _from_work(q - aux * q.sum(dim=COL, keepdim=True))
-    g = h
     # Where the shift is on ([1, 1, ...] aux > 0) it follows the (first) largest logit: minus the total gradient
     # goes there. Selected with a mask rather than under `if active.any()`: no value read back to the host.
     n = L.shape[0]
-    flat = g.flatten(0, 1)
+    flat = h.flatten(0, 1)
     top = L.flatten(0, 1).argmax(dim=0, keepdim=True)
     entry = torch.arange(n * n, device=L.device).view(-1, *([1] * (flat.dim() - 1)))
     hit = (entry == top) & (aux > 0).flatten(0, 1)

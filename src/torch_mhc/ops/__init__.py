@@ -82,9 +82,9 @@ def fusable(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``,
     C >= 1 (empty rows take the reference path); with a coefficient GEMM ``width`` (the coefficient kernels) also n
     in ``COEFFICIENT_STREAMS`` and the width at most ``MAX_GEMM_WIDTH``."""
-    if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-2] not in FUSED_STREAMS or x.shape[-1] == 0:
+    if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-1] == 0:
         return False
-    return width is None or (x.shape[-2] in COEFFICIENT_STREAMS and width <= MAX_GEMM_WIDTH)
+    return unfused_reason(x.shape[-2], width) is None
 
 
 def kernels_run(x: torch.Tensor, width: int | None = None) -> bool:
@@ -97,20 +97,30 @@ def kernels_run(x: torch.Tensor, width: int | None = None) -> bool:
     return x.is_cuda and triton_available()
 
 
+def unfused_reason(n: int, width: int | None = None) -> str | None:
+    """Why the kernels are not built for n streams (and, given, a coefficient GEMM ``width`` columns wide: the
+    coefficient kernels), or None when they are: the one statement of ``FUSED_STREAMS``, ``COEFFICIENT_STREAMS`` and
+    ``MAX_GEMM_WIDTH`` that :func:`fusable`, the entry points below and the read-ahead post ask."""
+    if n not in FUSED_STREAMS:
+        return (f"the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; torch_mhc.nn.functional runs the "
+                "reference path for other n (see should_fuse)")
+    if width is not None and n not in COEFFICIENT_STREAMS:
+        return (f"the fused coefficient kernels take n in {COEFFICIENT_STREAMS} streams, got n = {n}; "
+                "torch_mhc.nn.functional runs the reference path for their coefficients (see should_fuse)")
+    if width is not None and width > MAX_GEMM_WIDTH:
+        return (f"the fused coefficient GEMM takes at most {MAX_GEMM_WIDTH} columns (2n + k), got {width} (n = {n}, "
+                f"k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the reference path for it (see "
+                "should_fuse)")
+    return None
+
+
 def _require_fused_streams(n: int, what: str, width: int | None = None) -> None:
     """The entry points below are the kernels themselves: an n (or a coefficient GEMM width) they are not built for
     is a clear error here, not a KeyError in a block table, a spilling kernel or a failure in the backward (model
     code asks :func:`should_fuse` first)."""
-    if n not in FUSED_STREAMS:
-        raise ValueError(f"{what}: the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; "
-                         "torch_mhc.nn.functional runs the reference path for other n (see should_fuse)")
-    if width is not None and n not in COEFFICIENT_STREAMS:
-        raise ValueError(f"{what}: the fused coefficient kernels take n in {COEFFICIENT_STREAMS} streams, got n = {n}; "
-                         "torch_mhc.nn.functional runs the reference path for their coefficients (see should_fuse)")
-    if width is not None and width > MAX_GEMM_WIDTH:
-        raise ValueError(f"{what}: the fused coefficient GEMM takes at most {MAX_GEMM_WIDTH} columns (2n + k), got "
-                         f"{width} (n = {n}, k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the "
-                         "reference path for it (see should_fuse)")
+    reason = unfused_reason(n, width)
+    if reason is not None:
+        raise ValueError(f"{what}: {reason}")
 
 
 # The kernels import triton; these entry points import them on first use, so ``import torch_mhc``

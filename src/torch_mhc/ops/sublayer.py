@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torch_mhc.ops import MAX_GEMM_WIDTH
+from torch_mhc.ops import unfused_reason
 from torch_mhc.ops.coefficients import (
     coefficients_backward,
     coefficients_forward,
@@ -282,7 +282,7 @@ def fused_sublayer_post(link, h_post, h_res, f_out, read_ahead=None, chain_backw
     if read_ahead is None:
         return FusedSublayerPost.apply(*args).view(*lead, n, C)
     phi, eps = read_ahead
-    if n not in READ_AHEAD_STREAMS or phi.shape[1] > MAX_GEMM_WIDTH:  # no checked tiles: the reader runs its GEMM
+    if n not in READ_AHEAD_STREAMS or unfused_reason(n, phi.shape[1]) is not None:  # no checked tiles: reader runs GEMM
         return FusedSublayerPost.apply(*args).view(*lead, n, C), None
     handoff = Handoff() if chain_backward and n <= CHAIN_MAX_STREAMS and torch.is_grad_enabled() else None
     out, raw, inv = FusedSublayerPost.apply(*args, (phi, eps), handoff, batch_invariant)
