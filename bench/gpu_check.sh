@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of issue 8 in one call, for a lent H100/H200 (one `device` run; at most 470 s, see the budget):
-#   1. the kernel tests at full size on CUDA (tests/test_ops.py adds CUDA shapes, incl. T = 4099, C = 7168);
+#   1. the kernel tests at full size on CUDA (tests/test_ops.py adds CUDA shapes, incl. T = 4099, C = 7168), and
+#      CUDA graphs and inductor over the kernels (tests/test_cuda_graphs.py: decode-step capture, graphed
+#      training step, reduce-overhead compile; skipped on machines without a GPU);
 #   2. bench_sublayer.py: one sublayer, a read-ahead 4-stack and a chained-backward 4-stack against the bandwidth
 #      floor, + Liger if installed;
 #   3. bench_model.py: dense decoder step time and peak memory, residual vs mHC vs mHC + recompute;
@@ -26,10 +28,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its output
 }
 versions="import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step device 20 bash -c "nvidia-smi -L; python -c \"$versions\"" || fail=1
-# phase 1, side by side: the CUDA kernel tests (the other kernel tests use CPU tensors: interpreter, CI) and the
-# two 200-step training runs
+# phase 1, side by side: the CUDA kernel tests (the other kernel tests use CPU tensors: interpreter, CI), the
+# CUDA-graph tests and the two 200-step training runs
 pids=()
 step pytest 185 python -m pytest -q -x tests/test_ops.py & pids+=($!)
+step cuda-graphs 185 python -m pytest -q tests/test_cuda_graphs.py & pids+=($!)
 for backend in triton reference; do
   step "train-$backend" 185 env TORCH_MHC_BACKEND=$backend mhc train --set steps=200 --set log_every=1 \
     --set eval_every=100 --set run_name="curve-$backend" --set out_dir="$OUT/runs" & pids+=($!)
