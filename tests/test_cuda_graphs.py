@@ -2,8 +2,9 @@
 ``bench/gpu_check.sh`` runs this file on the first lent one).
 
 What is checked, each against the same computation run eagerly on the same GPU:
-- a decode step's connections (one token per sequence through a stack of mHC connections, with the read-ahead)
-  captured with ``torch.cuda.graph`` and replayed on new inputs: the same bits (same kernels, same grids);
+- a decode step's connections (one token per sequence through a stack of mHC connections, ``run_chain``)
+  captured with ``torch.cuda.graph`` and replayed on new inputs: the same bits (same kernels, same grids); the
+  read-ahead runs where n has it (4 here, not 6 or 16);
 - a stack's forward and backward as ``torch.cuda.make_graphed_callables``: outputs and every gradient, same bits;
 - a ``DecoderLM`` forward at a fixed shape captured whole, replayed on new tokens: the same bits;
 - ``torch.compile(model, mode="reduce-overhead", fullgraph=True)`` (inductor with CUDA graph trees over the
