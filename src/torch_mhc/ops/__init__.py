@@ -16,16 +16,16 @@ import torch
 
 BACKENDS = ("auto", "reference", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Stream counts n the stream kernels (pre and post, forward and backward) are built for: 1 to 8 and 16 (xHC's n).
-# Their aranges over the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8) with the padded
-# streams masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
-# (ops/aot.py) are those of the padded count, and the compile gate traces every n. n = 9..15 (padded to 16) run the
-# reference path: their gate would add about 80 compiles per n (each several CPU-seconds: the loops over 16 streams
-# unroll) and is not run yet.
-FUSED_STREAMS = (*range(1, 9), 16)
-# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 8: at n = 16 the
-# [tokens, 16, 16] Sinkhorn tiles have no tiles checked by the gate, and Sinkhorn's GEMM (2n + n^2 = 288 columns) is
-# wider than MAX_GEMM_WIDTH. There the coefficients run the reference path and pre and post the kernels.
+# Stream counts n the stream kernels (pre and post, forward and backward) are built for: 1 to 16. Their aranges over
+# the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8, 9..15 -> 16) with the padded streams
+# masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
+# (ops/aot.py) are those of the padded count. The compile gate traces every n up to 8, and 12 and 16 of 9..16 (each
+# of those costs about 40 configurations of several CPU-seconds: the loops over the streams unroll); all of 9..16
+# passed it when they were added (`python -m torch_mhc.ops.aot --check --streams 9 10 11 12 13 14 15 16`).
+FUSED_STREAMS = tuple(range(1, 17))
+# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 8: at n = 9..16 the
+# [tokens, 16, 16] Sinkhorn tiles have no tiles checked by the gate, and Sinkhorn's GEMM (2n + n^2: 99 at n = 9, 288
+# at n = 16) is wider than MAX_GEMM_WIDTH from n = 11. There the coefficients run the reference path and pre and post the kernels.
 COEFFICIENT_STREAMS = tuple(range(1, 9))
 # The widest coefficient GEMM the kernels take: M = 2n + k columns (k res logits), tiled as the next power of two.
 # The permutation mixture at n = 5 (k = 5! = 120, M = 130, 256-wide tiles) spills in the GEMMs and epilogues (compile
@@ -65,11 +65,10 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels handle streams ``x [..., n, C]`` under the current backend: the one place that decides.
 
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
-    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 8, 16); for the coefficient kernels (pass
+    the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 16); for the coefficient kernels (pass
     their GEMM's ``width`` 2n + k) also n in ``COEFFICIENT_STREAMS`` (1 to 8) and the width at most
-    ``MAX_GEMM_WIDTH``. Everything else (fp64, n = 9 to 15 and above 16, the coefficients at n = 16, the
-    permutation mixture at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same
-    results.
+    ``MAX_GEMM_WIDTH``. Everything else (fp64, n above 16, the coefficients at n = 9 to 16, the permutation mixture
+    at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same results.
     Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
     then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
     reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""

@@ -48,8 +48,11 @@ STREAM_REG_BUDGET = {1: 128, 2: 128, 4: 128, 8: 192, 16: 192}
 GEMM_FWD_REG_BUDGET = 192
 # Stream counts that are not powers of two (padded inside the kernels): the gate traces each of them.
 PADDED_STREAMS = (3, 5, 6, 7)
-# Stream counts only the stream kernels take (ops.COEFFICIENT_STREAMS stops at 8): the gate traces each of them.
-STREAM_ONLY = (16,)
+# Stream counts only the stream kernels take (ops.COEFFICIENT_STREAMS stops at 8), and those the gate traces by
+# default: 12 (padded, masked) and 16 (n = 9..15 share 16's tiles; each traced one costs about 40 configurations of
+# several CPU-seconds). `--streams 9 10 ...` traces any of them.
+STREAM_ONLY = tuple(range(9, 17))
+GATE_STREAM_ONLY = (12, 16)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -374,7 +377,7 @@ GATE_CASES = [
     for fused in (True, False)
     if fused or T == 48
 ] + MAP_SPEC_CASES
-# n = 16 (STREAM_ONLY): pre and post alone (run_streams), C aligned or not, small and large, every stream dtype,
+# n = 9..16 (STREAM_ONLY): pre and post alone (run_streams), C aligned or not, small and large, every stream dtype,
 # one token and many, and the trainer's mixed dtypes.
 STREAM_CASES = [
     dict(n=n, C=C, T=T, dtype=dtype)
@@ -469,8 +472,8 @@ def main(argv=None) -> int:
                    help="only the cases of these stream counts")
     args = p.parse_args(argv)
     cases = MAP_SPEC_CASES if args.maps else GATE_CASES + STREAM_CASES
-    if args.streams:
-        cases = [c for c in cases if c["n"] in args.streams]
+    streams = args.streams or [n for n in range(1, 17) if n not in STREAM_ONLY or n in GATE_STREAM_ONLY]
+    cases = [c for c in cases if c["n"] in streams]
     t0 = time.time()
     launches = trace(cases)
     t1 = time.time()

@@ -251,12 +251,17 @@ def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_pt
 # [BT, NP, BC] tiles are that size; the other kernels loop over the n real streams, so they hold fewer), except the
 # post backward's channels at n = 5, 6, 7: 64 (compile gate: 256 spilled 8 bytes at n = 6 on sm_80 with bf16
 # streams, 128 at n = 7). n = 16: 32 channels in the post backward ([1, 16, 64] tiles ran 255 registers on sm_90)
-# and 128-element tiles in the others (the pre backward's [4, 64] spilled 8 bytes on sm_80).
+# and 128-element tiles in the others (the pre backward's [4, 64] spilled 8 bytes on sm_80); n = 9..15: the same,
+# but [1, 16, 16] tiles on 2 warps in the post backward (the gate: with 4 warps, at 16 or 32 channels, ptxas kept
+# one register on the stack across the channel loop, 8-16 bytes, at 6 to 13 of the 9..15 configurations; with
+# 2 warps at 32 channels at 4 of them).
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     n_pad = padded(n)
     if post_bwd:
-        tile = 256 if n_pad <= 4 or n == 8 else 64 if n_pad == 8 else 32
+        tile = 256 if n_pad <= 4 or n == 8 else 64 if n_pad == 8 else 32 if n == 16 else 16
         bc, cap = min(triton.next_power_of_2(C), tile), max(1, min(8, 16 // n_pad))
+        if n_pad == 16 and n != 16:
+            return 1, bc, 2
     else:
         tile = 1024 if n_pad <= 4 else 512 if n_pad == 8 else 128
         bc, cap = min(triton.next_power_of_2(C), tile // 4), 16 if n_pad <= 2 else 8 if n_pad == 4 else 4
