@@ -89,14 +89,14 @@ def batch_invariant_model(n: int, C: int, T: int, elt: int) -> dict:
     batch-invariant GEMM writes raw and inv_rms once, from fewer programs when T is small), and the read-ahead post's
     and chained backward's token tile (phi re-read from L2 once per tile: more L2 bytes per token at large T)."""
     from torch_mhc.ops.blocks import padded_entry
-    from torch_mhc.ops.coefficients import GEMM_FWD_BLOCKS, gemm_fwd_split
+    from torch_mhc.ops.coefficients import GEMM_FWD_BLOCKS, gemm_fwd_split, gemm_fwd_tiles
     from torch_mhc.ops.streams import _read_ahead_blocks
 
     M, K = 2 * n + n * n, n * C
     bt, bk, _ = padded_entry(GEMM_FWD_BLOCKS, n)  # n = 3, 5, 6, 7 run with their padded count's tiles
     if K % 16:
         bt = 32
-    n_t = -(-T // bt)
+    n_t = -(-T // bt) * gemm_fwd_tiles(n, M)[1]  # programs per K slice (column tiles side by side at n > 8)
     out = {}
     for mode, invariant in (("default", False), ("batch_invariant", True)):
         split, _ = gemm_fwd_split(n_t, K, bk, invariant)

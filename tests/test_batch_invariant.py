@@ -87,6 +87,23 @@ def test_coefficients_at_a_real_split(dtype):
         assert differs_somewhere(token_results(coefficient_run(phi, bias, alpha, "paper", False), x_tok, g_tok))
 
 
+def test_wide_coefficients_alone_vs_batches(monkeypatch):
+    """n = 16 (Sinkhorn's GEMM 288 columns: three forward tiles side by side, nine backward chunks; the epilogue one
+    token per program): batch-invariant coefficients and dx do not move with the token count; by default (FILL = 16
+    here, so the forward splits K 4, 4, 3 ways at 1, 7, 64 tokens and not at 300) they do."""
+    monkeypatch.setattr(coef_mod, "FILL", 16)
+    n, C = 16, 32
+    K, M = n * C, 2 * n + n * n
+    splits = {coef_mod.gemm_fwd_split(-(-rows // 32) * 3, K, 32) for rows in (1, *BATCHES)}
+    assert len(splits) > 1, splits
+    torch.manual_seed(1)
+    phi = torch.randn(K, M) / K ** 0.5
+    bias, alpha = torch.randn(M), torch.rand(3) + 0.5
+    x_tok, g_tok = torch.randn(n, C), torch.randn(n, C)
+    assert_bit_identical(token_results(coefficient_run(phi, bias, alpha, "deepseek-v4", True), x_tok, g_tok))
+    assert differs_somewhere(token_results(coefficient_run(phi, bias, alpha, "deepseek-v4", False), x_tok, g_tok))
+
+
 @pytest.fixture
 def small_fill(monkeypatch):
     """FILL (programs that fill a GPU) down to 4, so that the token-count-dependent choices (split-K of the forward

@@ -95,11 +95,11 @@ def test_gate_traces_every_map():
     Kronecker); a map added to nn/maps.py must be added there."""
     from torch_mhc.nn.maps import KroneckerMap, make_h_res
     from torch_mhc.numerics import H_RES_MAPS
-    from torch_mhc.ops import COEFFICIENT_STREAMS, MAX_GEMM_WIDTH, aot, kernel_spec
+    from torch_mhc.ops import COEFFICIENT_STREAMS, MAP_STREAMS, MAX_GEMM_WIDTH, aot, kernel_spec
 
     traced = {(c["n"], c.get("res_logits"), c.get("res_spec")) for c in aot.GATE_CASES}
-    for n in COEFFICIENT_STREAMS:
-        assert (n, None, None) in traced  # Sinkhorn on chip
+    assert all((n, None, None) in traced for n in COEFFICIENT_STREAMS)  # Sinkhorn on chip
+    for n in MAP_STREAMS:
         maps = [KroneckerMap(n, factor="sinkhorn")]
         for name in (name for name in H_RES_MAPS if name != "sinkhorn"):  # Sinkhorn: checked above
             try:
@@ -114,3 +114,47 @@ def test_gate_traces_every_map():
                 assert m.logit_count() in aot.MAP_LOGITS[n] and (n, m.logit_count(), None) in traced, (m, n)
             else:
                 assert spec in aot.MAP_SPECS[n] and (n, None, spec) in traced, (m, n)
+
+
+SAVED = """
+        /*0160*/                   STL [R1], R4 ;                                       /* 0x0000000401007387 */
+        /*0200*/                   FADD R24, R24, R19 ;
+        /*0e50*/               @P1 CALL.REL.NOINC 0x0e70 ;
+        /*0e60*/                   BRA 0x200 ;
+        /*0f70*/                   LDL.LU R0, [R1] ;
+"""
+
+
+def test_local_accesses_in_loops(tmp_path):
+    """The gate's spill rule: local loads and stores inside a backward branch's range are spills; a register ptxas
+    saves once around a loop (STL before, LDL after, as it does in several of our kernels at 8-16 bytes of stack) is
+    not. The real case: a kernel holding far more than 255 registers in a loop spills there, and the gate says so."""
+    from torch_mhc.ops import aot
+
+    assert aot.local_accesses_in_loops(SAVED) == 0
+    assert aot.local_accesses_in_loops(SAVED.replace("FADD R24, R24, R19", "STL [R1+0x4], R24")) == 1
+    script = tmp_path / "hog.py"  # triton.jit reads the kernel's source from its file
+    script.write_text("""
+import torch, triton, triton.language as tl
+from torch_mhc.ops import aot
+
+@triton.jit
+def _hog(x_ptr, y_ptr, T, BT: tl.constexpr, BC: tl.constexpr):
+    acc = tl.zeros((BT, BC), dtype=tl.float32)
+    cs = tl.arange(0, BC)
+    for t0 in range(0, T, BT):
+        rows = t0 + tl.arange(0, BT)
+        x = tl.load(x_ptr + rows[:, None] * BC + cs[None, :], mask=(rows < T)[:, None], other=0.0)
+        acc = acc * x + tl.sqrt(acc + x)
+    tl.store(y_ptr + tl.arange(0, BT)[:, None] * BC + cs[None, :], acc)
+
+with aot.LaunchRecorder() as rec:
+    _hog[(1,)](torch.empty(1), torch.empty(1), 1000, BT=64, BC=128, num_warps=1)
+(launch,) = rec.launches.values()
+usage = aot.compile_launch(launch, aot.TARGETS["sm80"])
+print(usage["stack"], usage["local_in_loops"], aot.problems(launch, usage))
+""")
+    proc = _run(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stack, in_loops, problems = proc.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert int(stack) > aot.SAVED_STACK_BYTES and int(in_loops) > 0 and "spills" in problems, proc.stdout

@@ -20,7 +20,7 @@ from torch_mhc.nn.maps import (  # noqa: E402
     make_h_res,
 )
 from torch_mhc.numerics import H_RES_MAPS  # noqa: E402
-from torch_mhc.ops import COEFFICIENT_STREAMS  # noqa: E402
+from torch_mhc.ops import MAP_STREAMS  # noqa: E402
 from torch_mhc.ops.coefficients import RES_IDENTITY, RES_LOGITS, RES_MIXTURE, make_epilogue  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def on_chip_maps(n):
 def test_built_in_maps_take_the_on_chip_spec():
     """Every built-in map but Sinkhorn-factor Kronecker is computed on chip for every fused n (Sinkhorn: its own
     spec, tested in test_maps); the spec's logit count is the map's; a subclass overriding h_res gets None."""
-    for n in COEFFICIENT_STREAMS:
+    for n in MAP_STREAMS:
         for name in H_RES_MAPS:
             if (name == "permutation-mixture" and n > 5) or (name == "kronecker" and n == 7):
                 continue  # no such map
@@ -84,7 +84,7 @@ def test_bad_epilogue_specs_are_refused():
             make_epilogue(4, spec, False)
 
 
-@pytest.mark.parametrize("n, which", [pytest.param(n, i, id=repr(m)) for n in COEFFICIENT_STREAMS
+@pytest.mark.parametrize("n, which", [pytest.param(n, i, id=repr(m)) for n in MAP_STREAMS
                                       for i, m in enumerate(on_chip_maps(n))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_on_chip_coefficients_equal_float64_reference(n, which, dtype):

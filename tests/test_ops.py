@@ -194,8 +194,10 @@ def test_backend_switch():
     with ops.use_backend("triton"):
         assert ops.should_fuse(torch.zeros(1, 4, 8)) and not ops.should_fuse(torch.zeros(1, 4, 8, dtype=torch.float64))
         assert all(ops.should_fuse(torch.zeros(1, n, 8)) for n in range(1, 17))
-        assert all(ops.should_fuse(torch.zeros(1, n, 8), width=2 * n + n * n) for n in range(1, 9))
-        assert not any(ops.should_fuse(torch.zeros(1, n, 8), width=2 * n + n * n) for n in (9, 12, 16))
+        assert all(ops.should_fuse(torch.zeros(1, n, 8), width=2 * n + n * n) for n in range(1, 17))
+        # beyond n = 8 the coefficient kernels take Sinkhorn's width only (identity: 2n, circulant: 3n)
+        assert not any(ops.should_fuse(torch.zeros(1, n, 8), width=w) for n in (9, 12, 16) for w in (2 * n, 3 * n))
+        assert not ops.should_fuse(torch.zeros(1, 17, 8), width=17 * 19)
         assert not any(ops.should_fuse(torch.zeros(1, n, 8)) for n in (17, 32))
 
 
@@ -297,14 +299,14 @@ def test_fp32_streams_keep_fp32_products(case):
 
 def test_block_tables_and_budgets_cover_exactly_the_fused_stream_counts():
     """should_fuse's FUSED_STREAMS (the stream kernels, 1 to 16) and COEFFICIENT_STREAMS (the coefficient kernels,
-    1 to 8) are what the kernels are built for: every n takes the blocks and register budget of its padded count
-    (the tables are keyed by the powers of two the kernels' aranges take) and is traced by the compile gate; an n
-    beyond the tables is a clear ValueError, never a KeyError."""
+    1 to 16; every map at 1 to 8, MAP_STREAMS) are what the kernels are built for: every n takes the blocks and
+    register budget of its padded count (the tables are keyed by the powers of two the kernels' aranges take) and is
+    traced by the compile gate; an n beyond the tables is a clear ValueError, never a KeyError."""
     from torch_mhc.ops import aot, coefficients, streams
     from torch_mhc.ops.blocks import padded, padded_entry
 
     fused, coefficient = set(ops.FUSED_STREAMS), set(ops.COEFFICIENT_STREAMS)
-    assert fused == set(range(1, 17)) and coefficient == set(range(1, 9))
+    assert fused == coefficient == set(range(1, 17)) and set(ops.MAP_STREAMS) == set(range(1, 9))
     assert [padded(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8] + [16] * 8 + [32]
     tables = {n_set: tables for n_set, tables in (
         (frozenset(coefficient), (coefficients.GEMM_FWD_BLOCKS, coefficients.GEMM_BWD_BLOCKS,
@@ -324,7 +326,7 @@ def test_block_tables_and_budgets_cover_exactly_the_fused_stream_counts():
                 bt, bc, _ = streams._blocks(n, C, post_bwd)
                 assert bt & (bt - 1) == 0 and bc & (bc - 1) == 0, (n, C, post_bwd)
     assert {case["n"] for case in aot.GATE_CASES} == coefficient
-    assert {case["n"] for case in aot.STREAM_CASES} == fused - coefficient
+    assert {case["n"] for case in aot.STREAM_CASES} == set(aot.WIDE_STREAMS) == fused - set(ops.MAP_STREAMS)
 
 
 def _connections(n, C):
@@ -380,18 +382,19 @@ def assert_every_connection_matches_reference(n, C=8, T=5):
 
 
 @pytest.mark.parametrize("n", [9, 12, 16, 17])
-def test_stream_counts_beyond_the_coefficient_kernels(n, monkeypatch):
-    """n beyond COEFFICIENT_STREAMS on the path that fuses (the triton backend; CUDA tensors under auto): every
-    connection and a DecoderLM run forward and backward with the reference path's results, no crash; at n = 9..16
-    pre and post run the stream kernels (the coefficients the reference), at n = 17 nothing fuses. (n = 3, 5, 6 used
-    to raise KeyError in a block table, HC and static mHC to fail in the backward.)"""
+def test_stream_counts_beyond_the_maps(n, monkeypatch):
+    """n beyond MAP_STREAMS on the path that fuses (the triton backend; CUDA tensors under auto): every connection
+    and a DecoderLM run forward and backward with the reference path's results, no crash; at n = 9..16 pre and post
+    run the stream kernels and dynamic mHC's Sinkhorn coefficients the coefficient kernels (HC's, static mHC's:
+    the reference), at n = 17 nothing fuses. (n = 3, 5, 6 used to raise KeyError in a block table, HC and static
+    mHC to fail in the backward.)"""
     from torch_mhc.ops import coefficients, streams
 
     post, gemm = CountLaunches(streams._post_fwd), CountLaunches(coefficients._gemm_fwd)
     monkeypatch.setattr(streams, "_post_fwd", post)
     monkeypatch.setattr(coefficients, "_gemm_fwd", gemm)
     assert_every_connection_matches_reference(n)
-    assert (post.launches > 0) is (n <= 16) and gemm.launches == 0
+    assert (post.launches > 0) is (gemm.launches > 0) is (n <= 16)
 
 
 def weighted(t):
@@ -549,14 +552,19 @@ def test_direct_calls_with_other_n_raise_a_clear_error():
     """The fused entry points called directly (not through torch_mhc.nn.functional) with an n the kernels are not
     built for: a ValueError that names n and the way out, before any kernel runs (a KeyError in a block table, or
     a forward that ran and a backward that failed, before)."""
-    for n in (16, 17):  # 16: the coefficient kernels refuse it (the stream kernels take it); 17: every kernel
+    from torch_mhc.nn.maps import make_h_res
+
+    # 16 under a circulant map (k = 16 logits): the coefficient kernels take only Sinkhorn there (the stream kernels
+    # take it); 17: every kernel
+    for n, k in ((16, 16), (17, None)):
         C, T = 8, 4
-        x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=0)
+        x, phi, bias, alpha = make_coeff_inputs(T, n, C, torch.float32, seed=0, k=k)
+        m = None if k is None else make_h_res("circulant", n)
         h = torch.rand(T, n, device=DEVICE)
         h_res = torch.rand(T, n, n, device=DEVICE)
         f = torch.randn(T, C, device=DEVICE)
-        calls = [lambda: ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper"),
-                 lambda: ops.fused_sublayer_pre(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper")]
+        calls = [lambda: ops.fused_mhc_coefficients(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper", h_res=m),
+                 lambda: ops.fused_sublayer_pre(x, phi, bias, alpha, iters=2, eps=1e-6, variant="paper", h_res=m)]
         if n == 17:
             calls += [lambda: ops.fused_stream_pre(x, h), lambda: ops.fused_stream_post(x, h, h_res, f)]
         for call in calls:

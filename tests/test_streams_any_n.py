@@ -34,6 +34,18 @@ def test_padded_coefficients_equal_float64_reference(variant, n, T, C, dtype):
     check_coefficients(inputs, 20, variant, grad_seed=n)
 
 
+@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
+@pytest.mark.parametrize("n", [9, 11, 16])
+@pytest.mark.parametrize("T, C", [(6, 24), (5, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_coefficients_equal_float64_reference(variant, n, T, C, dtype):
+    """n = 9..16, Sinkhorn on chip: the GEMM 2n + n^2 columns wide (99, 143, 288: forward tiles of 128, backward
+    chunks of 32; fp32 streams' backward in two passes from n = 11), the epilogue on [1, 16, 16] tiles. C = 24 runs
+    the forward split over K, C = 8 unsplit. Every output and gradient against float64."""
+    inputs = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
+    check_coefficients(inputs, 20, variant, grad_seed=n)
+
+
 # Large logits with 1 and 2 iterations, as test_ops' power-of-two edges: with 20, the rows these logits leave below
 # eps make the fp32 Sinkhorn backward overflow (each step divides their gradient by eps) at any n, padded or not
 # (n = 8 as well; an fp32 emulation of the kernel's backward on the real 6 x 6 block alone gives the same NaN).

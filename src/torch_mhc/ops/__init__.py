@@ -20,16 +20,19 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8, 9..15 -> 16) with the padded streams
 # masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
 # (ops/aot.py) are those of the padded count. The compile gate traces every n up to 8, and 12 and 16 of 9..16 (each
-# of those costs about 40 configurations of several CPU-seconds: the loops over the streams unroll); all of 9..16
-# passed it when they were added (`python -m torch_mhc.ops.aot --check --streams 9 10 11 12 13 14 15 16`).
+# of those costs about 80 configurations of several CPU-seconds: the loops over the streams unroll); all of 1..16
+# passed it at once when 9..16 were added (`python -m torch_mhc.ops.aot --check --streams $(seq 1 16)`).
 FUSED_STREAMS = tuple(range(1, 17))
-# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 8: at n = 9..16 the
-# [tokens, 16, 16] Sinkhorn tiles have no tiles checked by the gate, and Sinkhorn's GEMM (2n + n^2: 99 at n = 9, 288
-# at n = 16) is wider than MAX_GEMM_WIDTH from n = 11. There the coefficients run the reference path and pre and post the kernels.
-COEFFICIENT_STREAMS = tuple(range(1, 9))
-# The widest coefficient GEMM the kernels take: M = 2n + k columns (k res logits), tiled as the next power of two.
-# The permutation mixture at n = 5 (k = 5! = 120, M = 130, 256-wide tiles) spills in the GEMMs and epilogues (compile
-# gate), so a wider M runs the reference path; every other built-in map at n <= 8 is at most 80 wide.
+# The coefficient kernels (the GEMM and its epilogue: Sinkhorn or the map on chip) take n = 1 to 16: at n = 1 to 8
+# (MAP_STREAMS) every built-in map, at n = 9 to 16 Sinkhorn on chip only (the GEMM 2n + n^2 columns wide, 99 to 288,
+# in column tiles; the epilogue on [1, 16, 16] tiles). Other maps there (identity, circulant, Kronecker, maps of
+# your own: other widths) run their coefficients on the reference path and pre and post on the kernels.
+COEFFICIENT_STREAMS = tuple(range(1, 17))
+MAP_STREAMS = tuple(range(1, 9))
+# The widest coefficient GEMM the kernels take at n <= 8: M = 2n + k columns (k res logits), tiled as the next power
+# of two. The permutation mixture at n = 5 (k = 5! = 120, M = 130, 256-wide tiles) spilled in the GEMMs and
+# epilogues (compile gate), so a wider M runs the reference path; every other built-in map at n <= 8 is at most 80
+# wide.
 MAX_GEMM_WIDTH = 128
 _backend = os.environ.get("TORCH_MHC_BACKEND", "auto")
 
@@ -66,9 +69,9 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
 
     Fused only when the backend allows it (``auto``: CUDA tensors with triton installed; ``triton``: any device),
     the dtype is in ``FUSED_DTYPES`` and n is in ``FUSED_STREAMS`` (1 to 16); for the coefficient kernels (pass
-    their GEMM's ``width`` 2n + k) also n in ``COEFFICIENT_STREAMS`` (1 to 8) and the width at most
-    ``MAX_GEMM_WIDTH``. Everything else (fp64, n above 16, the coefficients at n = 9 to 16, the permutation mixture
-    at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same results.
+    their GEMM's ``width`` 2n + k) also: at n <= 8 the width at most ``MAX_GEMM_WIDTH``, at n = 9 to 16 Sinkhorn's
+    width 2n + n^2. Everything else (fp64, n above 16, other maps' coefficients at n = 9 to 16, the permutation
+    mixture at n = 5, ...) takes the PyTorch reference path, forward and backward, with the same results.
     Under ``torch.compile`` (backend ``auto`` or ``triton``) the fused path is taken for every such x: model code
     then calls the ``torch_mhc::`` custom ops (:mod:`torch_mhc.nn.custom_ops`), which run the kernels or the
     reference at run time as :func:`kernels_run` says; backend ``reference`` compiles the plain PyTorch path."""
@@ -79,8 +82,8 @@ def should_fuse(x: torch.Tensor, width: int | None = None) -> bool:
 
 def fusable(x: torch.Tensor, width: int | None = None) -> bool:
     """Whether the kernels are built for streams ``x [..., n, C]``: dtype in ``FUSED_DTYPES``, n in ``FUSED_STREAMS``,
-    C >= 1 (empty rows take the reference path); with a coefficient GEMM ``width`` (the coefficient kernels) also n
-    in ``COEFFICIENT_STREAMS`` and the width at most ``MAX_GEMM_WIDTH``."""
+    C >= 1 (empty rows take the reference path); with a coefficient GEMM ``width`` (the coefficient kernels) also
+    what :func:`unfused_reason` asks of it."""
     if x.dtype not in FUSED_DTYPES or x.dim() < 2 or x.shape[-1] == 0:
         return False
     return unfused_reason(x.shape[-2], width) is None
@@ -98,15 +101,20 @@ def kernels_run(x: torch.Tensor, width: int | None = None) -> bool:
 
 def unfused_reason(n: int, width: int | None = None) -> str | None:
     """Why the kernels are not built for n streams (and, given, a coefficient GEMM ``width`` columns wide: the
-    coefficient kernels), or None when they are: the one statement of ``FUSED_STREAMS``, ``COEFFICIENT_STREAMS`` and
-    ``MAX_GEMM_WIDTH`` that :func:`fusable`, the entry points below and the read-ahead post ask."""
+    coefficient kernels), or None when they are: the one statement of ``FUSED_STREAMS``, ``COEFFICIENT_STREAMS``,
+    ``MAP_STREAMS`` and ``MAX_GEMM_WIDTH`` that :func:`fusable`, the entry points below and the read-ahead post
+    ask."""
     if n not in FUSED_STREAMS:
         return (f"the fused kernels take n in {FUSED_STREAMS} streams, got n = {n}; torch_mhc.nn.functional runs the "
                 "reference path for other n (see should_fuse)")
     if width is not None and n not in COEFFICIENT_STREAMS:
         return (f"the fused coefficient kernels take n in {COEFFICIENT_STREAMS} streams, got n = {n}; "
                 "torch_mhc.nn.functional runs the reference path for their coefficients (see should_fuse)")
-    if width is not None and width > MAX_GEMM_WIDTH:
+    if width is not None and n not in MAP_STREAMS and width != 2 * n + n * n:
+        return (f"at n = {n} the fused coefficient kernels take Sinkhorn's GEMM (2n + n^2 = {2 * n + n * n} "
+                f"columns) only, got {width} (k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the "
+                "reference path for it (see should_fuse)")
+    if width is not None and n in MAP_STREAMS and width > MAX_GEMM_WIDTH:
         return (f"the fused coefficient GEMM takes at most {MAX_GEMM_WIDTH} columns (2n + k), got {width} (n = {n}, "
                 f"k = {width - 2 * n} res logits); torch_mhc.nn.functional runs the reference path for it (see "
                 "should_fuse)")

@@ -46,14 +46,18 @@ from torch_mhc.ops.blocks import (
 
 @triton.jit(do_not_specialize=["T"])  # K_PER: its 16-divisibility keeps the loads vectorised
 def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, eps, K_PER,
-              BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """raw = x @ phi [T, M] and inv_rms [T] for BT tokens over columns [pid_1 * K_PER, +K_PER) of x. SPLIT (small
-    token counts, several programs per token block): raw_ptr/inv_ptr take this slice's partial x @ phi [S, T, M]
-    and sum of squares [S, T], reduced afterwards in a fixed order."""
-    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+              BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+              NUM_M: tl.constexpr):
+    """raw = x @ phi [T, M] and inv_rms [T] for BT tokens over columns [pid_1 * K_PER, +K_PER) of x, columns
+    [pid_m * BM, +BM) of phi: NUM_M programs side by side per token block (pid_0 = token block * NUM_M + pid_m, so
+    the programs reading the same x run together and share it through L2); the first of them stores inv_rms.
+    SPLIT (small token counts, several programs per token block): raw_ptr/inv_ptr take this slice's partial
+    x @ phi [S, T, M] and sum of squares [S, T], reduced afterwards in a fixed order."""
+    pid_m = tl.program_id(0) % NUM_M
+    rows = (tl.program_id(0) // NUM_M) * BT + tl.arange(0, BT)
     rmask = rows < T
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BM)
+    cols = pid_m * BM + tl.arange(0, BM)
     cmask = cols < M
     acc = tl.zeros((BT, BM), dtype=tl.float32)
     ss = tl.zeros((BT,), dtype=tl.float32)
@@ -69,14 +73,15 @@ def _gemm_fwd(x_ptr, phi_ptr, raw_ptr, inv_ptr, T, K, M, stride_pk, stride_pm, e
                     mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(x, p, acc, input_precision=PREC)
         ss += tl.sum(x * x, axis=1)
+    first = rmask & (tl.full((BT,), 0, tl.int32) + pid_m == 0)  # this token block's first tile stores inv_rms
     if SPLIT:
         part = tl.program_id(1).to(tl.int64) * T
         tl.store(raw_ptr + (part + rows64[:, None]) * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-        tl.store(inv_ptr + part + rows64, ss, mask=rmask)
+        tl.store(inv_ptr + part + rows64, ss, mask=first)
     else:
         inv = 1.0 / tl.sqrt(ss / K + eps)
         tl.store(raw_ptr + rows64[:, None] * M + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
-        tl.store(inv_ptr + rows, inv, mask=rmask)
+        tl.store(inv_ptr + rows, inv, mask=first)
 
 
 @triton.jit
@@ -441,6 +446,22 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
     tl.store(dalpha_ptr + pid * 3 + 2, tl.sum(d_res * inv, axis=0))
 
 
+@triton.jit
+def _store_dx(dx, dx_ptr, hpre_ptr, dy_ptr, rows64, ks, xmask, K, C, N: tl.constexpr, FOLD_PRE: tl.constexpr,
+              ACCUM: tl.constexpr):
+    """Store a [BT, BK] block of dx (x columns ks) in dx's dtype: with FOLD_PRE plus pre's term H_pre[t, i] dy[t, c]
+    (column k = i * C + c; hpre [T, N], dy [T, C]), with ACCUM plus the dx already there (post's term), summed in
+    fp32 and rounded once."""
+    if FOLD_PRE:
+        stream = ks // C
+        hp = tl.load(hpre_ptr + rows64[:, None] * N + stream[None, :], mask=xmask, other=0.0)
+        dy = tl.load(dy_ptr + rows64[:, None] * C + (ks - stream * C)[None, :], mask=xmask, other=0.0)
+        dx += hp * dy.to(tl.float32)
+    if ACCUM:
+        dx += tl.load(dx_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + rows64[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
+
+
 @triton.jit(do_not_specialize=["T", "T_PER"])
 def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy_ptr, T, K, M, C, stride_pk,
               stride_pm, T_PER, N: tl.constexpr, ACCUM: tl.constexpr, FOLD_PRE: tl.constexpr, DX: tl.constexpr,
@@ -471,17 +492,61 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
         if DX:
             c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
             dx = tl.dot(d, tl.trans(p), input_precision=PREC) + c[:, None] * x
-            if FOLD_PRE:
-                stream = ks // C
-                hp = tl.load(hpre_ptr + rows64[:, None] * N + stream[None, :], mask=xmask, other=0.0)
-                dy = tl.load(dy_ptr + rows64[:, None] * C + (ks - stream * C)[None, :], mask=xmask, other=0.0)
-                dx += hp * dy.to(tl.float32)
-            if ACCUM:
-                dx += tl.load(dx_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows64[:, None] * K + ks[None, :], dx.to(dx_ptr.dtype.element_ty), mask=xmask)
+            _store_dx(dx, dx_ptr, hpre_ptr, dy_ptr, rows64, ks, xmask, K, C, N, FOLD_PRE, ACCUM)
         acc = tl.dot(tl.trans(x), d, acc, input_precision=PREC)
     out = dphi_ptr + pid_t.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :]
     tl.store(out, acc, mask=kmask[:, None] & cmask[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "T_PER"])
+def _gemm_bwd_chunked(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy_ptr, T, K, M, C, stride_pk,
+                      stride_pm, T_PER, N: tl.constexpr, ACCUM: tl.constexpr, FOLD_PRE: tl.constexpr,
+                      DX: tl.constexpr, DPHI: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr,
+                      NUM_M: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_gemm_bwd` for a GEMM wider than one tile (Sinkhorn at n = 9..16: M = 2n + n^2 = 99..288) in NUM_M
+    column chunks of BM: each token step reloads phi's [BK, BM] chunks (L1/L2), dx sums the chunks' products in
+    chunk order, dphi is held per chunk (a tuple). Without DPHI only dx, without DX only dphi (fp32 streams run the
+    two as separate passes: one pass spilled)."""
+    pid_k = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    ks = pid_k * BK + tl.arange(0, BK)
+    kmask = ks < K
+    acc = ()
+    if DPHI:
+        for mc in tl.static_range(NUM_M):
+            acc = acc + (tl.zeros((BK, BM), dtype=tl.float32),)
+    t_begin = pid_t * T_PER
+    for t0 in range(t_begin, t_begin + T_PER, BT):
+        rows = t0 + tl.arange(0, BT)
+        rmask = rows < T
+        rows64 = rows.to(tl.int64)
+        xmask = rmask[:, None] & kmask[None, :]
+        x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+        new_acc = ()
+        for mc in tl.static_range(NUM_M):
+            cols = mc * BM + tl.arange(0, BM)
+            cmask = cols < M
+            d = tl.load(draw_ptr + rows64[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                        other=0.0)
+            if DX:
+                p = tl.load(phi_ptr + ks[:, None] * stride_pk + cols[None, :] * stride_pm,
+                            mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                if mc == 0:
+                    dx = tl.dot(d, tl.trans(p), input_precision=PREC)
+                else:
+                    dx = tl.dot(d, tl.trans(p), dx, input_precision=PREC)
+            if DPHI:
+                new_acc = new_acc + (tl.dot(tl.trans(x), d, acc[mc], input_precision=PREC),)
+        if DPHI:
+            acc = new_acc
+        if DX:
+            c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
+            _store_dx(dx + c[:, None] * x, dx_ptr, hpre_ptr, dy_ptr, rows64, ks, xmask, K, C, N, FOLD_PRE, ACCUM)
+    if DPHI:
+        for mc in tl.static_range(NUM_M):
+            cols = mc * BM + tl.arange(0, BM)
+            out = dphi_ptr + pid_t.to(tl.int64) * K * M + ks[:, None] * M + cols[None, :]
+            tl.store(out, acc[mc], mask=kmask[:, None] & (cols < M)[None, :])
 
 
 # Block sizes per n, checked by the compile gate (tests/test_kernel_compile.py, `python -m torch_mhc.ops.aot`):
@@ -489,16 +554,23 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
 # GEMM takes 64 tokens per program: every program reads all of phi (from L2), so per token half the
 # phi traffic of 32; the backward holds a [K, M] slice of phi and of dphi per program, so n = 8 (M = 80,
 # padded to 128) takes K slices of 32 to stay clear of spills.
-GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4)}
-GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4)}
+# n = 9..16 (Sinkhorn's M = 2n + n^2 = 99..288 columns): the forward in GEMM_TILE_M-column tiles (programs side by
+# side per token block, sharing x through L2), 32 tokens (64 ran 240 registers on sm_80 at n = 9, 10: M not
+# 16-aligned); the backward in BWD_CHUNK_M-column chunks (_gemm_bwd_chunked; 64-column chunks, and one 128-column
+# tile, spilled), 8 warps.
+GEMM_FWD_BLOCKS = {1: (64, 64, 4), 2: (64, 64, 4), 4: (64, 64, 4), 8: (64, 32, 4), 16: (32, 32, 4)}
+GEMM_BWD_BLOCKS = {1: (32, 64, 4), 2: (32, 64, 4), 4: (32, 64, 4), 8: (32, 32, 4), 16: (32, 16, 8)}
 # fp32 streams (FP32_DOT = tf32x3: three tf32 products per dot, each operand split in a high and a low part, twice
 # the operand registers): 8 warps, 16 tokens per backward step, 32 tokens at n = 8 forward. With the bf16 table the
 # forward ran 195-255 registers (n = 8 spilled 112 bytes on sm_80) and the backward spilled at n = 4 (sm_80) and
 # n = 8; with these: forward 125-180, backward 58-255 (sm_80's mma.sync holds the split operands in registers), no
 # spills (compile gate; docs/design.md).
-GEMM_FWD_BLOCKS_FP32 = {1: (64, 64, 8), 2: (64, 64, 8), 4: (64, 64, 8), 8: (32, 32, 8)}
-GEMM_BWD_BLOCKS_FP32 = {1: (16, 64, 8), 2: (16, 64, 8), 4: (16, 64, 8), 8: (16, 32, 8)}
-EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8}
+GEMM_FWD_BLOCKS_FP32 = {1: (64, 64, 8), 2: (64, 64, 8), 4: (64, 64, 8), 8: (32, 32, 8), 16: (32, 32, 8)}
+GEMM_BWD_BLOCKS_FP32 = {1: (16, 64, 8), 2: (16, 64, 8), 4: (16, 64, 8), 8: (16, 32, 8), 16: (16, 16, 8)}
+GEMM_TILE_M, BWD_CHUNK_M = 128, 32
+# n = 9..16: the Sinkhorn epilogue on one token per program (the backward keeps every step's row or column sums;
+# with 2 tokens it ran 162-197 registers, with 4 it spilled 24-248 bytes).
+EPI_BLOCK = {1: 16, 2: 16, 4: 16, 8: 8, 16: 1}
 FILL = 264  # programs that fill an H100 (2 per SM)
 # Input precision of every tl.dot (the coefficient GEMMs here; the read-ahead post and the chained post backward in
 # streams.py), by the streams' dtype. fp32 streams: FP32_DOT, products of the fp32 values (tf32 would truncate x and
@@ -527,8 +599,16 @@ def gemm_fwd_split(n_t: int, K: int, bk: int, batch_invariant: bool = False) -> 
     return triton.cdiv(K, k_per), k_per
 
 
-def _block_m(m: int) -> int:
+def block_m(m: int) -> int:
+    """Columns of the one tile covering a GEMM M columns wide (n <= 8): the next power of two, at least 16 (tl.dot's
+    minimum)."""
     return max(16, triton.next_power_of_2(m))
+
+
+def gemm_fwd_tiles(n: int, m: int) -> tuple[int, int]:
+    """(columns per tile, tiles side by side) of the forward GEMM: one tile at n <= 8, GEMM_TILE_M-column tiles at
+    n = 9..16."""
+    return (block_m(m), 1) if n <= 8 else (GEMM_TILE_M, triton.cdiv(m, GEMM_TILE_M))
 
 
 def _sinkhorn_pairs(iters: int, v4: bool) -> int:
@@ -631,17 +711,18 @@ def coefficients_forward(x2d, phi, bias, alpha, epi: Epilogue, eps: float, raw_i
         if K % 16:  # rows of x not 16-aligned: scalar loads, one address register each; halve the tile
             bt = 32
         n_t = triton.cdiv(T, bt)
-        split, k_per = gemm_fwd_split(n_t, K, bk, batch_invariant)
+        bm, num_m = gemm_fwd_tiles(n, M)
+        split, k_per = gemm_fwd_split(n_t * num_m, K, bk, batch_invariant)
         if split == 1:
-            _gemm_fwd[(n_t, 1)](
+            _gemm_fwd[(n_t * num_m, 1)](
                 x2d, phi, raw, inv, T, K, M, phi.stride(0), phi.stride(1), eps, K,
-                BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), SPLIT=False, num_warps=warps)
+                BT=bt, BK=bk, BM=bm, PREC=dot_precision(x2d.dtype), SPLIT=False, NUM_M=num_m, num_warps=warps)
         else:  # few token blocks: K slices side by side fill the GPU; partials summed in a fixed order
             raw_part = torch.empty(split, T, M, device=dev, dtype=torch.float32)
             ss_part = torch.empty(split, T, device=dev, dtype=torch.float32)
-            _gemm_fwd[(n_t, split)](
+            _gemm_fwd[(n_t * num_m, split)](
                 x2d, phi, raw_part, ss_part, T, K, M, phi.stride(0), phi.stride(1), eps, k_per,
-                BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), SPLIT=True, num_warps=warps)
+                BT=bt, BK=bk, BM=bm, PREC=dot_precision(x2d.dtype), SPLIT=True, NUM_M=num_m, num_warps=warps)
             torch.sum(raw_part, 0, out=raw)
             torch.sum(ss_part, 0, out=inv).div_(K).add_(eps).sqrt_().reciprocal_()
     pre = torch.empty(T, n, device=dev, dtype=torch.float32)
@@ -705,10 +786,22 @@ def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx
     t_per = triton.cdiv(n_tblocks, split_t) * bt
     split_t = triton.cdiv(T, t_per)
     dphi_part = torch.empty(split_t, K, M, device=x2d.device, dtype=torch.float32)
-    _gemm_bwd[(n_k, split_t)](
-        x2d, phi, draw, coef, x2d if dx is None else dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0),
-        phi.stride(1), t_per, N=n, ACCUM=accum and write_dx, FOLD_PRE=write_dx and pre_term is not None,
-        DX=write_dx, BT=bt, BK=bk, BM=_block_m(M), PREC=dot_precision(x2d.dtype), num_warps=warps)
+    args = (x2d, phi, draw, coef, x2d if dx is None else dx, dphi_part, h_pre, dy, T, K, M, K // n, phi.stride(0),
+            phi.stride(1), t_per)
+    if n <= 8:  # one tile of M (at most 128 columns), phi's slice held
+        _gemm_bwd[(n_k, split_t)](
+            *args, N=n, ACCUM=accum and write_dx, FOLD_PRE=write_dx and pre_term is not None, DX=write_dx, BT=bt,
+            BK=bk, BM=block_m(M), PREC=dot_precision(x2d.dtype), num_warps=warps)
+        return dx, dphi_part.sum(0)
+    # n = 9..16: chunks of M; fp32 streams run dx and dphi as two passes (one spilled 48-64 bytes on sm_90 with
+    # tf32x3), each reading x and draw
+    fp32 = x2d.dtype == torch.float32
+    passes = [(True, False), (False, True)] if write_dx and fp32 else [(write_dx, True)]
+    for with_dx, with_dphi in passes:
+        _gemm_bwd_chunked[(n_k, split_t)](
+            *args, N=n, ACCUM=accum and with_dx, FOLD_PRE=with_dx and pre_term is not None, DX=with_dx,
+            DPHI=with_dphi, BT=bt, BK=bk, BM=BWD_CHUNK_M, NUM_M=triton.cdiv(M, BWD_CHUNK_M),
+            PREC=dot_precision(x2d.dtype), num_warps=warps)
     return dx, dphi_part.sum(0)
 
 

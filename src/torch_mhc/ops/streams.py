@@ -260,7 +260,7 @@ def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     if post_bwd:
         tile = 256 if n_pad <= 4 or n == 8 else 64 if n_pad == 8 else 32 if n == 16 else 16
         bc, cap = min(triton.next_power_of_2(C), tile), max(1, min(8, 16 // n_pad))
-        if n_pad == 16 and n != 16:
+        if n_pad == 16 and bc <= 16:
             return 1, bc, 2
     else:
         tile = 1024 if n_pad <= 4 else 512 if n_pad == 8 else 128
