@@ -447,6 +447,17 @@ def _epilogue_bwd(raw_ptr, inv_ptr, alpha_ptr, bias_ptr, dpre_ptr, dpost_ptr, dr
 
 
 @triton.jit
+def _x_block(x_ptr, t0, T, ks, kmask, K, BT: tl.constexpr):
+    """Tokens [t0, t0 + BT) of x's columns ks, in fp32: (rows, their mask, rows as int64, the [BT, BK] mask, x)."""
+    rows = t0 + tl.arange(0, BT)
+    rmask = rows < T
+    rows64 = rows.to(tl.int64)
+    xmask = rmask[:, None] & kmask[None, :]
+    return rows, rmask, rows64, xmask, tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=xmask,
+                                               other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _store_dx(dx, dx_ptr, hpre_ptr, dy_ptr, rows64, ks, xmask, K, C, N: tl.constexpr, FOLD_PRE: tl.constexpr,
               ACCUM: tl.constexpr):
     """Store a [BT, BK] block of dx (x columns ks) in dx's dtype: with FOLD_PRE plus pre's term H_pre[t, i] dy[t, c]
@@ -483,11 +494,7 @@ def _gemm_bwd(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre_ptr, dy
     acc = tl.zeros((BK, BM), dtype=tl.float32)
     t_begin = pid_t * T_PER
     for t0 in range(t_begin, t_begin + T_PER, BT):
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        xmask = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+        rows, rmask, rows64, xmask, x = _x_block(x_ptr, t0, T, ks, kmask, K, BT)
         d = tl.load(draw_ptr + rows64[:, None] * M + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         if DX:
             c = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
@@ -517,11 +524,7 @@ def _gemm_bwd_chunked(x_ptr, phi_ptr, draw_ptr, coef_ptr, dx_ptr, dphi_ptr, hpre
             acc = acc + (tl.zeros((BK, BM), dtype=tl.float32),)
     t_begin = pid_t * T_PER
     for t0 in range(t_begin, t_begin + T_PER, BT):
-        rows = t0 + tl.arange(0, BT)
-        rmask = rows < T
-        rows64 = rows.to(tl.int64)
-        xmask = rmask[:, None] & kmask[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * K + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+        rows, rmask, rows64, xmask, x = _x_block(x_ptr, t0, T, ks, kmask, K, BT)
         new_acc = ()
         for mc in tl.static_range(NUM_M):
             cols = mc * BM + tl.arange(0, BM)
