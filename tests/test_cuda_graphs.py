@@ -92,8 +92,10 @@ def test_training_step_graphed_callables_bit_identical(variant):
         gen = torch.Generator("cuda").manual_seed(seed)
         x = torch.randn(sample.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
         g_out = torch.randn(sample.shape, device="cuda", dtype=torch.bfloat16, generator=gen)
-        conns.zero_grad(set_to_none=False)
-        eager.zero_grad(set_to_none=False)
+        # None, not zeros: the graphed backward hands out its static gradient buffers, which the first step's
+        # .grad then is; zeroing them in place and replaying would add the new gradient to itself
+        conns.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
         xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
         ya, yb = graphed(xa), Stack(eager)(xb)
         ya.backward(g_out)

@@ -133,6 +133,9 @@ def test_local_accesses_in_loops(tmp_path):
 
     assert aot.local_accesses_in_loops(SAVED) == 0
     assert aot.local_accesses_in_loops(SAVED.replace("FADD R24, R24, R19", "STL [R1+0x4], R24")) == 1
+    # other forms: a wide local load, a uniform branch with its predicate before the target
+    uniform = SAVED.replace("BRA 0x200", "BRA.U !UP0, 0x200").replace("FADD R24, R24, R19", "LDL.LU.128 R4, [R1+0x10]")
+    assert aot.local_accesses_in_loops(uniform) == 1
     script = tmp_path / "hog.py"  # triton.jit reads the kernel's source from its file
     script.write_text("""
 import torch, triton, triton.language as tl
@@ -151,10 +154,12 @@ def _hog(x_ptr, y_ptr, T, BT: tl.constexpr, BC: tl.constexpr):
 with aot.LaunchRecorder() as rec:
     _hog[(1,)](torch.empty(1), torch.empty(1), 1000, BT=64, BC=128, num_warps=1)
 (launch,) = rec.launches.values()
-usage = aot.compile_launch(launch, aot.TARGETS["sm80"])
-print(usage["stack"], usage["local_in_loops"], aot.problems(launch, usage))
+for target in ("sm80", "sm90"):
+    usage = aot.compile_launch(launch, aot.TARGETS[target])
+    print(usage["stack"], usage["local_in_loops"], aot.problems(launch, usage))
 """)
     proc = _run(f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    stack, in_loops, problems = proc.stdout.strip().splitlines()[-1].split(" ", 2)
-    assert int(stack) > aot.SAVED_STACK_BYTES and int(in_loops) > 0 and "spills" in problems, proc.stdout
+    for line in proc.stdout.strip().splitlines()[-2:]:  # sm_80, sm_90
+        stack, in_loops, problems = line.split(" ", 2)
+        assert int(stack) > aot.SAVED_STACK_BYTES and int(in_loops) > 0 and "spills" in problems, proc.stdout

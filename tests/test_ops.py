@@ -548,6 +548,17 @@ def test_store_reload_loops_are_not_pipelined(monkeypatch):
     assert all(k.get("num_stages") == 1 for k in reads_ahead + chain.kwargs)
 
 
+def test_on_chip_maps_beyond_n_8_take_the_logits_path():
+    """Beyond MAP_STREAMS the gate traces Sinkhorn and the logits epilogue only: an on-chip map that reaches the
+    kernels there (only one whose logit count is n^2 can: unfused_reason) is handed its logits instead."""
+    from torch_mhc.nn.maps import make_h_res
+
+    circ8, circ16 = make_h_res("circulant", 8), make_h_res("circulant", 16)
+    assert ops.kernel_spec(circ8, 20, "paper", 8)[0] == "mixture"
+    assert ops.kernel_spec(circ16, 20, "paper", 16) == ("logits", 16)
+    assert ops.kernel_spec(None, 20, "paper", 16)[0] == "sinkhorn"
+
+
 def test_direct_calls_with_other_n_raise_a_clear_error():
     """The fused entry points called directly (not through torch_mhc.nn.functional) with an n the kernels are not
     built for: a ValueError that names n and the way out, before any kernel runs (a KeyError in a block table, or

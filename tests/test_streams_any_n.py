@@ -2,7 +2,7 @@
 power of two with the padded streams masked (ops.blocks.padded): every output and gradient against the float64
 reference (Triton interpreter on CPU; CUDA when present), Sinkhorn's edges (one iteration, the shifted exp's
 largest-logit gradient) where padded logits sit beside the real ones, and every connection and a DecoderLM on the
-fused path. The on-chip maps at these n are in test_maps_fused (parametrized over COEFFICIENT_STREAMS), pre/post and the
+fused path. The on-chip maps at these n are in test_maps_fused (parametrized over MAP_STREAMS), pre/post and the
 chained stack at n = 3 in test_ops."""
 
 import pytest
@@ -40,7 +40,7 @@ def test_padded_coefficients_equal_float64_reference(variant, n, T, C, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_coefficients_equal_float64_reference(variant, n, T, C, dtype):
     """n = 9..16, Sinkhorn on chip: the GEMM 2n + n^2 columns wide (99, 143, 288: forward tiles of 128, backward
-    chunks of 32; fp32 streams' backward in two passes from n = 11), the epilogue on [1, 16, 16] tiles. C = 24 runs
+    chunks of 32; fp32 streams' backward in two passes), the epilogue on [1, 16, 16] tiles. C = 24 runs
     the forward split over K, C = 8 unsplit. Every output and gradient against float64."""
     inputs = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
     check_coefficients(inputs, 20, variant, grad_seed=n)

@@ -19,7 +19,7 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Stream counts n the stream kernels (pre and post, forward and backward) are built for: 1 to 16. Their aranges over
 # the streams take the next power of two (ops.blocks.padded: 3 -> 4, 5..7 -> 8, 9..15 -> 16) with the padded streams
 # masked on every load and store; block tables (ops/coefficients.py, ops/streams.py) and register budgets
-# (ops/aot.py) are those of the padded count. The compile gate traces every n up to 8, and 12 and 16 of 9..16 (each
+# (ops/aot.py) are those of the padded count. The compile gate traces every n up to 8, and 9, 12 and 16 of 9..16 (each
 # of those costs about 80 configurations of several CPU-seconds: the loops over the streams unroll); all of 1..16
 # passed it at once when 9..16 were added (`python -m torch_mhc.ops.aot --check --streams $(seq 1 16)`).
 FUSED_STREAMS = tuple(range(1, 17))
@@ -134,18 +134,23 @@ def _require_fused_streams(n: int, what: str, width: int | None = None) -> None:
 # works without triton.
 
 
-def kernel_spec(h_res, iters: int, variant: str) -> tuple:
+def kernel_spec(h_res, iters: int, variant: str, n: int | None = None) -> tuple:
     """What the epilogue kernels compute for the res part: on chip ("sinkhorn", iters, softmax start, transposed),
     ("identity",) or ("mixture", ((kind, size), ...)) (circulant, permutation mixture, Kronecker of permutation
     mixtures: see ``ops.coefficients.Epilogue``), or ("logits", k): the k res logits handed out, the map's own
     ``h_res`` run on them in PyTorch between the two kernels (any map the kernels do not know, a user's map or a
     built-in whose ``h_res`` a subclass overrides included). ``h_res``: an
     :class:`torch_mhc.nn.maps.HResMap` (duck-typed: ``kernel_spec()``, ``logit_count()``, called on the logits),
-    or None for the Sinkhorn that ``iters`` and ``variant`` name."""
+    or None for the Sinkhorn that ``iters`` and ``variant`` name. Given ``n`` beyond ``MAP_STREAMS``, a map other
+    than Sinkhorn takes the logits path (the gate traces no other on-chip map there; one reaches the kernels only
+    when its logit count is Sinkhorn's n^2, see :func:`unfused_reason`)."""
     if h_res is None:
         v4 = variant == "deepseek-v4"
         return ("sinkhorn", iters, v4, v4)
-    return h_res.kernel_spec() or ("logits", h_res.logit_count())
+    spec = h_res.kernel_spec()
+    if spec is None or (n is not None and n not in MAP_STREAMS and spec[0] != "sinkhorn"):
+        return ("logits", h_res.logit_count())
+    return spec
 
 
 def fused_mhc_coefficients(
@@ -159,8 +164,8 @@ def fused_mhc_coefficients(
     _require_fused_streams(x.shape[-2], "fused_mhc_coefficients", phi.shape[-1])
     from torch_mhc.ops.coefficients import fused_mhc_coefficients as impl
 
-    return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant), h_res=h_res,
-                batch_invariant=batch_invariant)
+    return impl(x, phi, bias, alpha, eps=eps, variant=variant, spec=kernel_spec(h_res, iters, variant, x.shape[-2]),
+                h_res=h_res, batch_invariant=batch_invariant)
 
 
 def fused_stream_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
@@ -191,7 +196,8 @@ def fused_sublayer_pre(x: torch.Tensor, phi: torch.Tensor, bias: torch.Tensor, a
     from torch_mhc.ops.sublayer import fused_sublayer_pre as impl
 
     return impl(x, phi, bias, alpha, eps=eps, variant=variant, read_ahead=read_ahead,
-                spec=kernel_spec(h_res, iters, variant), h_res=h_res, batch_invariant=batch_invariant)
+                spec=kernel_spec(h_res, iters, variant, x.shape[-2]), h_res=h_res,
+                batch_invariant=batch_invariant)
 
 
 def fused_sublayer_post(link, h_post: torch.Tensor, h_res: torch.Tensor, f_out: torch.Tensor, read_ahead=None,

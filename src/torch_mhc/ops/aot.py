@@ -58,10 +58,10 @@ SAVED_STACK_BYTES = 16
 # Stream counts that are not powers of two (padded inside the kernels): the gate traces each of them.
 PADDED_STREAMS = (3, 5, 6, 7)
 # Stream counts padded to 16 (ops.MAP_STREAMS stops at 8: their coefficient kernels take Sinkhorn only), and those
-# the gate traces by default: 12 (padded, masked) and 16 (n = 9..15 share 16's tiles; each traced n costs about 80
-# configurations of several CPU-seconds). `--streams 9 10 ...` traces any of them.
+# the gate traces by default: 9 (the forward GEMM in one tile, K not 16-aligned), 12 and 16 (n = 9..15 share 16's
+# tiles; each traced n costs about 80 configurations of several CPU-seconds). `--streams 9 10 ...` traces any.
 WIDE_STREAMS = tuple(range(9, 17))
-GATE_WIDE_STREAMS = (12, 16)
+GATE_WIDE_STREAMS = (9, 12, 16)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -451,13 +451,13 @@ def resource_usage(cubin: bytes) -> dict:
 
 
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
-_BACK_BRANCH = re.compile(r"\bBRA(?:\.\w+)*\s+(?:`\(\.L_x_\d+\)\s+)?0x([0-9a-f]+)")
+_BACK_BRANCH = re.compile(r"\b(?:BRA|JMP|BRX)\b[^;]*?0x([0-9a-f]+)\s*$")  # the target: the last address
 
 
 def local_accesses_in_loops(sass: str) -> int:
     """How many local-memory loads and stores (LDL/STL: spill traffic) lie inside a loop of the SASS, a loop being
     the address range of a backward branch. ptxas sometimes saves one register around a loop (an STL before it,
-    an LDL after; seen as 8-16 bytes of stack at 40-150 registers, with the loop's exit as CALL.REL.NOINC): that is
+    an LDL after; seen as 8-16 bytes of stack at 40-128 registers, with the loop's exit as CALL.REL.NOINC): that is
     one store and one load per program, not a spill that costs in the loop."""
     code = [(int(a, 16), text.strip()) for a, text in _SASS.findall(sass)]
     loops = [(int(m[1], 16), a) for a, text in code for m in [_BACK_BRANCH.search(text)] if m and int(m[1], 16) <= a]

@@ -56,7 +56,7 @@ def padded(n):
 
 
 def padded_entry(table: dict, n: int):
-    """A per-n table's entry for n streams (tables keyed by the padded counts 1, 2, 4, 8): its padded count's. The
+    """A per-n table's entry for n streams (tables keyed by the padded counts 1, 2, 4, 8, 16): its padded count's. The
     kernels' tiles are those of the padded count (its GEMM width 2 NP + NP^2 bounds n's); a clear error for an n
     without one (ops.should_fuse keeps such n on the reference path)."""
     if padded(n) not in table:

@@ -4,7 +4,7 @@ phi has ``M = 2n + k`` columns: pre | post | the k res logits of the H_res map (
 kernels:
   1. ``_gemm_fwd``: one pass over x computes ``raw = x @ phi`` (fp32 products for fp32
      streams, tf32 tensor cores for bf16/fp16, fp32 accumulation; see :func:`dot_precision`)
-     and the sum of squares, giving ``inv_rms``;
+     and the sum of squares, giving ``inv_rms`` (n = 9..16: 2-3 column tiles side by side, sharing x through L2);
   2. ``_epilogue_fwd``: ``h = raw * inv_rms * alpha + bias``, sigmoid / 2 sigmoid, and H_res on chip: Sinkhorn-Knopp
      on each token's n x n block in registers, I (identity map), or the closed form of a softmax-weighted mixture
      of fixed patterns (circulant, permutation mixture, Kronecker products of permutation mixtures: ``MIX``); for a
@@ -17,7 +17,8 @@ Backward, two kernels:
      alpha/inv_rms chain rule (``draw``, the per-token RMS coefficient) and writes per-program partial
      sums for the bias and alpha gradients (reduced in a fixed order: deterministic, no atomics); a mixture's
      backward is its patterns' inner products with dH_res and the softmax VJP;
-  2. ``_gemm_bwd``: one pass over x gives both ``dx = draw @ phi^T + c * x`` and partial ``dphi = x^T draw``.
+  2. ``_gemm_bwd``: one pass over x gives both ``dx = draw @ phi^T + c * x`` and partial ``dphi = x^T draw``
+     (n = 9..16: ``_gemm_bwd_chunked``, in column chunks; two passes for fp32 streams).
 No host syncs: every size is a Python int known from the shapes.
 Same math as :func:`torch_mhc.nn.functional.mhc_coefficients`; tested against it.
 """
@@ -769,8 +770,9 @@ def epilogue_backward(saved, epi: Epilogue, eps: float, K: int, dpre, dpost, dre
 @on_tensors_device
 def gemm_backward(x2d, phi, draw, coef, n: int, dx=None, pre_term=None, write_dx: bool = True):
     """x2d [T, n*C], draw [T, M], coef [T] -> (dx [T, n*C] in x's dtype or None without ``write_dx``, dphi
-    [n*C, M] fp32), one pass over x. ``dx``: a buffer already holding another term of x's gradient, added to
-    in place (and returned). ``pre_term``: (H_pre [T, n], dy [T, C]), pre's term H_pre[i] dy, added too."""
+    [n*C, M] fp32), one pass over x (two for fp32 streams at n > 8). ``dx``: a buffer already holding another term
+    of x's gradient, added to in place (and returned). ``pre_term``: (H_pre [T, n], dy [T, C]), pre's term
+    H_pre[i] dy, added too."""
     T, K = x2d.shape
     M = draw.shape[1]
     accum = dx is not None

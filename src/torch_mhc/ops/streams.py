@@ -254,7 +254,7 @@ def _post_bwd_chain(x_ptr, f_ptr, hp_ptr, hr_ptr, g_ptr, dy_ptr, hq_ptr, draw_pt
 # and 128-element tiles in the others (the pre backward's [4, 64] spilled 8 bytes on sm_80); n = 9..15: the same,
 # but [1, 16, 16] tiles on 2 warps in the post backward (the gate: with 4 warps, at 16 or 32 channels, ptxas kept
 # one register on the stack across the channel loop, 8-16 bytes, at 6 to 13 of the 9..15 configurations; with
-# 2 warps at 32 channels at 4 of them).
+# 2 warps at 32 channels at 4 of them); so does n = 16 when C <= 16 (its tile is then [1, 16, C <= 16] too).
 def _blocks(n: int, C: int, post_bwd: bool = False) -> tuple[int, int, int]:
     n_pad = padded(n)
     if post_bwd:
