@@ -94,7 +94,9 @@ def test_wide_coefficients_alone_vs_batches(monkeypatch):
     monkeypatch.setattr(coef_mod, "FILL", 16)
     n, C = 16, 32
     K, M = n * C, 2 * n + n * n
-    splits = {coef_mod.gemm_fwd_split(-(-rows // 32) * 3, K, 32) for rows in (1, *BATCHES)}
+    bt, bk, _ = coef_mod.GEMM_FWD_BLOCKS_FP32[n]
+    tiles = coef_mod.gemm_fwd_tiles(n, M)[1]
+    splits = {coef_mod.gemm_fwd_split(-(-rows // bt) * tiles, K, bk) for rows in (1, *BATCHES)}
     assert len(splits) > 1, splits
     torch.manual_seed(1)
     phi = torch.randn(K, M) / K ** 0.5

@@ -23,25 +23,18 @@ from test_ops import (  # noqa: E402
 PADDED = [3, 5, 6, 7]
 
 
+# n = 9..16 (padded to 16): the GEMM 2n + n^2 columns wide (99, 143, 288: forward tiles of 128, backward chunks of
+# 32; fp32 streams' backward in two passes), the epilogue on [1, 16, 16] tiles; C = 24 splits the forward over K,
+# C = 8 does not.
+WIDE_CASES = [(n, T, C) for n in (9, 11, 16) for T, C in ((6, 24), (5, 8))]
+
+
 @pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
-@pytest.mark.parametrize("n", PADDED)
-@pytest.mark.parametrize("T, C", SHAPES)
+@pytest.mark.parametrize("n, T, C", [(n, T, C) for n in PADDED for T, C in SHAPES] + WIDE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_padded_coefficients_equal_float64_reference(variant, n, T, C, dtype):
     """H_pre, H_post, H_res (Sinkhorn on an n x n block inside the padded tile) and the gradients of x, phi, bias,
     alpha (random output gradients) against float64."""
-    inputs = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
-    check_coefficients(inputs, 20, variant, grad_seed=n)
-
-
-@pytest.mark.parametrize("variant", ["paper", "deepseek-v4"])
-@pytest.mark.parametrize("n", [9, 11, 16])
-@pytest.mark.parametrize("T, C", [(6, 24), (5, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_coefficients_equal_float64_reference(variant, n, T, C, dtype):
-    """n = 9..16, Sinkhorn on chip: the GEMM 2n + n^2 columns wide (99, 143, 288: forward tiles of 128, backward
-    chunks of 32; fp32 streams' backward in two passes), the epilogue on [1, 16, 16] tiles. C = 24 runs
-    the forward split over K, C = 8 unsplit. Every output and gradient against float64."""
     inputs = make_coeff_inputs(T, n, C, dtype, seed=n * 100 + C)
     check_coefficients(inputs, 20, variant, grad_seed=n)
 

@@ -373,22 +373,22 @@ GATE_CASES = [
     for dtype in (torch.float32, torch.bfloat16)
     for variant in ("paper", "deepseek-v4")
     for fused in (True, False)
-] + [
+] + [  # and n = 9..16: one token with one iteration
     dict(n=n, C=1000, T=1, dtype=torch.bfloat16, variant=variant, iters=1, fused=True)
-    for n in PADDED_STREAMS for variant in ("paper", "deepseek-v4")
+    for n in PADDED_STREAMS + WIDE_STREAMS for variant in ("paper", "deepseek-v4")
 ] + [
     dict(n=n, C=16, T=T, dtype=dtype, variant="paper", iters=20, fused=True)
     for n in PADDED_STREAMS for T in (8448, 16896) for dtype in (torch.float32, torch.bfloat16)
-] + [
+] + [  # and n = 9..16: the trainer's mixed dtypes
     dict(n=n, C=C, T=T, dtype=torch.float32, variant="paper", iters=20, fused=fused, f_dtype=torch.bfloat16)
-    for n in PADDED_STREAMS
+    for n in PADDED_STREAMS + WIDE_STREAMS
     for C, T in ((24, 48), (1024, 48), (16, 8448))
     for fused in (True, False)
     if fused or T == 48
 ] + MAP_SPEC_CASES + [
-    # n = 9..16 (WIDE_STREAMS): Sinkhorn on chip, the GEMMs in column tiles from n = 11 (M = 2n + n^2 > 128); C
-    # aligned or not, both stream dtypes and variants, fused and separate, split K (48 tokens) and not (8448); one
-    # token with one iteration; the trainer's mixed dtypes
+    # n = 9..16 (WIDE_STREAMS; their one-token and mixed-dtype cases are with PADDED_STREAMS' above): Sinkhorn on
+    # chip, the forward GEMM in column tiles; C aligned or not, both stream dtypes and variants, fused and separate,
+    # split K (48 tokens) and not (8448)
     dict(n=n, C=C, T=T, dtype=dtype, variant=variant, iters=20, fused=fused)
     for n in WIDE_STREAMS
     for C, T in ((24, 48), (1024, 48), (16, 8448))
@@ -396,15 +396,9 @@ GATE_CASES = [
     for variant in ("paper", "deepseek-v4")
     for fused in (True, False)
     if fused or T == 48
-] + [
-    dict(n=n, C=1000, T=1, dtype=torch.bfloat16, variant=variant, iters=1, fused=True)
-    for n in WIDE_STREAMS for variant in ("paper", "deepseek-v4")
 ] + [  # a map of one's own with n^2 logits has Sinkhorn's width there, so it fuses: the logits epilogue
     dict(n=n, C=24, T=48, dtype=dtype, variant="paper", iters=20, fused=fused, res_logits=n * n)
     for n in WIDE_STREAMS for dtype in (torch.float32, torch.bfloat16) for fused in (True, False)
-] + [
-    dict(n=n, C=C, T=48, dtype=torch.float32, variant="paper", iters=20, fused=fused, f_dtype=torch.bfloat16)
-    for n in WIDE_STREAMS for C in (24, 1024) for fused in (True, False)
 ]
 # n = 9..16 (WIDE_STREAMS): pre and post alone (run_streams, what those n run under a map other than Sinkhorn), C
 # aligned or not, small and large, every stream dtype, one token and many, and the trainer's mixed dtypes.
